@@ -1,0 +1,179 @@
+"""Flax WideResNet, layer for layer the reference network of Liu et al. (2020).
+
+The reference is ``CIFAR/models/wrn.py`` of github wetliu/energy_ood (itself the
+Outlier Exposure WRN): pre-activation basic blocks, dropout between the two 3x3
+convolutions, and -- where the channel count changes -- a 1x1 shortcut that reads
+``relu(bn1(x))`` rather than ``x``. WRN-40-2 with 10 classes has 2,243,546
+parameters.
+
+Parameter names follow the PyTorch module tree (``block1/layer_0/conv1`` for
+``block1.layer.0.conv1``) so that converted checkpoints are easy to audit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Dtype = Any
+
+# He-normal on fan-out, untruncated: N(0, sqrt(2 / (k * k * out_channels))).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch's semantics, optionally synchronised across devices.
+
+  Normalises with the biased batch variance and updates the running variance
+  with the unbiased one, ``running = (1 - momentum) * running + momentum * batch``
+  (PyTorch's ``momentum=0.1`` convention). Statistics are always computed in
+  float32, whatever ``dtype`` the activations have. With ``axis_name`` set, the
+  batch moments are averaged over that mapped axis, so N devices normalise
+  exactly as one device would on the global batch (equal per-device batches).
+  """
+
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean",
+                            lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var",
+                           lambda: jnp.ones((features,), jnp.float32))
+    reduce_axes = tuple(range(x.ndim - 1))
+    if train:
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axis=reduce_axes)
+      mean_sq = jnp.mean(jnp.square(x32), axis=reduce_axes)
+      count = x.size // features
+      if self.axis_name is not None and not self.is_initializing():
+        mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
+        count = count * lax.psum(1, self.axis_name)
+      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        unbiased = var * (count / max(count - 1, 1)) if isinstance(count, int) \
+            else var * count / jnp.maximum(count - 1, 1)
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    inv = lax.rsqrt(var + self.epsilon) * scale
+    y = (x.astype(jnp.float32) - mean) * inv + bias
+    return y.astype(self.dtype)
+
+
+class BasicBlock(nn.Module):
+  """Pre-activation block: bn-relu-conv3x3-bn-relu-dropout-conv3x3 + shortcut."""
+
+  out_channels: int
+  stride: int
+  dropout_rate: float
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    conv = lambda c, k, s, name: nn.Conv(
+        c, (k, k), strides=(s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False,
+        kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    bn = lambda name: BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name=name)
+    equal_in_out = x.shape[-1] == self.out_channels
+    preact = nn.relu(bn("bn1")(x, train=train))
+    out = conv(self.out_channels, 3, self.stride, "conv1")(preact)
+    out = nn.relu(bn("bn2")(out, train=train))
+    if self.dropout_rate > 0:
+      out = nn.Dropout(self.dropout_rate, deterministic=not train)(out)
+    out = conv(self.out_channels, 3, 1, "conv2")(out)
+    if equal_in_out:
+      return x + out
+    # Where channels change the shortcut reads the pre-activation, as the reference.
+    return conv(self.out_channels, 1, self.stride, "conv_shortcut")(preact) + out
+
+
+class WideResNet(nn.Module):
+  """WRN-``depth``-``widen_factor`` for 32x32 inputs (NHWC, normalised).
+
+  Attributes:
+    depth: total layers, ``(depth - 4) % 6 == 0`` (40 for WRN-40-2).
+    widen_factor: channel multiplier k (2 for WRN-40-2).
+    num_classes: number of logits.
+    dropout_rate: dropout inside each block (0.3 in the paper).
+    axis_name: mapped axis over which BatchNorm statistics are synchronised.
+    dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters and
+      BatchNorm statistics stay float32.
+  """
+
+  depth: int = 40
+  widen_factor: int = 2
+  num_classes: int = 10
+  dropout_rate: float = 0.3
+  axis_name: Optional[str] = None
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if (self.depth - 4) % 6 != 0 or self.depth < 10:
+      raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1, got {self.depth}")
+    if self.widen_factor < 1 or self.num_classes < 1:
+      raise ValueError(f"widen_factor and num_classes must be >= 1, got "
+                       f"{self.widen_factor}, {self.num_classes}")
+
+  @property
+  def channels(self) -> Tuple[int, int, int, int]:
+    k = self.widen_factor
+    return (16, 16 * k, 32 * k, 64 * k)
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False,
+               return_features: bool = False):
+    """Returns logits ``[..., num_classes]`` (float32), or ``(logits, features)``.
+
+    ``features`` are the penultimate activations ``avgpool(relu(bn(h)))``,
+    ``[..., 64 * widen_factor]``, as the reference's ``intermediate_forward``
+    averaged over space (what Mahalanobis fits its Gaussians on).
+    """
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"WideResNet expects NHWC images with 3 channels, got shape {x.shape}")
+    n = (self.depth - 4) // 6
+    c = self.channels
+    out = nn.Conv(c[0], (3, 3), padding=[(1, 1), (1, 1)], use_bias=False,
+                  kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32,
+                  name="conv1")(x.astype(self.dtype))
+    for group, (channels, stride) in enumerate(zip(c[1:], (1, 2, 2)), start=1):
+      for i in range(n):
+        out = BasicBlock(channels, stride if i == 0 else 1, self.dropout_rate,
+                         axis_name=self.axis_name, dtype=self.dtype,
+                         name=f"block{group}_layer_{i}")(out, train=train)
+    out = nn.relu(BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name="bn1")(
+        out, train=train))
+    features = jnp.mean(out.astype(jnp.float32), axis=(1, 2))
+    logits = nn.Dense(self.num_classes, kernel_init=dense_init,
+                      bias_init=nn.initializers.zeros, dtype=jnp.float32,
+                      param_dtype=jnp.float32, name="fc")(features)
+    if return_features:
+      return logits, features
+    return logits
+
+
+def count_params(params) -> int:
+  """Number of scalars in a parameter tree (BatchNorm running stats excluded)."""
+  return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))
+
+
+def init_variables(model: WideResNet, rng: Array, image_shape: Sequence[int] = (32, 32, 3)):
+  """Initialises ``{'params', 'batch_stats'}`` for ``model`` on a dummy batch."""
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = model.init({"params": rng}, dummy, train=False)
+  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}

@@ -1,0 +1,223 @@
+"""Out-of-distribution scores: every score here is *higher = more in-distribution*.
+
+Energy-based OOD detection (Liu, Wang, Owens, Li. "Energy-based Out-of-distribution
+Detection", NeurIPS 2020, arXiv:2010.03759) scores an input by its negative free
+energy ``-E(x; f) = T * logsumexp(f(x) / T)``. The baselines the paper compares
+against are here too: the maximum softmax probability (Hendrycks & Gimpel, 2017),
+ODIN (Liang et al., 2018) and the Mahalanobis detector (Lee et al., 2018).
+
+All logit scores take ``logits`` of shape ``[..., num_classes]`` (numpy or jax,
+any leading shape) and return ``[...]`` float32. Shapes and dtypes are checked at
+trace time; a row holding NaN or +-inf gets a NaN score (documented, so that a
+single bad row does not hide behind a finite number; :func:`energy_jax.metrics.ood_metrics`
+refuses NaN scores).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Per-channel std of CIFAR images (the reference's normalisation), on the 0..1 scale.
+CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+
+
+def _check_logits(logits: Array, name: str = "logits") -> Array:
+  if logits.ndim < 1:
+    raise ValueError(f"{name} must have a class axis, got a rank-0 array")
+  if logits.shape[-1] < 1:
+    raise ValueError(f"{name} has an empty class axis: shape {logits.shape}")
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise TypeError(f"{name} must be floating point, got dtype {logits.dtype}")
+  return logits.astype(jnp.float32) if logits.dtype != jnp.float64 else logits
+
+
+def _check_temperature(temperature: float) -> float:
+  t = float(temperature)
+  if not np.isfinite(t) or t <= 0:
+    raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+  return t
+
+
+def _nan_where_nonfinite(logits: Array, score: Array) -> Array:
+  finite = jnp.all(jnp.isfinite(logits), axis=-1)
+  return jnp.where(finite, score, jnp.nan)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature",))
+def energy_score(logits: Array, temperature: float = 1.0) -> Array:
+  """Negative free energy ``-E(x) = T * logsumexp(logits / T)`` (higher = in-dist).
+
+  Args:
+    logits: ``[..., num_classes]`` floating-point logits f(x).
+    temperature: T > 0 (static: each value compiles once). The paper uses T=1.
+
+  Returns:
+    ``[...]`` float32 scores; NaN for rows with non-finite logits.
+
+  Reference: Liu et al., NeurIPS 2020, Eq. (6)-(7).
+  """
+  logits = _check_logits(logits)
+  t = _check_temperature(temperature)
+  score = t * jax.nn.logsumexp(logits / t, axis=-1)
+  return _nan_where_nonfinite(logits, score)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature",))
+def free_energy(logits: Array, temperature: float = 1.0) -> Array:
+  """Free energy ``E(x) = -T * logsumexp(logits / T)`` (lower = in-distribution)."""
+  return -energy_score(logits, temperature)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature",))
+def msp_score(logits: Array, temperature: float = 1.0) -> Array:
+  """Maximum softmax probability ``max_y softmax(logits / T)_y`` (Hendrycks & Gimpel, 2017)."""
+  logits = _check_logits(logits)
+  t = _check_temperature(temperature)
+  score = jnp.max(jax.nn.softmax(logits / t, axis=-1), axis=-1)
+  return _nan_where_nonfinite(logits, score)
+
+
+@jax.jit
+def max_logit_score(logits: Array) -> Array:
+  """Maximum logit ``max_y f_y(x)`` (Hendrycks et al., 2022)."""
+  logits = _check_logits(logits)
+  return _nan_where_nonfinite(logits, jnp.max(logits, axis=-1))
+
+
+def _sign_step(grad: Array, input_std: Sequence[float]) -> Array:
+  """The reference's ``(ge(grad, 0) - 0.5) * 2 / std``: sign with 0 -> +1, per channel."""
+  sign = jnp.where(grad >= 0, 1.0, -1.0)
+  return sign / jnp.asarray(input_std, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "temperature", "epsilon", "input_std"))
+def odin_score(apply_fn: Callable[[Any, Array], Array], variables: Any, images: Array, *,
+               temperature: float = 1000.0, epsilon: float = 0.0014,
+               input_std: Tuple[float, float, float] = CIFAR_STD) -> Array:
+  """ODIN: temperature-scaled MSP after a small input perturbation (Liang et al., 2018).
+
+  ``x' = x - epsilon * sign(-grad_x log S_yhat(x; T)) / std`` with
+  ``yhat = argmax f(x)``; the score is ``max_y softmax(f(x') / T)_y``. The sign is
+  divided by the normalisation std per channel because ``x`` is already
+  normalised, exactly as the reference (``utils/score_calculation.py``) does.
+
+  Args:
+    apply_fn: ``apply_fn(variables, images) -> logits`` in inference mode; must be
+      hashable (a module-level function or ``model.apply`` wrapped once).
+    variables: the model's variables.
+    images: ``[N, H, W, C]`` normalised images.
+    temperature: T (1000 in ODIN's paper).
+    epsilon: perturbation magnitude on the 0..1 pixel scale (0 disables it).
+    input_std: per-channel normalisation std.
+
+  Returns:
+    ``[N]`` scores.
+  """
+  t = _check_temperature(temperature)
+  images = jnp.asarray(images, jnp.float32)
+
+  def nll(x):
+    logits = apply_fn(variables, x)
+    labels = jnp.argmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(logits / t, axis=-1)
+    # Sum, not mean: only the sign of each example's own gradient is used.
+    return -jnp.sum(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+  grad = jax.grad(nll)(images)
+  perturbed = images - epsilon * _sign_step(grad, input_std)
+  logits = apply_fn(variables, perturbed).astype(jnp.float32)
+  return msp_score(logits, t)
+
+
+class MahalanobisParams(NamedTuple):
+  """Class-conditional Gaussians with a shared covariance: ``means [C, D]``, ``precision [D, D]``."""
+  means: Array
+  precision: Array
+
+
+def fit_mahalanobis(features: Array, labels: Array, num_classes: int) -> MahalanobisParams:
+  """Fits class means and one shared (tied) covariance on training features.
+
+  The covariance is the maximum-likelihood estimate of the class-centred
+  features, ``Sigma = 1/N sum_i (z_i - mu_{y_i})(z_i - mu_{y_i})^T`` (sklearn's
+  ``EmpiricalCovariance`` as the reference uses it), and the precision is its
+  pseudo-inverse. Computed in float64 on the host.
+
+  Args:
+    features: ``[N, D]`` penultimate features of the training set.
+    labels: ``[N]`` integer labels in ``[0, num_classes)``.
+    num_classes: C; every class must have at least one example.
+  """
+  z = np.asarray(features, np.float64)
+  y = np.asarray(labels)
+  if z.ndim != 2 or y.shape != (z.shape[0],):
+    raise ValueError(f"features must be [N, D] and labels [N], got {z.shape} and {y.shape}")
+  if not np.issubdtype(y.dtype, np.integer):
+    raise TypeError(f"labels must be integers, got dtype {y.dtype}")
+  if y.size and (y.min() < 0 or y.max() >= num_classes):
+    raise ValueError(f"labels must lie in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
+  counts = np.bincount(y, minlength=num_classes)
+  if np.any(counts == 0):
+    raise ValueError(f"classes without examples: {np.flatnonzero(counts == 0).tolist()}")
+  if not np.all(np.isfinite(z)):
+    raise ValueError("features contain NaN or inf")
+  means = np.stack([z[y == c].mean(axis=0) for c in range(num_classes)])
+  centred = z - means[y]
+  cov = centred.T @ centred / z.shape[0]
+  precision = np.linalg.pinv(cov, hermitian=True)
+  return MahalanobisParams(jnp.asarray(means, jnp.float32), jnp.asarray(precision, jnp.float32))
+
+
+@jax.jit
+def mahalanobis_from_features(features: Array, params: MahalanobisParams) -> Array:
+  """``max_c -1/2 (z - mu_c)^T P (z - mu_c)`` for ``features [N, D]`` -> ``[N]``.
+
+  This is the reference's Gaussian score: ``-1/2`` times the smallest squared
+  Mahalanobis distance, so it ranks inputs exactly as ``-min_c d_c(z)``.
+  """
+  features = jnp.asarray(features, jnp.float32)
+  diff = features[:, None, :] - params.means[None, :, :]            # [N, C, D]
+  d2 = jnp.einsum("ncd,de,nce->nc", diff, params.precision, diff)   # [N, C]
+  return jnp.max(-0.5 * d2, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("features_fn", "epsilon", "input_std"))
+def mahalanobis_score(features_fn: Callable[[Any, Array], Array], variables: Any,
+                      images: Array, params: MahalanobisParams, *, epsilon: float = 0.0,
+                      input_std: Tuple[float, float, float] = CIFAR_STD) -> Array:
+  """Mahalanobis score (Lee et al., 2018) on penultimate features, with input pre-processing.
+
+  With ``epsilon > 0`` the input first moves against the gradient of the
+  distance to its closest class, ``x' = x - epsilon * sign(grad_x 1/2 d_yhat^2) / std``,
+  as the reference does; the score is :func:`mahalanobis_from_features` at ``x'``.
+
+  Args:
+    features_fn: ``features_fn(variables, images) -> [N, D]`` in inference mode (hashable).
+    variables: the model's variables.
+    images: ``[N, H, W, C]`` normalised images.
+    params: from :func:`fit_mahalanobis`.
+    epsilon: noise magnitude (0 = no pre-processing).
+    input_std: per-channel normalisation std.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  if epsilon == 0.0:
+    return mahalanobis_from_features(features_fn(variables, images), params)
+
+  def half_d2_closest(x):
+    z = features_fn(variables, x).astype(jnp.float32)
+    diff = z[:, None, :] - params.means[None]
+    d2 = jnp.einsum("ncd,de,nce->nc", diff, params.precision, diff)
+    closest = jax.lax.stop_gradient(jnp.argmin(d2, axis=-1))
+    return 0.5 * jnp.sum(jnp.take_along_axis(d2, closest[:, None], axis=-1))
+
+  grad = jax.grad(half_d2_closest)(images)
+  perturbed = images - epsilon * _sign_step(grad, input_std)
+  return mahalanobis_from_features(features_fn(variables, perturbed), params)

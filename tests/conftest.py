@@ -1,0 +1,22 @@
+"""Test setup: 8 virtual CPU devices for the data-parallel tests, TF kept off accelerators."""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+sys.path.insert(0, REPO)
+
+
+def shared_pack(name: str) -> str:
+  """Path of an offline pack in ../shared/data, or a skip naming what is missing."""
+  path = os.path.join(SHARED_DATA, name)
+  if not os.path.exists(path):
+    pytest.skip(f"offline data pack {path} is absent on this machine")
+  return path

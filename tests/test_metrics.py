@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from energy_jax.metrics import auroc, average_precision, fpr_at_tpr, ood_metrics
+
+
+def _sk(scores_in, scores_out):
+  y = np.r_[np.ones(len(scores_in)), np.zeros(len(scores_out))]
+  s = np.r_[scores_in, scores_out]
+  return skm.roc_auc_score(y, s), skm.average_precision_score(y, s)
+
+
+@pytest.mark.parametrize("seed,n_in,n_out,rounding", [(0, 500, 300, None), (1, 50, 80, 1),
+                                                      (2, 7, 3, 0)])
+def test_auroc_and_aupr_agree_with_sklearn(seed, n_in, n_out, rounding):
+  rng = np.random.default_rng(seed)
+  s_in, s_out = rng.normal(1, 1, n_in), rng.normal(0, 1, n_out)
+  if rounding is not None:   # many ties
+    s_in, s_out = np.round(s_in, rounding), np.round(s_out, rounding)
+  want_auroc, want_aupr = _sk(s_in, s_out)
+  m = ood_metrics(s_in, s_out)
+  assert m["auroc"] == pytest.approx(want_auroc, abs=1e-12)
+  assert m["aupr_in"] == pytest.approx(want_aupr, abs=1e-12)
+  _, want_out = _sk(-s_out, -s_in)
+  assert m["aupr_out"] == pytest.approx(want_out, abs=1e-12)
+
+
+def test_fpr_hand_computed():
+  # 20 ID scores 1..20, OOD scores 0.5, 10.5, 19.5. TPR 0.95 = threshold 2 (19 of 20 ID);
+  # the OOD above 2 are 10.5 and 19.5 -> FPR 2/3.
+  s_in = np.arange(1, 21, dtype=float)
+  s_out = np.array([0.5, 10.5, 19.5])
+  assert fpr_at_tpr(s_in, s_out) == pytest.approx(2 / 3)
+  assert fpr_at_tpr(s_in, s_out, method="conservative") == pytest.approx(2 / 3)
+
+
+def test_fpr_closest_versus_conservative():
+  # 10 ID scores: TPR moves in steps of 0.1; TPR 0.9 (|0.05|) ties TPR 1.0 (|0.05|):
+  # the reference takes the higher TPR on a tie (the point reached first from full recall).
+  s_in = np.arange(10, dtype=float)
+  s_out = np.array([-1.0, 0.5, 5.5])
+  assert fpr_at_tpr(s_in, s_out) == pytest.approx(2 / 3)          # threshold 0: OOD 0.5, 5.5
+  assert fpr_at_tpr(s_in, s_out, method="conservative") == pytest.approx(2 / 3)
+  # 8 ID: TPR 0.875 (|0.075|) or 1.0 (|0.05|) -> closest is 1.0; conservative is 1.0 too.
+  # 30 ID: TPR 28/30=0.933 (|0.0167|) beats 29/30=0.967 (|0.0167|)? tie -> higher, 0.967.
+  s_in = np.arange(30, dtype=float)
+  s_out = np.array([0.5, 1.5, 2.5])
+  assert fpr_at_tpr(s_in, s_out) == pytest.approx(2 / 3)          # threshold 1: 1.5, 2.5
+  # 40 ID: TPR 38/40 = 0.95 at thresholds 2 (1 OOD above) and 1.5 (2 OOD above). The
+  # reference scans from full recall down and keeps the first minimum: threshold 1.5.
+  # The conservative rule takes the first threshold reaching 0.95: threshold 2.
+  s_in = np.arange(40, dtype=float)
+  assert fpr_at_tpr(s_in, s_out) == pytest.approx(2 / 3)
+  assert fpr_at_tpr(s_in, s_out, method="conservative") == pytest.approx(1 / 3)
+  # 15 ID: 14/15=0.933 (|0.0167|) is closer than 15/15 (|0.05|): closest takes 0.933,
+  # conservative must reach >= 0.95 and takes 1.0.
+  s_in = np.arange(15, dtype=float)
+  s_out = np.array([0.0, -1.0, 20.0])      # the OOD 0.0 ties the lowest ID score
+  assert fpr_at_tpr(s_in, s_out) == pytest.approx(1 / 3)                        # threshold 1
+  assert fpr_at_tpr(s_in, s_out, method="conservative") == pytest.approx(2 / 3)  # threshold 0
+
+
+def test_ties_all_equal_perfect_and_tiny():
+  m = ood_metrics(np.zeros(5), np.zeros(4))
+  assert m["auroc"] == 0.5 and m["fpr"] == 1.0 and m["detection_error"] == 0.5
+  assert m["aupr_in"] == pytest.approx(5 / 9)
+  m = ood_metrics([2.0, 3.0], [0.0, 1.0])
+  assert (m["auroc"], m["fpr"], m["aupr_in"], m["aupr_out"], m["detection_error"]) == (
+      1.0, 0.0, 1.0, 1.0, 0.0)
+  m = ood_metrics([0.0], [1.0])
+  assert m["auroc"] == 0.0 and m["fpr"] == 1.0
+
+
+def test_reversed_convention_matches_reference_pairing():
+  """The reference calls get_measures(-in_energy, -out_energy): ID positive, -E as score."""
+  rng = np.random.default_rng(3)
+  e_in, e_out = rng.normal(-10, 2, 100), rng.normal(-6, 2, 60)
+  want_auroc, _ = _sk(-e_in, -e_out)
+  assert auroc(-e_in, -e_out) == pytest.approx(want_auroc)
+  assert average_precision(-e_in, -e_out) == pytest.approx(_sk(-e_in, -e_out)[1])
+
+
+def test_metric_input_errors():
+  with pytest.raises(ValueError, match="scores_out is empty"):
+    ood_metrics([1.0], [])
+  with pytest.raises(ValueError, match="scores_in holds 1 non-finite.*index 1"):
+    ood_metrics([1.0, np.nan], [0.0])
+  with pytest.raises(ValueError, match="one-dimensional"):
+    ood_metrics(np.ones((2, 2)), [0.0])
+  with pytest.raises(ValueError, match="unknown FPR method"):
+    ood_metrics([1.0], [0.0], fpr_method="best")

@@ -1,0 +1,95 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from energy_jax import convert, models
+
+torch = pytest.importorskip("torch")
+from torch_twin import TwinWRN, randomize_batchnorm  # noqa: E402
+
+
+def test_wrn_40_2_has_reference_parameter_count():
+  model = models.WideResNet(40, 2, 10, 0.3)
+  variables = models.init_variables(model, jax.random.PRNGKey(0))
+  assert models.count_params(variables["params"]) == 2_243_546
+  twin = TwinWRN(40, 10, 2, 0.3)
+  assert sum(p.numel() for p in twin.parameters()) == 2_243_546
+
+
+def test_init_statistics_follow_reference():
+  model = models.WideResNet(40, 2, 10)
+  params = models.init_variables(model, jax.random.PRNGKey(1))["params"]
+  kernel = np.asarray(params["block3_layer_1"]["conv2"]["kernel"])   # 3x3, 128 out
+  assert kernel.std() == pytest.approx(np.sqrt(2 / (9 * 128)), rel=0.02)
+  assert np.all(np.asarray(params["bn1"]["scale"]) == 1)
+  assert np.all(np.asarray(params["fc"]["bias"]) == 0)
+  assert np.abs(np.asarray(params["fc"]["kernel"])).max() <= 1 / np.sqrt(128)
+
+
+@pytest.mark.parametrize("depth,widen,classes", [(40, 2, 10), (10, 1, 7)])
+def test_converted_twin_matches_logits_and_features(depth, widen, classes):
+  gen = torch.Generator().manual_seed(depth)
+  twin = randomize_batchnorm(TwinWRN(depth, classes, widen, 0.3), gen).eval()
+  model = models.WideResNet(depth, widen, classes, 0.3)
+  variables = convert.state_dict_to_variables(twin.state_dict(), model)
+  x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    want_feat = twin.features(xt).numpy()
+    want_logits = twin(xt).numpy()
+  logits, feats = model.apply(variables, jnp.asarray(x), train=False, return_features=True)
+  np.testing.assert_allclose(np.asarray(feats), want_feat, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_train_mode_batchnorm_matches_torch_update():
+  """One train-mode forward: same output, same running mean and unbiased running var."""
+  gen = torch.Generator().manual_seed(3)
+  twin = randomize_batchnorm(TwinWRN(10, 5, 1, 0.0), gen).train()
+  model = models.WideResNet(10, 1, 5, 0.0)
+  variables = convert.state_dict_to_variables(twin.state_dict(), model)
+  x = np.random.default_rng(1).normal(size=(6, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = twin(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+  got, updates = model.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+  after = convert.state_dict_to_variables(twin.state_dict(), model)["batch_stats"]
+  for a, b in zip(jax.tree_util.tree_leaves(updates["batch_stats"]),
+                  jax.tree_util.tree_leaves(after)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_converter_names_mismatched_tensor():
+  twin = TwinWRN(10, 10, 1)
+  with pytest.raises(ValueError, match=r"fc.weight.*\(10, 64\).*WRN-10-1 with 100 classes"):
+    convert.state_dict_to_variables(twin.state_dict(), models.WideResNet(10, 1, 100))
+  with pytest.raises(ValueError, match="block1.layer.0.conv1.weight"):
+    convert.state_dict_to_variables(twin.state_dict(), models.WideResNet(10, 2, 10))
+  with pytest.raises(ValueError, match=r"missing .*block1_layer_1"):
+    convert.state_dict_to_variables(twin.state_dict(), models.WideResNet(16, 1, 10))
+
+
+def test_load_torch_checkpoint_roundtrip_and_errors(tmp_path):
+  twin = randomize_batchnorm(TwinWRN(10, 10, 1), torch.Generator().manual_seed(0))
+  path = tmp_path / "cifar10_wrn_pretrained_epoch_99.pt"
+  sd = {"module." + k: v for k, v in twin.state_dict().items()}   # DataParallel prefix
+  torch.save(sd, path)
+  variables = convert.load_torch_checkpoint(str(path), models.WideResNet(10, 1, 10))
+  np.testing.assert_allclose(variables["batch_stats"]["bn1"]["var"],
+                             twin.bn1.running_var.numpy())
+  with pytest.raises(FileNotFoundError, match="nope.pt"):
+    convert.load_torch_checkpoint(str(tmp_path / "nope.pt"), models.WideResNet(10, 1, 10))
+  bad = tmp_path / "corrupt.pt"
+  bad.write_bytes(path.read_bytes()[:200])
+  with pytest.raises(ValueError, match="corrupt.pt"):
+    convert.load_torch_checkpoint(str(bad), models.WideResNet(10, 1, 10))
+
+
+def test_bad_depth_and_input_shape():
+  with pytest.raises(ValueError, match="6n\\+4"):
+    models.init_variables(models.WideResNet(12, 1, 10), jax.random.PRNGKey(0))
+  model = models.WideResNet(10, 1, 10)
+  v = models.init_variables(model, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="NHWC"):
+    model.apply(v, jnp.zeros((2, 3, 32, 32)))

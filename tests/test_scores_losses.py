@@ -1,0 +1,141 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+from scipy.special import logsumexp as np_logsumexp, softmax as np_softmax
+
+import energy_jax
+from energy_jax import losses, models, scores
+
+EXTREME = np.array([[1000.0, -1000.0, 0.0], [-1e4, -1e4 + 1, -1e4 + 2], [3.0, 3.0, 3.0]],
+                   np.float32)
+
+
+def test_energy_score_is_exported_jitted_and_matches_numpy():
+  assert energy_jax.energy_score is scores.energy_score
+  assert hasattr(energy_jax.energy_score, "lower")
+  for t in (1.0, 2.0, 1000.0):
+    want = t * np_logsumexp(EXTREME.astype(np.float64) / t, axis=-1)
+    np.testing.assert_allclose(scores.energy_score(EXTREME, temperature=t), want, rtol=1e-6)
+    np.testing.assert_allclose(scores.free_energy(EXTREME, t), -want, rtol=1e-6)
+
+
+def test_scores_batch_over_leading_shape():
+  logits = np.random.default_rng(0).normal(size=(2, 3, 5, 10)).astype(np.float32)
+  out = scores.energy_score(logits)
+  chex.assert_shape(out, (2, 3, 5))
+  np.testing.assert_allclose(out, np_logsumexp(logits, -1), rtol=1e-5)
+  np.testing.assert_allclose(scores.msp_score(logits), np_softmax(logits, -1).max(-1), rtol=1e-5)
+  np.testing.assert_allclose(scores.max_logit_score(logits), logits.max(-1))
+
+
+def test_score_input_errors_and_nan_rows():
+  with pytest.raises(ValueError, match="rank-0"):
+    scores.energy_score(jnp.float32(1.0))
+  with pytest.raises(TypeError, match="int32"):
+    scores.energy_score(np.ones((2, 3), np.int32))
+  with pytest.raises(ValueError, match="temperature"):
+    scores.energy_score(np.ones((2, 3), np.float32), temperature=0.0)
+  bad = np.array([[1.0, np.nan], [1.0, 2.0], [np.inf, 0.0]], np.float32)
+  out = np.asarray(scores.energy_score(bad))
+  assert np.isnan(out[0]) and np.isnan(out[2]) and np.isfinite(out[1])
+
+
+def _tiny():
+  model = models.WideResNet(10, 1, 4, 0.0)
+  variables = models.init_variables(model, jax.random.PRNGKey(0))
+  return model, variables
+
+
+def _apply(variables, x):
+  return _tiny_model.apply(variables, x, train=False)
+
+
+def _features(variables, x):
+  return _tiny_model.apply(variables, x, train=False, return_features=True)[1]
+
+
+_tiny_model = models.WideResNet(10, 1, 4, 0.0)
+
+
+def test_odin_matches_hand_computed_perturbation():
+  _, variables = _tiny()
+  x = np.random.default_rng(0).normal(size=(5, 32, 32, 3)).astype(np.float32)
+  t, eps = 10.0, 0.01
+
+  def loss(xi):   # the reference's CE of tempered logits against the argmax label
+    logits = _apply(variables, xi[None])[0]
+    return -jax.nn.log_softmax(logits / t)[jnp.argmax(logits)]
+  grads = np.stack([np.asarray(jax.grad(loss)(jnp.asarray(xi))) for xi in x])
+  x_pert = x - eps * np.where(grads >= 0, 1.0, -1.0) / np.asarray(scores.CIFAR_STD)
+  want = np_softmax(np.asarray(_apply(variables, x_pert), np.float64) / t, -1).max(-1)
+  got = scores.odin_score(_apply, variables, x, temperature=t, epsilon=eps)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  no_noise = scores.odin_score(_apply, variables, x, temperature=t, epsilon=0.0)
+  np.testing.assert_allclose(no_noise, scores.msp_score(_apply(variables, x), t), rtol=1e-6)
+
+
+def test_mahalanobis_fit_matches_sklearn_and_score_is_min_distance():
+  from sklearn.covariance import EmpiricalCovariance
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(3), 40)
+  feats = rng.normal(size=(120, 5)) + labels[:, None] * 2.0
+  params = scores.fit_mahalanobis(feats, labels, 3)
+  means = np.stack([feats[labels == c].mean(0) for c in range(3)])
+  cov = EmpiricalCovariance(assume_centered=False).fit(feats - means[labels])
+  np.testing.assert_allclose(params.means, means, rtol=1e-5)
+  np.testing.assert_allclose(params.precision, cov.precision_, rtol=1e-4, atol=1e-5)
+  query = rng.normal(size=(7, 5))
+  d2 = np.stack([np.einsum("nd,de,ne->n", query - m, cov.precision_, query - m) for m in means], 1)
+  np.testing.assert_allclose(scores.mahalanobis_from_features(query, params),
+                             -0.5 * d2.min(1), rtol=1e-4)
+  with pytest.raises(ValueError, match=r"classes without examples: \[3\]"):
+    scores.fit_mahalanobis(feats, labels, 4)
+
+
+def test_mahalanobis_input_processing_moves_toward_closest_class():
+  _, variables = _tiny()
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(40, 32, 32, 3)).astype(np.float32)
+  feats = np.asarray(_features(variables, x))
+  params = scores.fit_mahalanobis(feats, np.arange(40) % 4, 4)
+  plain = scores.mahalanobis_score(_features, variables, x[:6], params)
+  np.testing.assert_allclose(plain, scores.mahalanobis_from_features(feats[:6], params), rtol=1e-5)
+  moved = scores.mahalanobis_score(_features, variables, x[:6], params, epsilon=0.002)
+  assert np.all(np.asarray(moved) >= np.asarray(plain) - 1e-4)  # a step up the score
+
+
+def test_losses_match_numpy_on_extreme_logits():
+  lin = EXTREME
+  lout = EXTREME[::-1] * 0.01
+  labels = np.array([0, 2, 1], np.int32)
+  lse = np_logsumexp(lin.astype(np.float64), -1)
+  np.testing.assert_allclose(losses.softmax_cross_entropy(logits=lin, labels=labels),
+                             lse - lin[np.arange(3), labels], rtol=1e-5, atol=2e-3)  # f32 ulp at 1e4
+  e_in, e_out = -lse, -np_logsumexp(lout.astype(np.float64), -1)
+  m_in, m_out = -23.0, -5.0
+  want = (np.mean(np.maximum(e_in - m_in, 0) ** 2) + np.mean(np.maximum(m_out - e_out, 0) ** 2))
+  got = losses.energy_bounded_loss(logits_in=lin, logits_out=lout, m_in=m_in, m_out=m_out)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  oe = np_logsumexp(lout.astype(np.float64), -1) - lout.mean(-1)
+  np.testing.assert_allclose(losses.outlier_exposure_loss(logits_out=lout), oe.mean(), rtol=1e-5)
+  chex.assert_shape(losses.energy_hinge_in(logits=lin, m_in=m_in), (3,))
+
+
+def test_loss_gradients():
+  rng = np.random.default_rng(0)
+  lin = jnp.asarray(rng.normal(size=(4, 5)) * 8)
+  lout = jnp.asarray(rng.normal(size=(6, 5)) * 8)
+  f = lambda a, b: losses.energy_bounded_loss(logits_in=a, logits_out=b, m_in=-3.0, m_out=-1.0)
+  check_grads(f, (lin, lout), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+  check_grads(lambda b: losses.outlier_exposure_loss(logits_out=b), (lout,), order=2,
+              modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def test_loss_input_errors():
+  with pytest.raises(ValueError, match=r"labels must be \[3\]"):
+    losses.softmax_cross_entropy(logits=EXTREME, labels=np.zeros(2, np.int32))
+  with pytest.raises(ValueError, match="logits_out must be"):
+    losses.outlier_exposure_loss(logits_out=np.ones(3, np.float32))
