@@ -98,7 +98,9 @@ class _Tree:
     if zipfile.is_zipfile(path):
       self._zip = zipfile.ZipFile(path)
       self.files = [i.filename for i in self._zip.infolist() if not i.is_dir()]
-      self.dirs = {n.rsplit("/", 1)[0] for n in self._zip.namelist() if "/" in n}
+      # Zips need not list folders: every ancestor of a member is one.
+      self.dirs = {"/".join(n.split("/")[:i]) for n in self._zip.namelist()
+                   for i in range(1, n.count("/") + 1)}
     elif os.path.isdir(path):
       self._zip = None
       self.files, self.dirs = [], set()

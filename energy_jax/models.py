@@ -177,3 +177,14 @@ def init_variables(model: WideResNet, rng: Array, image_shape: Sequence[int] = (
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init({"params": rng}, dummy, train=False)
   return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def from_config(config, axis_name: Optional[str] = None) -> WideResNet:
+  """The WideResNet a ConfigDict describes (``depth``, ``widen_factor``, ``num_classes``,
+  ``dropout_rate``, ``dtype`` = "float32" | "bfloat16")."""
+  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  if config.dtype not in dtypes:
+    raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {sorted(dtypes)}")
+  return WideResNet(depth=config.depth, widen_factor=config.widen_factor,
+                    num_classes=config.num_classes, dropout_rate=config.dropout_rate,
+                    axis_name=axis_name, dtype=dtypes[config.dtype])

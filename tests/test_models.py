@@ -6,7 +6,7 @@ import pytest
 from energy_jax import convert, models
 
 torch = pytest.importorskip("torch")
-from torch_twin import TwinWRN, randomize_batchnorm  # noqa: E402
+from energy_jax.torch_twin import TwinWRN, randomize_batchnorm  # noqa: E402
 
 
 def test_wrn_40_2_has_reference_parameter_count():

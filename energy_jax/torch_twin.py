@@ -1,6 +1,6 @@
 """A PyTorch twin of the reference WRN (wetliu/energy_ood CIFAR/models/wrn.py), written
-from the paper's description for the tests: pre-activation blocks whose 1x1 shortcut,
-where channels change, reads relu(bn1(x))."""
+from the paper's description, for parity tests and benchmarks (needs torch): pre-activation
+blocks whose 1x1 shortcut, where channels change, reads relu(bn1(x))."""
 
 import torch
 from torch import nn

@@ -1,0 +1,50 @@
+"""On-device augmentation and normalisation (no TensorFlow): the device-resident input path.
+
+``random_crop_flip`` is the reference's ``RandomCrop(32, padding=4)`` (zero padding,
+offsets 0..8 in each direction) followed by ``RandomHorizontalFlip()``; the order of
+the two does not change the distribution. Images stay uint8 until the crop, so a
+data set held on the device costs one byte per pixel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from energy_jax.scores import CIFAR_MEAN, CIFAR_STD
+
+Array = jax.Array
+PAD = 4
+
+
+def normalize(images: Array, dtype=jnp.float32) -> Array:
+  """uint8 ``[..., H, W, 3]`` -> ``(x / 255 - mean) / std`` in ``dtype``."""
+  x = images.astype(jnp.float32) / 255.0
+  x = (x - jnp.asarray(CIFAR_MEAN)) / jnp.asarray(CIFAR_STD)
+  return x.astype(dtype)
+
+
+def crop_flip_params(rng: Array, batch: int):
+  """Per-example crop offsets ``[B, 2]`` in ``0..8`` and flip flags ``[B]``."""
+  k_off, k_flip = jax.random.split(rng)
+  offsets = jax.random.randint(k_off, (batch, 2), 0, 2 * PAD + 1)
+  flips = jax.random.bernoulli(k_flip, 0.5, (batch,))
+  return offsets, flips
+
+
+def apply_crop_flip(images: Array, offsets: Array, flips: Array) -> Array:
+  """Zero-pads by 4, crops ``[H, W]`` at ``offsets`` and mirrors where ``flips``."""
+  b, h, w, c = images.shape
+  padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+
+  def one(img, off, flip):
+    crop = jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
+    return jnp.where(flip, crop[:, ::-1], crop)
+
+  return jax.vmap(one)(padded, offsets, flips)
+
+
+def random_crop_flip(rng: Array, images: Array) -> Array:
+  """The training augmentation on a uint8 or float batch ``[B, H, W, C]``."""
+  offsets, flips = crop_flip_params(rng, images.shape[0])
+  return apply_crop_flip(images, offsets, flips)

@@ -1,0 +1,54 @@
+"""Batched inference on device: logits and penultimate features of a whole image set.
+
+Every example is kept exactly once: the last batch is padded and the padding
+dropped. Batches are split over the devices of the mesh (GSPMD partitions the
+jitted forward pass).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from energy_jax import augment, models, parallel
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _forward(model, variables, images_uint8):
+  x = augment.normalize(images_uint8, model.dtype)
+  logits, features = model.apply(variables, x, train=False, return_features=True)
+  return logits.astype(jnp.float32), features.astype(jnp.float32)
+
+
+def padded_batches(num: int, batch_size: int):
+  """``(start, stop)`` pairs covering ``range(num)``; the caller pads the last one."""
+  for start in range(0, num, batch_size):
+    yield start, min(start + batch_size, num)
+
+
+def predict(model: models.WideResNet, variables, images: np.ndarray, batch_size: int = 1000,
+            mesh=None) -> Tuple[np.ndarray, np.ndarray]:
+  """``(logits [N, C], features [N, D])`` float32 for uint8 images ``[N, 32, 32, 3]``."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise ValueError(f"predict expects uint8 [N, H, W, 3] images, got {images.dtype} {images.shape}")
+  mesh = mesh or parallel.make_mesh()
+  n_dev = mesh.devices.size
+  batch_size = max(n_dev, batch_size - batch_size % n_dev)
+  variables = parallel.put_replicated(variables, mesh)
+  logits, feats = [], []
+  for start, stop in padded_batches(len(images), batch_size):
+    chunk = images[start:stop]
+    pad = (-len(chunk)) % n_dev if stop == len(images) else 0
+    if stop == len(images) and len(images) > batch_size:
+      pad = batch_size - len(chunk)     # same shape as the other batches: no recompilation
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
+    out_l, out_f = _forward(model, variables, parallel.put_sharded(chunk, mesh))
+    logits.append(np.asarray(out_l)[:stop - start])
+    feats.append(np.asarray(out_f)[:stop - start])
+  return np.concatenate(logits), np.concatenate(feats)

@@ -1,0 +1,384 @@
+"""Training: pretraining with cross-entropy, energy-bounded fine-tuning, Outlier Exposure.
+
+``train_step(state, batch) -> (state, metrics)`` is the per-device step (pmapped
+style: gradients and metrics averaged with ``lax.pmean`` over ``parallel.AXIS``).
+In-distribution and outlier images go through the network in ONE forward pass,
+so BatchNorm sees all ``128 + 256`` images, as in the reference. The optimiser is
+``torch.optim.SGD(nesterov=True, momentum=0.9, weight_decay=5e-4)``: the decay is
+added to the gradient of every parameter before momentum.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from energy_jax import augment, losses, models, parallel
+
+Array = jax.Array
+OBJECTIVES = ("ce", "energy", "oe")
+# XLA:CPU runs convolutions inside a while loop ~30x slower: unroll the fused steps there.
+UNROLL = None
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a run needs to continue exactly: weights, BN statistics, optimiser, step, rng."""
+  step: Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: Array
+
+  @property
+  def variables(self):
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+make_model = models.from_config
+
+
+def cosine_schedule(base_lr: float, total_steps: int, min_lr_ratio: float = 1e-6) -> optax.Schedule:
+  """``lr(k) = lr_min + (lr - lr_min) * (1 + cos(pi * (k + 1) / total)) / 2``.
+
+  ``k + 1``: the reference calls ``scheduler.step()`` before ``optimizer.step()``,
+  so its first update already uses the step-1 rate.
+  """
+  if total_steps < 1:
+    raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+  lr_min = base_lr * min_lr_ratio
+
+  def schedule(count):
+    frac = jnp.minimum(count + 1, total_steps) / total_steps
+    return lr_min + (base_lr - lr_min) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+  return schedule
+
+
+def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+  """SGD with nesterov momentum and L2 weight decay on every parameter, cosine per step."""
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(cosine_schedule(config.learning_rate, total_steps, config.min_lr_ratio),
+                momentum=config.momentum, nesterov=config.nesterov))
+
+
+def create_train_state(config, rng: Array, total_steps: int,
+                       variables: Optional[Mapping[str, Any]] = None) -> TrainState:
+  """A fresh state (or one around ``variables``, e.g. pretrained weights) with a new optimiser."""
+  init_rng, state_rng = jax.random.split(rng)
+  if variables is None:
+    variables = models.init_variables(make_model(config), init_rng)
+  tx = make_optimizer(config, total_steps)
+  params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=jax.tree_util.tree_map(jnp.asarray, variables["batch_stats"]),
+                    opt_state=tx.init(params), rng=state_rng)
+
+
+def objective_loss(config, logits: Array, labels: Array, num_in: int):
+  """The training objective on logits of ``[in; out]`` images, and its parts."""
+  logits_in, logits_out = logits[:num_in], logits[num_in:]
+  ce = jnp.mean(losses.softmax_cross_entropy(logits=logits_in, labels=labels))
+  metrics = {"ce": ce}
+  loss = ce
+  if config.score == "energy":
+    reg = losses.energy_bounded_loss(logits_in=logits_in, logits_out=logits_out,
+                                     m_in=config.m_in, m_out=config.m_out)
+    loss = ce + config.energy_weight * reg
+    metrics.update(energy_reg=reg,
+                   energy_in=-jnp.mean(jax.nn.logsumexp(logits_in.astype(jnp.float32), -1)),
+                   energy_out=-jnp.mean(jax.nn.logsumexp(logits_out.astype(jnp.float32), -1)))
+  elif config.score == "oe":
+    reg = losses.outlier_exposure_loss(logits_out=logits_out)
+    loss = ce + config.oe_weight * reg
+    metrics["oe_reg"] = reg
+  metrics["loss"] = loss
+  metrics["accuracy"] = jnp.mean(jnp.argmax(logits_in, -1) == labels)
+  return loss, metrics
+
+
+def train_step(state: TrainState, batch: Mapping[str, Array], *, config,
+               tx: optax.GradientTransformation, axis_name: Optional[str] = parallel.AXIS
+               ) -> Tuple[TrainState, Dict[str, Array]]:
+  """One SGD step on this device's shard; ``batch`` has ``image``, ``label`` and, for
+  the energy / OE objectives, ``outlier`` (normalised NHWC float images)."""
+  model = make_model(config, axis_name=axis_name)
+  num_in = batch["image"].shape[0]
+  images = batch["image"]
+  if config.score != "ce":
+    images = jnp.concatenate([images, batch["outlier"].astype(images.dtype)], axis=0)
+  rng = jax.random.fold_in(state.rng, state.step)
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+
+  def loss_fn(params):
+    logits, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                   train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+    loss, metrics = objective_loss(config, logits, batch["label"], num_in)
+    return loss, (new_vars["batch_stats"], metrics)
+
+  grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads, metrics = lax.pmean((grads, metrics), axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state), metrics
+
+
+def eval_step(variables, images: Array, *, config) -> Tuple[Array, Array]:
+  """Inference-mode ``(logits, features)`` for normalised images."""
+  return make_model(config).apply(variables, images, train=False, return_features=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The device-resident path: data on the device as uint8, augmentation inside the compiled step,
+# ``steps_per_call`` steps fused into one ``lax.scan``.
+
+
+def device_batch(rng: Array, data: Mapping[str, Array], in_idx: Array,
+                 out_idx: Optional[Array], dtype) -> Dict[str, Array]:
+  """Gathers this device's indices from the device-resident data and augments them."""
+  k_in, k_out = jax.random.split(rng)
+  batch = {"image": augment.normalize(augment.random_crop_flip(k_in, data["image"][in_idx]),
+                                      dtype),
+           "label": data["label"][in_idx]}
+  if out_idx is not None:
+    batch["outlier"] = augment.normalize(
+        augment.random_crop_flip(k_out, data["outlier"][out_idx]), dtype)
+  return batch
+
+
+def make_device_train_fn(config, tx, mesh) -> Callable:
+  """``fn(state, data, in_idx [S, B], out_idx [S, B_out]) -> (state, metrics [S])``, compiled once.
+
+  ``data`` (replicated) holds ``image``/``label`` and, if needed, ``outlier`` uint8 pools;
+  the index arrays are split over devices along their batch axis.
+  """
+  dtype = make_model(config).dtype
+  uses_outliers = config.score != "ce"
+
+  def per_device(state, data, in_idx, out_idx):
+    def body(state, idx):
+      i_in, i_out = idx
+      rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                               lax.axis_index(parallel.AXIS) + 7919)
+      batch = device_batch(rng, data, i_in, i_out if uses_outliers else None, dtype)
+      return train_step(state, batch, config=config, tx=tx)
+    return lax.scan(body, state, (in_idx, out_idx), 
+                    unroll=UNROLL if UNROLL is not None else jax.default_backend() == "cpu")
+
+  spec_idx = P(None, parallel.AXIS)
+  return parallel.data_parallel(per_device, mesh, in_specs=(P(), P(), spec_idx, spec_idx),
+                                out_specs=(P(), P()), donate_argnums=(0,))
+
+
+def make_host_train_fn(config, tx, mesh) -> Callable:
+  """``fn(state, batch) -> (state, metrics)`` for batches already sharded over the mesh."""
+  step = functools.partial(train_step, config=config, tx=tx)
+  return parallel.data_parallel(step, mesh, in_specs=(P(), P(parallel.AXIS)),
+                                out_specs=(P(), P()), donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: resume from the run's own checkpoint first, else load the pretrained model, else start
+# fresh; then one device-resident (or tf.data) epoch after another, evaluated and checkpointed.
+
+
+def load_datasets(config):
+  """``(train, test, outliers or None)`` as in-memory :class:`~energy_jax.datasets.ImageSet`."""
+  from energy_jax import datasets
+  train = datasets.load_source(config.in_train, split=config.get("in_train_split", "train"))
+  test = datasets.load_source(config.in_test, split=config.get("in_test_split", "test"))
+  for name, ds in (("in_train", train), ("in_test", test)):
+    if ds.num_classes != config.num_classes:
+      raise ValueError(f"config.{name} = {ds.source} has {ds.num_classes} classes, but "
+                       f"config.num_classes = {config.num_classes}")
+  if config.train_subset:
+    keep = np.random.default_rng(config.seed).permutation(len(train))[:config.train_subset]
+    train = datasets.ImageSet(train.images[np.sort(keep)], train.labels[np.sort(keep)],
+                              train.class_names, train.source + f"[subset {len(keep)}]")
+  outliers = None
+  if config.score != "ce":
+    outliers = datasets.load_source(config.outliers, split=config.get("outliers_split") or None)
+    if len(outliers) < config.outlier_batch_size:
+      raise ValueError(f"outlier source {outliers.source} has {len(outliers)} images, fewer "
+                       f"than one batch of {config.outlier_batch_size}")
+  return train, test, outliers
+
+
+def epoch_indices(seed: int, epoch: int, num_train: int, batch: int, num_out: int,
+                  out_batch: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Shuffled ID indices ``[steps, batch]`` (remainder dropped) and outlier indices
+  ``[steps, out_batch]`` (fresh permutations of the pool, concatenated as needed).
+  A function of ``(seed, epoch)`` only, so a resumed run draws what it would have drawn."""
+  rng = np.random.default_rng([seed, epoch])
+  steps = num_train // batch
+  in_idx = rng.permutation(num_train)[:steps * batch].reshape(steps, batch)
+  if not num_out:
+    return in_idx.astype(np.int32), np.zeros((steps, 0), np.int32)
+  need = steps * out_batch
+  pool = np.concatenate([rng.permutation(num_out) for _ in range(-(-need // num_out))])
+  return in_idx.astype(np.int32), pool[:need].reshape(steps, out_batch).astype(np.int32)
+
+
+def _meta(config, epoch: int, finished: bool, row: Dict[str, float]) -> Dict[str, Any]:
+  from energy_jax import checkpoints
+  return {"epoch": epoch, "finished": finished, "architecture": checkpoints.architecture(config),
+          "score": config.score, "results": row}
+
+
+def _initial_state(config, workdir: str, ckpts, total_steps: int, log):
+  """Resume first, then the pretrained model, else a fresh model (pretraining only)."""
+  from energy_jax import checkpoints
+  rng = jax.random.PRNGKey(config.seed)
+  latest = ckpts.latest_epoch()
+  if latest is not None:
+    meta = ckpts.read_meta(latest)
+    checkpoints._check_architecture(meta.get("architecture", {}), config, ckpts.directory)
+    if meta.get("finished"):
+      raise FileExistsError(
+          f"{workdir} holds a finished run (epoch {latest + 1} of {config.epochs}); choose "
+          f"another --workdir, or delete {ckpts.directory} to start over")
+    template = create_train_state(config, rng, total_steps)
+    state, _ = ckpts.restore(template, latest)
+    log(f"resuming {workdir} after epoch {latest + 1}")
+    return state, latest + 1
+  if config.pretrained:
+    variables = checkpoints.load_variables(config.pretrained, config)
+    log(f"loaded pretrained weights from {config.pretrained}")
+    return create_train_state(config, rng, total_steps, variables), 0
+  if config.score != "ce":
+    raise ValueError("fine-tuning needs a pretrained model: set --config.pretrained to a run "
+                     "directory of experiments/pretrain.py or a reference .pt file")
+  return create_train_state(config, rng, total_steps), 0
+
+
+def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """Trains per ``config`` in ``workdir``; returns the last epoch's results row.
+
+  Each epoch appends a row (epoch, seconds, train loss, test loss, test error %) to
+  ``workdir/training_results.csv`` and ``results.jsonl`` and saves a checkpoint.
+  The same command continues a killed run at the next epoch with identical results.
+  """
+  import csv
+  import json
+  import os
+  import time
+
+  from energy_jax import checkpoints, inference
+
+  if config.score not in OBJECTIVES:
+    raise ValueError(f"unknown config.score {config.score!r}; choose one of {OBJECTIVES}")
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(config.get("num_devices") or None)
+  per_dev = parallel.check_divisible(config.batch_size, mesh)
+  if config.score != "ce":
+    parallel.check_divisible(config.outlier_batch_size, mesh, "outlier batch size")
+
+  train, test, outliers = load_datasets(config)
+  steps = len(train) // config.batch_size
+  if steps < 1:
+    raise ValueError(f"{train.source} has {len(train)} images, fewer than one batch of "
+                     f"{config.batch_size}")
+  total_steps = steps * config.epochs
+  ckpts = checkpoints.RunCheckpoints(workdir, config.keep_checkpoints,
+                                     config.checkpoint_every_epochs)
+  try:
+    state, start_epoch = _initial_state(config, workdir, ckpts, total_steps, log)
+    tx = make_optimizer(config, total_steps)
+    state = parallel.put_replicated(state, mesh)
+    log(f"{config.score} training: {len(train)} train / {len(test)} test images"
+        f"{f', {len(outliers)} outliers' if outliers is not None else ''}; {steps} steps/epoch, "
+        f"{mesh.devices.size} device(s) x {per_dev}, input {config.input_pipeline}")
+
+    if config.input_pipeline == "device":
+      data = {"image": train.images, "label": train.labels}
+      if outliers is not None:
+        data["outlier"] = outliers.images
+      data = parallel.put_replicated(data, mesh)
+      run_steps = make_device_train_fn(config, tx, mesh)
+    elif config.input_pipeline == "tfdata":
+      from energy_jax import input_pipeline
+      run_host = make_host_train_fn(config, tx, mesh)
+    else:
+      raise ValueError(f"unknown config.input_pipeline {config.input_pipeline!r} "
+                       "(choose 'device' or 'tfdata')")
+
+    csv_path = os.path.join(workdir, "training_results.csv")
+    if start_epoch == 0 or not os.path.exists(csv_path):
+      with open(csv_path, "w") as f:
+        f.write("epoch,time(s),train_loss,test_loss,test_error(%)\n")
+    eval_model = make_model(config)
+    row: Dict[str, Any] = {}
+    images_per_step = config.batch_size + (config.outlier_batch_size if outliers is not None else 0)
+    for epoch in range(start_epoch, config.epochs):
+      t0 = time.time()
+      in_idx, out_idx = epoch_indices(config.seed, epoch, len(train), config.batch_size,
+                                      len(outliers) if outliers is not None else 0,
+                                      config.outlier_batch_size)
+      losses_per_step, extra = [], {}
+      bar = _progress(steps, f"epoch {epoch + 1}/{config.epochs}", config)
+      if config.input_pipeline == "device":
+        chunk = max(1, min(config.steps_per_call, steps))
+        for s0 in range(0, steps, chunk):
+          sl = slice(s0, min(s0 + chunk, steps))
+          state, m = run_steps(state, data, in_idx[sl], out_idx[sl])
+          m = jax.device_get(m)
+          losses_per_step.extend(np.asarray(m["loss"]).tolist())
+          extra = {k: float(np.mean(v)) for k, v in m.items()}
+          bar.update(sl.stop - sl.start)
+          bar.set_postfix(img_s=f"{bar.n * images_per_step / max(time.time() - t0, 1e-9):.0f}")
+      else:
+        stream = input_pipeline.epoch_stream(train, outliers, in_idx, out_idx, seed=config.seed,
+                                             epoch=epoch)
+        for batch in stream:
+          state, m = run_host(state, parallel.put_sharded(batch, mesh))
+          m = jax.device_get(m)
+          losses_per_step.append(float(m["loss"]))
+          extra = {k: float(v) for k, v in m.items()}
+          bar.update(1)
+      bar.close()
+      losses_np = np.asarray(losses_per_step)
+      if not np.all(np.isfinite(losses_np)):
+        bad = int(np.flatnonzero(~np.isfinite(losses_np))[0])
+        raise FloatingPointError(
+            f"training loss became {losses_np[bad]} at epoch {epoch + 1}, step {bad + 1}; "
+            f"nothing of this epoch was saved, the last good checkpoint is epoch "
+            f"{(ckpts.latest_epoch() or -1) + 1} in {ckpts.directory}")
+      ema = 0.0
+      for value in losses_np:          # the reference's running average of the train loss
+        ema = 0.8 * ema + 0.2 * value
+      logits, _ = inference.predict(eval_model, jax.device_get(state.variables), test.images,
+                                    config.eval_batch_size, mesh)
+      test_ce = np.asarray(losses.softmax_cross_entropy(logits=logits, labels=test.labels))
+      row = {"epoch": epoch + 1, "time_s": time.time() - t0, "train_loss": ema,
+             "test_loss": float(test_ce.mean()),
+             "test_error": 100.0 * float(np.mean(logits.argmax(-1) != test.labels)),
+             **{f"last_{k}": v for k, v in extra.items()}}
+      finished = epoch + 1 == config.epochs
+      ckpts.save(epoch, jax.device_get(state), _meta(config, epoch, finished, row),
+                 force=finished)
+      with open(csv_path, "a") as f:
+        f.write("%03d,%05d,%0.6f,%0.5f,%0.2f\n" % (epoch + 1, row["time_s"], ema,
+                                                  row["test_loss"], row["test_error"]))
+      with open(os.path.join(workdir, "results.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+      log("Epoch {:3d} | Time {:5d} | Train Loss {:.4f} | Test Loss {:.3f} | Test Error {:.2f}"
+          .format(epoch + 1, int(row["time_s"]), ema, row["test_loss"], row["test_error"]))
+  finally:
+    ckpts.close()
+  return row
+
+
+def _progress(total: int, desc: str, config):
+  from tqdm import tqdm
+  return tqdm(total=total, desc=desc, unit="step", leave=False,
+              disable=not config.get("progress_bar", True))
