@@ -102,6 +102,7 @@ def main():
       cfg = base.copy_and_resolve_references()
       cfg.dtype = dtype
       results[f"jax {dtype}"] = bench_jax(cfg, steps, warmup=1)
+      print(f"  {stage} jax {dtype}: {results[f'jax {dtype}']:.0f} img/s", flush=True)
     if not args.no_torch:
       try:
         import torch  # noqa: F401
