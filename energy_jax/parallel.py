@@ -38,8 +38,15 @@ def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> 
 
 def data_parallel(per_device_fn: Callable, mesh: Mesh, in_specs, out_specs,
                   donate_argnums=()) -> Callable:
-  """``jax.jit(jax.shard_map(per_device_fn))``: specs use ``P()`` (replicated) or ``P(AXIS)``."""
-  mapped = jax.shard_map(per_device_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+  """``jax.jit(jax.shard_map(per_device_fn))``: specs use ``P()`` (replicated) or ``P(AXIS)``.
+
+  ``check_vma=False`` gives the step ``pmap`` semantics: ``jax.grad`` returns this
+  device's gradient and the step averages it with ``lax.pmean``. (With varying-axis
+  checking on, the gradient of a replicated parameter is already summed over
+  devices, and the explicit ``pmean`` would scale it by the device count.)
+  """
+  mapped = jax.shard_map(per_device_fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)
   return jax.jit(mapped, donate_argnums=donate_argnums)
 
 

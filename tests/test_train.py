@@ -1,0 +1,188 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from energy_jax import configs, parallel, toy_data, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(stage="pretrain", **overrides):
+  c = configs.apply_preset(configs.base_config(), "test", stage)
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("toy")
+  toy_data.make_toy_dataset(str(d), train_per_class=64, test_per_class=16, num_outliers=256)
+  return str(d)
+
+
+def _batch(rng, n_in, n_out, classes=4):
+  return {"image": rng.normal(size=(n_in, 32, 32, 3)).astype(np.float32),
+          "label": rng.integers(0, classes, n_in).astype(np.int32),
+          "outlier": rng.normal(size=(n_out, 32, 32, 3)).astype(np.float32)}
+
+
+def test_eight_devices_equal_one_device_and_trace_once():
+  assert jax.device_count() >= 8, "conftest forces 8 CPU devices"
+  c = tiny_config("finetune", dropout_rate=0.0, learning_rate=0.1)
+  tx = train.make_optimizer(c, 100)
+  state0 = train.create_train_state(c, jax.random.PRNGKey(0), 100)
+  batch = _batch(np.random.default_rng(0), 16, 32)
+  results = []
+  for n in (1, 8):
+    mesh = parallel.make_mesh(n)
+    chex.clear_trace_counter()                 # one trace per mesh, none on the second call
+    step = chex.assert_max_traces(n=1)(
+        lambda s, b: train.train_step(s, b, config=c, tx=tx))
+    fn = parallel.data_parallel(step, mesh, (jax.sharding.PartitionSpec(),
+                                             jax.sharding.PartitionSpec(parallel.AXIS)),
+                                (jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec()))
+    state, metrics = fn(parallel.put_replicated(state0, mesh), parallel.put_sharded(batch, mesh))
+    results.append((jax.device_get(state), jax.device_get(metrics)))
+    fn(state, parallel.put_sharded(batch, mesh))          # a second call must not retrace
+  (s1, m1), (s8, m8) = results
+  for a, b in zip(jax.tree_util.tree_leaves((s1.params, s1.batch_stats)),
+                  jax.tree_util.tree_leaves((s8.params, s8.batch_stats))):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+
+
+def test_optimizer_matches_torch_sgd_nesterov_weight_decay():
+  torch = pytest.importorskip("torch")
+  c = tiny_config(learning_rate=0.1)
+  w0 = np.array([1.0, -2.0, 3.0], np.float32)
+  grads = [np.array([0.5, 0.1, -0.3], np.float32), np.array([-0.2, 0.4, 0.05], np.float32)]
+  tx = train.make_optimizer(c, total_steps=10)
+  params, opt = jnp.asarray(w0), tx.init(jnp.asarray(w0))
+  p = torch.nn.Parameter(torch.tensor(w0))
+  sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+  sched = torch.optim.lr_scheduler.LambdaLR(
+      sgd, lambda k: 1e-6 + (1 - 1e-6) * 0.5 * (1 + np.cos(k / 10 * np.pi)))
+  for g in grads:
+    updates, opt = tx.update(jnp.asarray(g), opt, params)
+    params = params + updates
+    sched.step()                                 # the reference steps the schedule first
+    p.grad = torch.tensor(g)
+    sgd.step()
+  np.testing.assert_allclose(params, p.detach().numpy(), rtol=1e-6)
+
+
+def test_tiny_wrn_loss_falls(toy_dir, tmp_path):
+  c = tiny_config(in_train=f"{toy_dir}/toy_id.zip", in_test=f"{toy_dir}/toy_id.zip",
+                  epochs=3, learning_rate=0.05, num_devices=1)
+  train.train_and_evaluate(c, str(tmp_path / "run"), log=lambda s: None)
+  rows = [l.split(",") for l in open(tmp_path / "run" / "training_results.csv").read().split()[1:]]
+  losses = [float(r[2]) for r in rows]
+  assert len(rows) == 3 and losses[-1] < losses[0]
+  assert float(rows[-1][4]) < 75.0                     # better than chance (4 classes)
+
+
+def test_energy_finetuning_separates_energies():
+  """Toy problem: ID and outlier logits from one linear map; the energy loss opens the gap."""
+  from energy_jax import losses, scores
+  rng = np.random.default_rng(0)
+  x_in = rng.normal(0.5, 1, size=(64, 8)).astype(np.float32)
+  x_out = rng.normal(-0.5, 1, size=(64, 8)).astype(np.float32)
+  y = (x_in[:, 0] > 0.5).astype(np.int32)
+  w = jnp.asarray(rng.normal(size=(8, 2)) * 0.1, jnp.float32)
+
+  def loss(w):
+    li, lo = x_in @ w, x_out @ w
+    ce = jnp.mean(losses.softmax_cross_entropy(logits=li, labels=y))
+    return ce + 0.1 * losses.energy_bounded_loss(logits_in=li, logits_out=lo, m_in=-8., m_out=-2.)
+  e_in0 = float(jnp.mean(scores.free_energy(x_in @ w)))
+  e_out0 = float(jnp.mean(scores.free_energy(x_out @ w)))
+  for _ in range(200):
+    w = w - 0.05 * jax.grad(loss)(w)
+  assert float(jnp.mean(scores.free_energy(x_in @ w))) < e_in0 - 1.0
+  assert float(jnp.mean(scores.free_energy(x_out @ w))) > e_out0 + 0.2
+
+
+def _run(script, preset, workdir, toy_dir, *extra):
+  cmd = [sys.executable, f"experiments/{script}.py",
+         f"--config=experiments/configs/{script}.py:{preset}", f"--workdir={workdir}",
+         f"--config.in_train={toy_dir}/toy_id.zip", f"--config.in_test={toy_dir}/toy_id.zip",
+         f"--config.outliers={toy_dir}/toy_outliers.npy", "--config.num_devices=1", *extra]
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def test_scripts_pretrain_finetune_and_resume_after_kill(toy_dir, tmp_path):
+  pre = tmp_path / "pre"
+  p = _run("pretrain", "test", pre, toy_dir)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 0, out
+  # A finished run is refused, not overwritten.
+  p = _run("pretrain", "test", pre, toy_dir)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode != 0 and "holds a finished run" in out
+
+  # Uninterrupted fine-tuning (3 epochs) ...
+  common = (f"--config.pretrained={pre}", "--config.epochs=3")
+  full = tmp_path / "full"
+  p = _run("finetune", "test", full, toy_dir, *common)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 0, out
+  # ... against one killed for real after its first epoch, then restarted with the same command.
+  cut = tmp_path / "cut"
+  p = _run("finetune", "test", cut, toy_dir, *common)
+  deadline = time.time() + 300
+  while not (cut / "checkpoints" / "0").exists() and time.time() < deadline:
+    time.sleep(0.2)
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+  assert (cut / "checkpoints" / "0").exists()
+  p = _run("finetune", "test", cut, toy_dir, *common)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 0 and "resuming" in out, out
+  from energy_jax import checkpoints
+  cfg = tiny_config("finetune")
+  a = checkpoints.load_variables(str(full), cfg)
+  b = checkpoints.load_variables(str(cut), cfg)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_inputs(toy_dir, tmp_path):
+  from energy_jax import checkpoints
+  c = tiny_config("finetune", in_train=f"{toy_dir}/toy_id.zip", in_test=f"{toy_dir}/toy_id.zip",
+                  outliers=f"{toy_dir}/toy_outliers.npy", num_devices=1)
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    train.train_and_evaluate(_with(c, pretrained=str(tmp_path / "nowhere")), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="needs a pretrained model"):
+    train.train_and_evaluate(_with(c, pretrained=""), str(tmp_path / "b"))
+  with pytest.raises(ValueError, match="fewer than one batch of 4096"):
+    train.train_and_evaluate(_with(c, outlier_batch_size=4096), str(tmp_path / "c"))
+  with pytest.raises(ValueError, match="has 4 classes, but config.num_classes = 10"):
+    train.train_and_evaluate(_with(c, num_classes=10), str(tmp_path / "d"))
+  # A checkpoint of another architecture is refused with both shapes named.
+  pre = tmp_path / "pre"
+  train.train_and_evaluate(_with(c, score="ce", pretrained="", epochs=1), str(pre),
+                           log=lambda s: None)
+  with pytest.raises(ValueError, match="widen_factor: checkpoint 1 vs config 2"):
+    checkpoints.load_variables(str(pre), _with(c, widen_factor=2))
+  # NaN loss stops with a clear message and keeps the last good checkpoint.
+  with pytest.raises(FloatingPointError, match="last good checkpoint"):
+    train.train_and_evaluate(_with(c, pretrained=str(pre), learning_rate=1e30, epochs=1),
+                             str(tmp_path / "nan"), log=lambda s: None)
+
+
+def _with(c, **kw):
+  c = c.copy_and_resolve_references()
+  for k, v in kw.items():
+    setattr(c, k, v)
+  return c
