@@ -223,3 +223,70 @@ def plot_roc_curves(scores_in: np.ndarray, scores_out: Mapping[str, np.ndarray],
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def run(config, checkpoint: str, ood_sources: Mapping[str, str], workdir: str,
+        detectors: Sequence[DetectorSpec], num_to_avg: int = 1, seed: int = 0,
+        validate: bool = False, temperature_ablation: bool = False,
+        log: Callable[[str], None] = print) -> Dict:
+  """Loads the model and data, prints the markdown tables, writes JSON/CSV/plots to ``workdir``.
+
+  ``ood_sources`` maps a name to a source (``tfds:NAME``, folder, zip, .npy) or
+  ``synthetic:NAME``. With ``validate``, ODIN's (T, eps) and Mahalanobis' eps are
+  chosen by the mean FPR95 on the synthetic validation sets, never the test sets.
+  """
+  from energy_jax import checkpoints, datasets, synthetic
+  variables = checkpoints.load_variables(checkpoint, config)
+  test = datasets.load_source(config.in_test, split=config.get("in_test_split", "test"))
+  if test.num_classes != config.num_classes:
+    raise ValueError(f"{test.source} has {test.num_classes} classes, the model {config.num_classes}")
+  ood = {}
+  for name, src in ood_sources.items():
+    ood[name] = (synthetic.make_ood_set(src.split(":", 1)[1], 2 * (len(test) // 5), seed, test)
+                 if src.startswith("synthetic:") else datasets.load_source(src))
+  scorer = Scorer(models.from_config(config), variables)
+  logits, _ = scorer.logits_features(test.images)
+  report = classification_report(logits, test.labels)
+  log(f"ID test error {100 * report['error']:.2f}%; misclassification detection (MSP): "
+      f"FPR95 {100 * report.get('misclassification_fpr', float('nan')):.2f}, AUROC "
+      f"{100 * report.get('misclassification_auroc', float('nan')):.2f}")
+  if any(d.name == "mahalanobis" for d in detectors):
+    scorer.fit_mahalanobis(datasets.load_source(config.in_train,
+                                                split=config.get("in_train_split", "train")))
+  chosen = list(detectors)
+  if validate:
+    val = {n: synthetic.make_ood_set(n, len(test) // 5, seed, test)
+           for n in synthetic.VALIDATION_SETS}
+    tuned = []
+    for d in chosen:
+      if d.name == "odin":
+        grid = [DetectorSpec("odin", t, e) for t in (1, 10, 100, 1000) for e in (0, 0.0005, 0.0014, 0.004)]
+      elif d.name == "mahalanobis":
+        grid = [DetectorSpec("mahalanobis", 1.0, e) for e in (0, 0.0005, 0.001, 0.0014, 0.002, 0.005)]
+      else:
+        tuned.append(d)
+        continue
+      res = evaluate(scorer, test, val, grid, 1, seed, log)
+      best = min(grid, key=lambda g: res[g.label]["mean"]["fpr"])
+      log(f"validation chose {best.label}")
+      tuned.append(best)
+    chosen = tuned
+  results = evaluate(scorer, test, ood, chosen, num_to_avg, seed, log)
+  log(markdown_table(results, list(ood)))
+  extra = {"classification": report, "checkpoint": checkpoint, "num_to_avg": num_to_avg,
+           "seed": seed}
+  if temperature_ablation:
+    abl = evaluate(scorer, test, ood, [DetectorSpec("energy", t) for t in TEMPERATURES],
+                   num_to_avg, seed, log)
+    log("| T | FPR95 | AUROC | AUPR |\n|---|---|---|---|")
+    for t, (label, per_set) in zip(TEMPERATURES, abl.items()):
+      m = per_set["mean"]
+      log(f"| {t} | {100 * m['fpr']:.2f} | {100 * m['auroc']:.2f} | {100 * m['aupr_in']:.2f} |")
+    extra["temperature_ablation"] = abl
+  save_results(results, workdir, extra)
+  energy = DetectorSpec("energy", 1.0)
+  s_in = scorer.score(energy, test.images)
+  s_out = {n: scorer.score(energy, o.images) for n, o in ood.items()}
+  plot_energy_histograms(s_in, s_out, os.path.join(workdir, "energy_histograms.png"))
+  plot_roc_curves(s_in, s_out, os.path.join(workdir, "roc_energy.png"))
+  return {"results": results, **extra}

@@ -1,0 +1,63 @@
+"""The paper's OOD table for a checkpoint: MSP, energy, ODIN and Mahalanobis.
+
+  python experiments/evaluate.py --checkpoint workdirs/cifar10_finetune \
+      --config=experiments/configs/finetune.py:cifar10 --ood textures,svhn,places365,lsun_c,lsun_r,isun
+  python experiments/evaluate.py --checkpoint cifar10_wrn_pretrained_epoch_99.pt --ood svhn=/data/svhn.npy
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file("config", os.path.join(HERE, "configs/finetune.py:cifar10"),
+                                "the model / ID data config")
+flags.DEFINE_string("checkpoint", None, "run directory (Orbax) or reference .pt", required=True)
+flags.DEFINE_list("ood", ["textures", "svhn", "places365", "lsun_c", "lsun_r", "isun"],
+                  "OOD sets: paper names, NAME=SOURCE, or synthetic:NAME")
+flags.DEFINE_list("detectors", ["msp", "energy", "odin", "mahalanobis"], "detectors")
+flags.DEFINE_float("temperature", 1.0, "energy temperature")
+flags.DEFINE_float("odin_temperature", 1000.0, "ODIN temperature (unless --validate)")
+flags.DEFINE_float("odin_epsilon", 0.0014, "ODIN noise (unless --validate)")
+flags.DEFINE_float("mahalanobis_epsilon", 0.0014, "Mahalanobis noise (unless --validate)")
+flags.DEFINE_integer("num_to_avg", 1, "draws of len(test)//5 OOD images per set")
+flags.DEFINE_integer("seed", 0, "seed of the draws")
+flags.DEFINE_bool("validate", False, "choose ODIN / Mahalanobis noise on synthetic sets")
+flags.DEFINE_bool("temperature_ablation", False, "energy score at T = 1 ... 1000")
+flags.DEFINE_string("workdir", None, "where results go (default: the checkpoint's folder/eval)")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from energy_jax import evaluation
+  F = flags.FLAGS
+  sources = {}
+  for item in F.ood:
+    name, _, src = item.partition("=")
+    if not src:
+      src = item if item.startswith("synthetic:") else evaluation.PAPER_OOD_SETS.get(name)
+      if src is None:
+        raise app.UsageError(f"unknown OOD set {name!r}: use one of "
+                             f"{sorted(evaluation.PAPER_OOD_SETS)} or NAME=SOURCE")
+    sources[name] = src
+  params = {"msp": {}, "energy": {"temperature": F.temperature},
+            "odin": {"temperature": F.odin_temperature, "epsilon": F.odin_epsilon},
+            "mahalanobis": {"epsilon": F.mahalanobis_epsilon}}
+  unknown = [d for d in F.detectors if d not in params]
+  if unknown:
+    raise app.UsageError(f"unknown detector(s) {unknown}; choose from {sorted(params)}")
+  detectors = [evaluation.DetectorSpec(d, **params[d]) for d in F.detectors]
+  workdir = F.workdir or os.path.join(
+      F.checkpoint if os.path.isdir(F.checkpoint) else os.path.dirname(F.checkpoint) or ".", "eval")
+  evaluation.run(F.config, F.checkpoint, sources, workdir, detectors, F.num_to_avg, F.seed,
+                 F.validate, F.temperature_ablation)
+
+
+if __name__ == "__main__":
+  app.run(main)
