@@ -86,7 +86,7 @@ class Scorer:
     if spec.name == "mahalanobis" and self._mahalanobis is None:
       raise RuntimeError("call fit_mahalanobis(train_set) before scoring with mahalanobis")
     out = []
-    for start, stop in inference.padded_batches(len(images), self.batch_size):
+    for start, stop in inference.batch_bounds(len(images), self.batch_size):
       x = augment.normalize(images[start:stop])
       if spec.name == "odin":
         s = scores.odin_score(self._apply, self.variables, x, temperature=spec.temperature,

@@ -18,21 +18,25 @@ from energy_jax import augment, models, parallel
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _forward(model, variables, images_uint8):
+def eval_step(model, variables, images_uint8):
+  """Inference-mode ``(logits, features)`` float32 for a uint8 batch (normalised here)."""
   x = augment.normalize(images_uint8, model.dtype)
   logits, features = model.apply(variables, x, train=False, return_features=True)
   return logits.astype(jnp.float32), features.astype(jnp.float32)
 
 
-def padded_batches(num: int, batch_size: int):
-  """``(start, stop)`` pairs covering ``range(num)``; the caller pads the last one."""
+def batch_bounds(num: int, batch_size: int):
+  """``(start, stop)`` pairs covering ``range(num)``."""
   for start in range(0, num, batch_size):
     yield start, min(start + batch_size, num)
 
 
 def predict(model: models.WideResNet, variables, images: np.ndarray, batch_size: int = 1000,
             mesh=None) -> Tuple[np.ndarray, np.ndarray]:
-  """``(logits [N, C], features [N, D])`` float32 for uint8 images ``[N, 32, 32, 3]``."""
+  """``(logits [N, C], features [N, D])`` float32 for uint8 images ``[N, 32, 32, 3]``.
+
+  ``variables`` may already live on the mesh's devices (then nothing is copied).
+  """
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4:
     raise ValueError(f"predict expects uint8 [N, H, W, 3] images, got {images.dtype} {images.shape}")
@@ -41,14 +45,14 @@ def predict(model: models.WideResNet, variables, images: np.ndarray, batch_size:
   batch_size = max(n_dev, batch_size - batch_size % n_dev)
   variables = parallel.put_replicated(variables, mesh)
   logits, feats = [], []
-  for start, stop in padded_batches(len(images), batch_size):
+  # Every batch has the same shape (no recompilation); a lone batch only rounds up to the mesh.
+  padded_size = batch_size if len(images) > batch_size else -(-len(images) // n_dev) * n_dev
+  for start, stop in batch_bounds(len(images), batch_size):
     chunk = images[start:stop]
-    pad = (-len(chunk)) % n_dev if stop == len(images) else 0
-    if stop == len(images) and len(images) > batch_size:
-      pad = batch_size - len(chunk)     # same shape as the other batches: no recompilation
+    pad = padded_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
-    out_l, out_f = _forward(model, variables, parallel.put_sharded(chunk, mesh))
+    out_l, out_f = eval_step(model, variables, parallel.put_sharded(chunk, mesh))
     logits.append(np.asarray(out_l)[:stop - start])
     feats.append(np.asarray(out_f)[:stop - start])
   return np.concatenate(logits), np.concatenate(feats)

@@ -64,8 +64,7 @@ class BatchNorm(nn.Module):
         count = count * lax.psum(1, self.axis_name)
       var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
       if not self.is_initializing():
-        unbiased = var * (count / max(count - 1, 1)) if isinstance(count, int) \
-            else var * count / jnp.maximum(count - 1, 1)
+        unbiased = var * count / jnp.maximum(count - 1, 1)
         ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
         ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
     else:

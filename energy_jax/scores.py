@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from energy_jax import losses
+
 Array = jax.Array
 
 # Per-channel std of CIFAR images (the reference's normalisation), on the 0..1 scale.
@@ -125,11 +127,10 @@ def odin_score(apply_fn: Callable[[Any, Array], Array], variables: Any, images: 
   images = jnp.asarray(images, jnp.float32)
 
   def nll(x):
-    logits = apply_fn(variables, x)
+    logits = apply_fn(variables, x).astype(jnp.float32)
     labels = jnp.argmax(logits, axis=-1)
-    logp = jax.nn.log_softmax(logits / t, axis=-1)
     # Sum, not mean: only the sign of each example's own gradient is used.
-    return -jnp.sum(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+    return jnp.sum(losses.softmax_cross_entropy(logits=logits / t, labels=labels))
 
   grad = jax.grad(nll)(images)
   perturbed = images - epsilon * _sign_step(grad, input_std)
@@ -176,6 +177,12 @@ def fit_mahalanobis(features: Array, labels: Array, num_classes: int) -> Mahalan
   return MahalanobisParams(jnp.asarray(means, jnp.float32), jnp.asarray(precision, jnp.float32))
 
 
+def _squared_distances(features: Array, params: MahalanobisParams) -> Array:
+  """``d_c(z)^2 = (z - mu_c)^T P (z - mu_c)`` for ``features [N, D]`` -> ``[N, C]``."""
+  diff = features.astype(jnp.float32)[:, None, :] - params.means[None, :, :]
+  return jnp.einsum("ncd,de,nce->nc", diff, params.precision, diff)
+
+
 @jax.jit
 def mahalanobis_from_features(features: Array, params: MahalanobisParams) -> Array:
   """``max_c -1/2 (z - mu_c)^T P (z - mu_c)`` for ``features [N, D]`` -> ``[N]``.
@@ -183,10 +190,7 @@ def mahalanobis_from_features(features: Array, params: MahalanobisParams) -> Arr
   This is the reference's Gaussian score: ``-1/2`` times the smallest squared
   Mahalanobis distance, so it ranks inputs exactly as ``-min_c d_c(z)``.
   """
-  features = jnp.asarray(features, jnp.float32)
-  diff = features[:, None, :] - params.means[None, :, :]            # [N, C, D]
-  d2 = jnp.einsum("ncd,de,nce->nc", diff, params.precision, diff)   # [N, C]
-  return jnp.max(-0.5 * d2, axis=-1)
+  return jnp.max(-0.5 * _squared_distances(jnp.asarray(features), params), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("features_fn", "epsilon", "input_std"))
@@ -212,9 +216,7 @@ def mahalanobis_score(features_fn: Callable[[Any, Array], Array], variables: Any
     return mahalanobis_from_features(features_fn(variables, images), params)
 
   def half_d2_closest(x):
-    z = features_fn(variables, x).astype(jnp.float32)
-    diff = z[:, None, :] - params.means[None]
-    d2 = jnp.einsum("ncd,de,nce->nc", diff, params.precision, diff)
+    d2 = _squared_distances(features_fn(variables, x), params)
     closest = jax.lax.stop_gradient(jnp.argmin(d2, axis=-1))
     return 0.5 * jnp.sum(jnp.take_along_axis(d2, closest[:, None], axis=-1))
 

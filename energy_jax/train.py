@@ -21,7 +21,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from energy_jax import augment, losses, models, parallel
+from energy_jax import augment, checkpoints, datasets, inference, losses, models, parallel, scores
 
 Array = jax.Array
 OBJECTIVES = ("ce", "energy", "oe")
@@ -92,9 +92,8 @@ def objective_loss(config, logits: Array, labels: Array, num_in: int):
     reg = losses.energy_bounded_loss(logits_in=logits_in, logits_out=logits_out,
                                      m_in=config.m_in, m_out=config.m_out)
     loss = ce + config.energy_weight * reg
-    metrics.update(energy_reg=reg,
-                   energy_in=-jnp.mean(jax.nn.logsumexp(logits_in.astype(jnp.float32), -1)),
-                   energy_out=-jnp.mean(jax.nn.logsumexp(logits_out.astype(jnp.float32), -1)))
+    metrics.update(energy_reg=reg, energy_in=jnp.mean(scores.free_energy(logits_in)),
+                   energy_out=jnp.mean(scores.free_energy(logits_out)))
   elif config.score == "oe":
     reg = losses.outlier_exposure_loss(logits_out=logits_out)
     loss = ce + config.oe_weight * reg
@@ -133,11 +132,6 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, config,
                        opt_state=opt_state), metrics
 
 
-def eval_step(variables, images: Array, *, config) -> Tuple[Array, Array]:
-  """Inference-mode ``(logits, features)`` for normalised images."""
-  return make_model(config).apply(variables, images, train=False, return_features=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # The device-resident path: data on the device as uint8, augmentation inside the compiled step,
 # ``steps_per_call`` steps fused into one ``lax.scan``.
@@ -172,7 +166,7 @@ def make_device_train_fn(config, tx, mesh) -> Callable:
                                lax.axis_index(parallel.AXIS) + 7919)
       batch = device_batch(rng, data, i_in, i_out if uses_outliers else None, dtype)
       return train_step(state, batch, config=config, tx=tx)
-    return lax.scan(body, state, (in_idx, out_idx), 
+    return lax.scan(body, state, (in_idx, out_idx),
                     unroll=UNROLL if UNROLL is not None else jax.default_backend() == "cpu")
 
   spec_idx = P(None, parallel.AXIS)
@@ -194,7 +188,6 @@ def make_host_train_fn(config, tx, mesh) -> Callable:
 
 def load_datasets(config):
   """``(train, test, outliers or None)`` as in-memory :class:`~energy_jax.datasets.ImageSet`."""
-  from energy_jax import datasets
   train = datasets.load_source(config.in_train, split=config.get("in_train_split", "train"))
   test = datasets.load_source(config.in_test, split=config.get("in_test_split", "test"))
   for name, ds in (("in_train", train), ("in_test", test)):
@@ -202,8 +195,8 @@ def load_datasets(config):
       raise ValueError(f"config.{name} = {ds.source} has {ds.num_classes} classes, but "
                        f"config.num_classes = {config.num_classes}")
   if config.train_subset:
-    keep = np.random.default_rng(config.seed).permutation(len(train))[:config.train_subset]
-    train = datasets.ImageSet(train.images[np.sort(keep)], train.labels[np.sort(keep)],
+    keep = np.sort(np.random.default_rng(config.seed).permutation(len(train))[:config.train_subset])
+    train = datasets.ImageSet(train.images[keep], train.labels[keep],
                               train.class_names, train.source + f"[subset {len(keep)}]")
   outliers = None
   if config.score != "ce":
@@ -230,14 +223,12 @@ def epoch_indices(seed: int, epoch: int, num_train: int, batch: int, num_out: in
 
 
 def _meta(config, epoch: int, finished: bool, row: Dict[str, float]) -> Dict[str, Any]:
-  from energy_jax import checkpoints
   return {"epoch": epoch, "finished": finished, "architecture": checkpoints.architecture(config),
           "score": config.score, "results": row}
 
 
 def _initial_state(config, workdir: str, ckpts, total_steps: int, log):
   """Resume first, then the pretrained model, else a fresh model (pretraining only)."""
-  from energy_jax import checkpoints
   rng = jax.random.PRNGKey(config.seed)
   latest = ckpts.latest_epoch()
   if latest is not None:
@@ -268,12 +259,9 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print)
   ``workdir/training_results.csv`` and ``results.jsonl`` and saves a checkpoint.
   The same command continues a killed run at the next epoch with identical results.
   """
-  import csv
   import json
   import os
   import time
-
-  from energy_jax import checkpoints, inference
 
   if config.score not in OBJECTIVES:
     raise ValueError(f"unknown config.score {config.score!r}; choose one of {OBJECTIVES}")
@@ -349,14 +337,15 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print)
       losses_np = np.asarray(losses_per_step)
       if not np.all(np.isfinite(losses_np)):
         bad = int(np.flatnonzero(~np.isfinite(losses_np))[0])
+        last = ckpts.latest_epoch()
         raise FloatingPointError(
             f"training loss became {losses_np[bad]} at epoch {epoch + 1}, step {bad + 1}; "
-            f"nothing of this epoch was saved, the last good checkpoint is epoch "
-            f"{(ckpts.latest_epoch() or -1) + 1} in {ckpts.directory}")
+            f"nothing of this epoch was saved, the last good checkpoint is "
+            f"{f'epoch {last + 1} in {ckpts.directory}' if last is not None else 'none yet'}")
       ema = 0.0
       for value in losses_np:          # the reference's running average of the train loss
         ema = 0.8 * ema + 0.2 * value
-      logits, _ = inference.predict(eval_model, jax.device_get(state.variables), test.images,
+      logits, _ = inference.predict(eval_model, state.variables, test.images,
                                     config.eval_batch_size, mesh)
       test_ce = np.asarray(losses.softmax_cross_entropy(logits=logits, labels=test.labels))
       row = {"epoch": epoch + 1, "time_s": time.time() - t0, "train_loss": ema,

@@ -26,7 +26,7 @@ def run(default_config: str, default_workdir: str):
     train.train_and_evaluate(config, workdir)
 
   def _preset():
-    spec = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") else ""
+    spec = config_flags.get_config_filename(flags.FLAGS["config"])
     return spec.split(":", 1)[1] if ":" in spec else "cifar10"
 
   app.run(main)
