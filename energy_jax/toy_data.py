@@ -1,7 +1,8 @@
 """Generated data for the offline demo and the tests (clearly not CIFAR).
 
 ``toy_id.zip`` holds ``train/<class>/*.png`` and ``test/<class>/*.png`` of
-``num_classes`` classes, each a stripe orientation and a colour with noise;
+``num_classes`` classes, each a stripe orientation (jittered so that classes
+overlap a little) in a random colour with noise;
 ``toy_outliers.npy`` holds uint8 ``[N, 32, 32, 3]`` blobs and checkerboards that
 belong to no class. Usage: ``python -m energy_jax.toy_data DIR``.
 """
@@ -21,13 +22,13 @@ COLORS = np.array([[220, 60, 60], [60, 200, 80], [70, 90, 230], [230, 200, 50],
 
 def class_images(label: int, n: int, rng: np.random.Generator) -> np.ndarray:
   yy, xx = np.mgrid[0:32, 0:32]
-  angle = np.pi * label / 4 + rng.normal(0, 0.1, size=(n, 1, 1))
+  angle = np.pi * label / 4 + rng.normal(0, 0.2, size=(n, 1, 1))
   freq = rng.uniform(0.35, 0.6, size=(n, 1, 1))
   phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1))
   wave = np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
-  color = COLORS[label % len(COLORS)]
-  img = 128 + wave[..., None] * (color - 128)[None, None, None] * 0.8
-  img += rng.normal(0, 20, size=img.shape)
+  color = COLORS[rng.integers(0, len(COLORS), n)][:, None, None, :]   # colour says nothing
+  img = 128 + wave[..., None] * (color - 128) * 0.8
+  img += rng.normal(0, 30, size=img.shape)
   return np.clip(img, 0, 255).astype(np.uint8)
 
 

@@ -174,6 +174,14 @@ def make_device_train_fn(config, tx, mesh) -> Callable:
                                 out_specs=(P(), P()), donate_argnums=(0,))
 
 
+def fused_steps(steps: int, steps_per_call: int) -> int:
+  """Steps per compiled call: a divisor of the epoch near ``steps_per_call`` when there is
+  one (every call then has the same shape and the loop compiles once), else ``steps_per_call``."""
+  limit = max(1, min(steps_per_call, steps))
+  divisor = max(d for d in range(1, limit + 1) if steps % d == 0)
+  return divisor if 2 * divisor >= limit else limit
+
+
 def make_host_train_fn(config, tx, mesh) -> Callable:
   """``fn(state, batch) -> (state, metrics)`` for batches already sharded over the mesh."""
   step = functools.partial(train_step, config=config, tx=tx)
@@ -315,7 +323,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print)
       losses_per_step, extra = [], {}
       bar = _progress(steps, f"epoch {epoch + 1}/{config.epochs}", config)
       if config.input_pipeline == "device":
-        chunk = max(1, min(config.steps_per_call, steps))
+        chunk = fused_steps(steps, config.steps_per_call)
         for s0 in range(0, steps, chunk):
           sl = slice(s0, min(s0 + chunk, steps))
           state, m = run_steps(state, data, in_idx[sl], out_idx[sl])

@@ -186,3 +186,22 @@ def _with(c, **kw):
   for k, v in kw.items():
     setattr(c, k, v)
   return c
+
+
+def test_bf16_step_close_to_fp32_and_keeps_fp32_state():
+  c32 = tiny_config("finetune", dropout_rate=0.0)
+  c16 = _with(c32, dtype="bfloat16")
+  tx = train.make_optimizer(c32, 100)
+  state = train.create_train_state(c32, jax.random.PRNGKey(0), 100)
+  batch = _batch(np.random.default_rng(1), 16, 32)
+  out = {}
+  for c in (c32, c16):
+    step = jax.jit(lambda s, b, c=c: train.train_step(s, b, config=c, tx=tx, axis_name=None))
+    out[c.dtype] = step(state, batch)
+  (s32, m32), (s16, m16) = out["float32"], out["bfloat16"]
+  assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
+  assert float(m16["ce"]) == pytest.approx(float(m32["ce"]), rel=5e-2, abs=2e-2)
+  for leaf in jax.tree_util.tree_leaves((s16.params, s16.batch_stats, s16.opt_state)):
+    assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+  logits = train.make_model(c16).apply(s16.variables, jnp.asarray(batch["image"]))
+  assert logits.dtype == jnp.float32
