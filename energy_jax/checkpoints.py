@@ -20,6 +20,7 @@ from energy_jax import convert, models
 
 
 def architecture(config) -> Dict[str, Any]:
+  """``{depth, widen_factor, num_classes}`` of ``config``: what a checkpoint must match."""
   return {"depth": int(config.depth), "widen_factor": int(config.widen_factor),
           "num_classes": int(config.num_classes)}
 
@@ -35,13 +36,16 @@ class RunCheckpoints:
                                              save_interval_steps=max(1, save_every)))
 
   def latest_epoch(self) -> Optional[int]:
+    """The newest saved epoch (0-based), or None for an empty run."""
     return self.manager.latest_step()
 
   def save(self, epoch: int, state, meta: Dict[str, Any], force: bool = False) -> bool:
+    """Saves ``state`` and the JSON ``meta`` asynchronously; ``force`` ignores the save interval."""
     return self.manager.save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
   def restore(self, target_state, epoch: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
+    """``(state, meta)`` of ``epoch`` (default: latest), shaped like ``target_state``."""
     epoch = self.latest_epoch() if epoch is None else epoch
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target_state)
     out = self.manager.restore(epoch, args=ocp.args.Composite(
@@ -49,11 +53,13 @@ class RunCheckpoints:
     return out["state"], out["meta"]
 
   def read_meta(self, epoch: Optional[int] = None) -> Dict[str, Any]:
+    """The JSON record of ``epoch`` (default: latest) without reading the arrays."""
     epoch = self.latest_epoch() if epoch is None else epoch
     return self.manager.restore(epoch, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"]
 
   def close(self):
+    """Waits for pending asynchronous saves, then releases the manager."""
     self.manager.wait_until_finished()
     self.manager.close()
 

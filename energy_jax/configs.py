@@ -21,6 +21,7 @@ PRESETS = ("cifar10", "cifar100", "offline", "demo", "test")
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """The paper's pretraining recipe on CIFAR-10 (TFDS); presets and CLI flags override it."""
   c = ml_collections.ConfigDict()
   c.dataset = "cifar10"
   c.num_classes = 10

@@ -54,6 +54,7 @@ class ImageSet:
 
   @property
   def num_classes(self) -> int:
+    """Number of classes (1 for unlabelled sources)."""
     return len(self.class_names)
 
 

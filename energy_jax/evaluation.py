@@ -43,6 +43,7 @@ class DetectorSpec:
 
   @property
   def label(self) -> str:
+    """Column name in tables, e.g. ``energy (T=1)``."""
     if self.name == "energy":
       return f"energy (T={self.temperature:g})"
     if self.name == "odin":
@@ -66,6 +67,7 @@ class Scorer:
     self._features = functools.partial(_apply_features, model)
 
   def logits_features(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``(logits [N, C], features [N, D])`` of uint8 ``images``, computed once per array."""
     for cached, logits, feats in self._cache:   # identity, not id(): ids are reused after GC
       if cached is images:
         return logits, feats
@@ -75,10 +77,12 @@ class Scorer:
     return logits, feats
 
   def fit_mahalanobis(self, train: ImageSet):
+    """Fits the class means and shared covariance on the training set's features."""
     _, feats = self.logits_features(train.images)
     self._mahalanobis = scores.fit_mahalanobis(feats, train.labels, train.num_classes)
 
   def score(self, spec: DetectorSpec, images: np.ndarray) -> np.ndarray:
+    """``[N]`` float64 scores of ``spec`` for uint8 ``images`` (higher = more in-distribution)."""
     if spec.name in ("msp", "energy"):
       logits, _ = self.logits_features(images)
       fn = scores.msp_score if spec.name == "msp" else scores.energy_score
@@ -208,6 +212,7 @@ def plot_energy_histograms(scores_in: np.ndarray, scores_out: Mapping[str, np.nd
 
 
 def plot_roc_curves(scores_in: np.ndarray, scores_out: Mapping[str, np.ndarray], path: str):
+  """ROC curves (ID positive) of one score against each OOD set, saved as PNG."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

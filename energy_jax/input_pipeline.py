@@ -68,6 +68,7 @@ def _to_32(image):
 
 
 def normalize(images_uint8):
+  """uint8 ``[..., 3]`` -> ``(x / 255 - mean) / std`` float32 (the reference's Normalize)."""
   x = tf.cast(images_uint8, tf.float32) / 255.0
   return (x - tf.constant(CIFAR_MEAN)) / tf.constant(CIFAR_STD)
 

@@ -123,6 +123,7 @@ class WideResNet(nn.Module):
   dtype: Dtype = jnp.float32
 
   def setup(self):
+    """Validates the architecture before any layer is built."""
     if (self.depth - 4) % 6 != 0 or self.depth < 10:
       raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1, got {self.depth}")
     if self.widen_factor < 1 or self.num_classes < 1:
@@ -131,6 +132,7 @@ class WideResNet(nn.Module):
 
   @property
   def channels(self) -> Tuple[int, int, int, int]:
+    """Channels of the stem and the three groups: ``(16, 16k, 32k, 64k)``."""
     k = self.widen_factor
     return (16, 16 * k, 32 * k, 64 * k)
 

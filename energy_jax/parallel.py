@@ -30,6 +30,7 @@ def make_mesh(num_devices: Optional[int] = None,
 
 
 def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> int:
+  """The per-device batch; raises if ``global_batch`` does not split evenly over the mesh."""
   n = mesh.devices.size
   if global_batch % n:
     raise ValueError(f"{what} {global_batch} is not divisible by the {n} devices of the mesh")
@@ -51,14 +52,17 @@ def data_parallel(per_device_fn: Callable, mesh: Mesh, in_specs, out_specs,
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A sharding that keeps a full copy on every device of ``mesh``."""
   return NamedSharding(mesh, P())
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """A sharding that splits the leading (batch) axis over ``mesh``."""
   return NamedSharding(mesh, P(AXIS))
 
 
 def put_replicated(tree, mesh: Mesh):
+  """Copies every leaf of ``tree`` to all devices of ``mesh`` (no copy if already there)."""
   return jax.device_put(tree, replicated(mesh))
 
 

@@ -33,20 +33,24 @@ def _other_index(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def uniform_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+  """``n`` images of U[-1, 1] noise in normalised units."""
   return _to_uint8(_MEAN + _STD * rng.uniform(-1.0, 1.0, size=(n, 32, 32, 3)))
 
 
 def gaussian_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+  """``n`` images of clip(N(0, 0.5^2), -1, 1) noise in normalised units."""
   z = np.clip(rng.normal(0.0, 0.5, size=(n, 32, 32, 3)), -1.0, 1.0)
   return _to_uint8(_MEAN + _STD * z)
 
 
 def arithmetic_mean(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Each image averaged with another random one."""
   x = images.astype(np.float64) / 255.0
   return _to_uint8((x + x[_other_index(rng, len(x))]) / 2.0)
 
 
 def geometric_mean(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """``sqrt(x_i * x_j)`` of each image and another random one (0..1 scale)."""
   x = images.astype(np.float64) / 255.0
   return _to_uint8(np.sqrt(x * x[_other_index(rng, len(x))]))
 
@@ -62,6 +66,7 @@ def jigsaw(images: np.ndarray, rng: Optional[np.random.Generator] = None) -> np.
 
 
 def speckle(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Multiplicative noise ``clip(x + x * N(0, 1), 0, 1)``."""
   x = images.astype(np.float64) / 255.0
   return _to_uint8(x + x * rng.standard_normal(x.shape))
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 
 class TwinBlock(nn.Module):
+  """Pre-activation basic block (bn-relu-conv-bn-relu-dropout-conv + shortcut)."""
 
   def __init__(self, cin, cout, stride, drop):
     super().__init__()
@@ -29,6 +30,7 @@ class TwinBlock(nn.Module):
 
 
 class TwinGroup(nn.Module):
+  """``n`` blocks; the first may change channels and stride."""
 
   def __init__(self, n, cin, cout, stride, drop):
     super().__init__()
@@ -40,6 +42,7 @@ class TwinGroup(nn.Module):
 
 
 class TwinWRN(nn.Module):
+  """WRN-depth-widen for NCHW 32x32 inputs; state_dict keys as the reference's."""
 
   def __init__(self, depth, num_classes, widen, drop=0.0):
     super().__init__()
@@ -53,6 +56,7 @@ class TwinWRN(nn.Module):
     self.fc = nn.Linear(c[3], num_classes)
 
   def features(self, x):
+    """Penultimate features ``avgpool(relu(bn1(h)))``, ``[N, 64 * widen]``."""
     h = self.block3(self.block2(self.block1(self.conv1(x))))
     return F.adaptive_avg_pool2d(F.relu(self.bn1(h)), 1).flatten(1)
 

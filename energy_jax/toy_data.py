@@ -21,6 +21,7 @@ COLORS = np.array([[220, 60, 60], [60, 200, 80], [70, 90, 230], [230, 200, 50],
 
 
 def class_images(label: int, n: int, rng: np.random.Generator) -> np.ndarray:
+  """``n`` uint8 ``[32, 32, 3]`` images of class ``label``: oriented stripes, random colour, noise."""
   yy, xx = np.mgrid[0:32, 0:32]
   angle = np.pi * label / 4 + rng.normal(0, 0.2, size=(n, 1, 1))
   freq = rng.uniform(0.35, 0.6, size=(n, 1, 1))
@@ -33,6 +34,7 @@ def class_images(label: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def outlier_images(n: int, rng: np.random.Generator) -> np.ndarray:
+  """``n`` tinted, noisy checkerboards: images of no class."""
   yy, xx = np.mgrid[0:32, 0:32]
   cells = rng.integers(2, 8, size=(n, 1, 1))
   checker = ((xx // cells + yy // cells) % 2).astype(np.float64)

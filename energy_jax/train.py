@@ -39,6 +39,7 @@ class TrainState(flax.struct.PyTreeNode):
 
   @property
   def variables(self):
+    """``{'params', 'batch_stats'}`` for ``model.apply``."""
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
