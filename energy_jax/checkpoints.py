@@ -39,6 +39,10 @@ class RunCheckpoints:
     """The newest saved epoch (0-based), or None for an empty run."""
     return self.manager.latest_step()
 
+  def should_save(self, epoch: int) -> bool:
+    """Whether :meth:`save` (without ``force``) would write ``epoch``."""
+    return self.manager.should_save(epoch)
+
   def save(self, epoch: int, state, meta: Dict[str, Any], force: bool = False) -> bool:
     """Saves ``state`` and the JSON ``meta`` asynchronously; ``force`` ignores the save interval."""
     return self.manager.save(epoch, args=ocp.args.Composite(

@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input_pipeline = "device"     # "device" (data held on the accelerator) or "tfdata"
   c.steps_per_call = 100          # steps fused into one compiled lax.scan
   c.eval_batch_size = 1000
+  c.eval_every_epochs = 1         # test-set evaluation cadence (always after the last epoch)
   c.checkpoint_every_epochs = 1
   c.keep_checkpoints = 2
   c.progress_bar = True

@@ -11,6 +11,9 @@ added to the gradient of every parameter before momentum.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.struct
@@ -195,10 +198,21 @@ def make_host_train_fn(config, tx, mesh) -> Callable:
 # fresh; then one device-resident (or tf.data) epoch after another, evaluated and checkpointed.
 
 
-def load_datasets(config):
-  """``(train, test, outliers or None)`` as in-memory :class:`~energy_jax.datasets.ImageSet`."""
-  train = datasets.load_source(config.in_train, split=config.get("in_train_split", "train"))
-  test = datasets.load_source(config.in_test, split=config.get("in_test_split", "test"))
+def load_datasets(config, cache: Optional[Dict[Tuple[str, Optional[str]], Any]] = None):
+  """``(train, test, outliers or None)`` as in-memory :class:`~energy_jax.datasets.ImageSet`.
+
+  ``cache``: a dict the caller keeps between runs of one process (e.g. pretraining then
+  fine-tuning on the same data), keyed by ``(source, split)``, so each source is decoded once.
+  """
+  def load(source, split):
+    if cache is None:
+      return datasets.load_source(source, split)
+    if (source, split) not in cache:
+      cache[(source, split)] = datasets.load_source(source, split)
+    return cache[(source, split)]
+
+  train = load(config.in_train, config.get("in_train_split", "train"))
+  test = load(config.in_test, config.get("in_test_split", "test"))
   for name, ds in (("in_train", train), ("in_test", test)):
     if ds.num_classes != config.num_classes:
       raise ValueError(f"config.{name} = {ds.source} has {ds.num_classes} classes, but "
@@ -209,7 +223,7 @@ def load_datasets(config):
                               train.class_names, train.source + f"[subset {len(keep)}]")
   outliers = None
   if config.score != "ce":
-    outliers = datasets.load_source(config.outliers, split=config.get("outliers_split") or None)
+    outliers = load(config.outliers, config.get("outliers_split") or None)
     if len(outliers) < config.outlier_batch_size:
       raise ValueError(f"outlier source {outliers.source} has {len(outliers)} images, fewer "
                        f"than one batch of {config.outlier_batch_size}")
@@ -261,17 +275,32 @@ def _initial_state(config, workdir: str, ckpts, total_steps: int, log):
   return create_train_state(config, rng, total_steps), 0
 
 
-def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print) -> Dict[str, Any]:
+def _drop_log_rows_after(csv_path: str, jsonl_path: str, epochs_done: int):
+  """On resume: rows of epochs after the restored checkpoint are run again, so drop them."""
+  with open(csv_path) as f:
+    lines = f.read().splitlines()
+  keep = [lines[0]] + [l for l in lines[1:] if l and int(l.split(",")[0]) <= epochs_done]
+  with open(csv_path, "w") as f:
+    f.write("\n".join(keep) + "\n")
+  if os.path.exists(jsonl_path):
+    with open(jsonl_path) as f:
+      rows = [l for l in f.read().splitlines() if l and json.loads(l)["epoch"] <= epochs_done]
+    with open(jsonl_path, "w") as f:
+      f.write("".join(r + "\n" for r in rows))
+
+
+def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
+                       data_cache: Optional[Dict[Tuple[str, Optional[str]], Any]] = None
+                       ) -> Dict[str, Any]:
   """Trains per ``config`` in ``workdir``; returns the last epoch's results row.
 
   Each epoch appends a row (epoch, seconds, train loss, test loss, test error %) to
-  ``workdir/training_results.csv`` and ``results.jsonl`` and saves a checkpoint.
-  The same command continues a killed run at the next epoch with identical results.
+  ``workdir/training_results.csv`` and ``results.jsonl``; the test set is evaluated every
+  ``config.eval_every_epochs`` epochs and after the last (other rows leave the test columns
+  empty), and a checkpoint is saved every ``config.checkpoint_every_epochs`` and after the last.
+  The same command continues a killed run at the next saved epoch with identical results.
+  ``data_cache``: see :func:`load_datasets`.
   """
-  import json
-  import os
-  import time
-
   if config.score not in OBJECTIVES:
     raise ValueError(f"unknown config.score {config.score!r}; choose one of {OBJECTIVES}")
   os.makedirs(workdir, exist_ok=True)
@@ -280,7 +309,12 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print)
   if config.score != "ce":
     parallel.check_divisible(config.outlier_batch_size, mesh, "outlier batch size")
 
-  train, test, outliers = load_datasets(config)
+  eval_every = int(config.get("eval_every_epochs", 1))
+  if eval_every < 1:
+    raise ValueError(f"config.eval_every_epochs must be >= 1, got {eval_every}")
+  t_data = time.time()
+  train, test, outliers = load_datasets(config, data_cache)
+  t_data = time.time() - t_data
   steps = len(train) // config.batch_size
   if steps < 1:
     raise ValueError(f"{train.source} has {len(train)} images, fewer than one batch of "
@@ -294,7 +328,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print)
     state = parallel.put_replicated(state, mesh)
     log(f"{config.score} training: {len(train)} train / {len(test)} test images"
         f"{f', {len(outliers)} outliers' if outliers is not None else ''}; {steps} steps/epoch, "
-        f"{mesh.devices.size} device(s) x {per_dev}, input {config.input_pipeline}")
+        f"{mesh.devices.size} device(s) x {per_dev}, input {config.input_pipeline}; "
+        f"data loaded in {t_data:.1f} s")
 
     if config.input_pipeline == "device":
       data = {"image": train.images, "label": train.labels}
@@ -310,11 +345,16 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print)
                        "(choose 'device' or 'tfdata')")
 
     csv_path = os.path.join(workdir, "training_results.csv")
+    jsonl_path = os.path.join(workdir, "results.jsonl")
     if start_epoch == 0 or not os.path.exists(csv_path):
       with open(csv_path, "w") as f:
         f.write("epoch,time(s),train_loss,test_loss,test_error(%)\n")
+      open(jsonl_path, "w").close()
+    else:
+      _drop_log_rows_after(csv_path, jsonl_path, start_epoch)
     eval_model = make_model(config)
     row: Dict[str, Any] = {}
+    seconds = {"train": [], "eval": []}
     images_per_step = config.batch_size + (config.outlier_batch_size if outliers is not None else 0)
     for epoch in range(start_epoch, config.epochs):
       t0 = time.time()
@@ -354,23 +394,41 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print)
       ema = 0.0
       for value in losses_np:          # the reference's running average of the train loss
         ema = 0.8 * ema + 0.2 * value
-      logits, _ = inference.predict(eval_model, state.variables, test.images,
-                                    config.eval_batch_size, mesh)
-      test_ce = np.asarray(losses.softmax_cross_entropy(logits=logits, labels=test.labels))
-      row = {"epoch": epoch + 1, "time_s": time.time() - t0, "train_loss": ema,
-             "test_loss": float(test_ce.mean()),
-             "test_error": 100.0 * float(np.mean(logits.argmax(-1) != test.labels)),
-             **{f"last_{k}": v for k, v in extra.items()}}
+      t_train = time.time() - t0
       finished = epoch + 1 == config.epochs
-      ckpts.save(epoch, jax.device_get(state), _meta(config, epoch, finished, row),
-                 force=finished)
+      row = {"epoch": epoch + 1, "train_loss": ema,
+             **{f"last_{k}": v for k, v in extra.items()}}
+      if finished or (epoch + 1) % eval_every == 0:
+        logits, _ = inference.predict(eval_model, state.variables, test.images,
+                                      config.eval_batch_size, mesh)
+        test_ce = np.asarray(losses.softmax_cross_entropy(logits=logits, labels=test.labels))
+        row["test_loss"] = float(test_ce.mean())
+        row["test_error"] = 100.0 * float(np.mean(logits.argmax(-1) != test.labels))
+      row.update(time_s=time.time() - t0, train_s=t_train, eval_s=time.time() - t0 - t_train)
+      seconds["train"].append(t_train)
+      seconds["eval"].append(row["eval_s"])
+      if finished or ckpts.should_save(epoch):
+        # Only then is the state copied off the device.
+        ckpts.save(epoch, jax.device_get(state), _meta(config, epoch, finished, row),
+                   force=finished)
       with open(csv_path, "a") as f:
-        f.write("%03d,%05d,%0.6f,%0.5f,%0.2f\n" % (epoch + 1, row["time_s"], ema,
-                                                  row["test_loss"], row["test_error"]))
-      with open(os.path.join(workdir, "results.jsonl"), "a") as f:
+        f.write("%03d,%05d,%0.6f,%s,%s\n" % (
+            epoch + 1, row["time_s"], ema,
+            "%0.5f" % row["test_loss"] if "test_loss" in row else "",
+            "%0.2f" % row["test_error"] if "test_error" in row else ""))
+      with open(jsonl_path, "a") as f:
         f.write(json.dumps(row) + "\n")
-      log("Epoch {:3d} | Time {:5d} | Train Loss {:.4f} | Test Loss {:.3f} | Test Error {:.2f}"
-          .format(epoch + 1, int(row["time_s"]), ema, row["test_loss"], row["test_error"]))
+      line = "Epoch {:3d} | Time {:5d} | Train Loss {:.4f}".format(epoch + 1, int(row["time_s"]),
+                                                                    ema)
+      if "test_loss" in row:
+        line += " | Test Loss {:.3f} | Test Error {:.2f}".format(row["test_loss"],
+                                                                 row["test_error"])
+      log(line)
+    if seconds["train"]:
+      then = (f"then {np.mean(seconds['train'][1:]):.2f} s/epoch training, "
+              if len(seconds["train"]) > 1 else "")
+      log(f"time: data {t_data:.1f} s, first epoch {seconds['train'][0]:.1f} s (incl. compile), "
+          f"{then}evaluation {sum(seconds['eval']):.1f} s in all")
   finally:
     ckpts.close()
   return row

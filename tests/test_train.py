@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -80,14 +81,30 @@ def test_optimizer_matches_torch_sgd_nesterov_weight_decay():
   np.testing.assert_allclose(params, p.detach().numpy(), rtol=1e-6)
 
 
-def test_tiny_wrn_loss_falls(toy_dir, tmp_path):
+def test_tiny_wrn_loss_falls(toy_dir, tmp_path, monkeypatch):
+  from energy_jax import datasets
+  decoded = []
+  load_source = datasets.load_source
+  monkeypatch.setattr(datasets, "load_source",
+                      lambda src, split=None: decoded.append((src, split)) or load_source(src, split))
+  cache = {}
   c = tiny_config(in_train=f"{toy_dir}/toy_id.zip", in_test=f"{toy_dir}/toy_id.zip",
-                  epochs=3, learning_rate=0.05, num_devices=1)
-  train.train_and_evaluate(c, str(tmp_path / "run"), log=lambda s: None)
+                  epochs=3, learning_rate=0.05, num_devices=1, eval_every_epochs=2)
+  train.train_and_evaluate(c, str(tmp_path / "run"), log=lambda s: None, data_cache=cache)
   rows = [l.split(",") for l in open(tmp_path / "run" / "training_results.csv").read().split()[1:]]
   losses = [float(r[2]) for r in rows]
-  assert len(rows) == 3 and losses[-1] < losses[0]
+  assert [int(r[0]) for r in rows] == [1, 2, 3] and losses[-1] < losses[0]
+  # Evaluated at epoch 2 (the cadence) and 3 (the last), not at epoch 1.
+  assert rows[0][3:] == ["", ""] and all(r[3] and r[4] for r in rows[1:])
   assert float(rows[-1][4]) < 75.0                     # better than chance (4 classes)
+  # A second run of the same process (fine-tuning after pretraining) decodes nothing again.
+  assert sorted(decoded) == [(f"{toy_dir}/toy_id.zip", "test"), (f"{toy_dir}/toy_id.zip", "train")]
+  outliers = f"{toy_dir}/toy_outliers.npy"
+  train.load_datasets(tiny_config("finetune", in_train=c.in_train, in_test=c.in_test,
+                                  outliers=outliers), cache)
+  assert len(decoded) == 3 and decoded[-1] == (outliers, None)
+  with pytest.raises(ValueError, match="eval_every_epochs must be >= 1, got 0"):
+    train.train_and_evaluate(_with(c, eval_every_epochs=0), str(tmp_path / "bad"))
 
 
 def test_energy_finetuning_separates_energies():
@@ -149,6 +166,11 @@ def test_scripts_pretrain_finetune_and_resume_after_kill(toy_dir, tmp_path):
   p = _run("finetune", "test", cut, toy_dir, *common)
   out = p.communicate(timeout=300)[0]
   assert p.returncode == 0 and "resuming" in out, out
+  # Epochs after the restored checkpoint ran twice; their first rows were dropped.
+  for name in ("training_results.csv", "results.jsonl"):
+    epochs = [int(l.split(",")[0]) if name.endswith(".csv") else json.loads(l)["epoch"]
+              for l in (cut / name).read_text().splitlines()[name.endswith(".csv"):]]
+    assert epochs == [1, 2, 3], (name, epochs)
   from energy_jax import checkpoints
   cfg = tiny_config("finetune")
   a = checkpoints.load_variables(str(full), cfg)
