@@ -1,15 +1,36 @@
 #!/usr/bin/env bash
-# One prepared GPU session (the device machines have JAX/Flax/optax/orbax/torch, no TensorFlow):
-# the train-step benchmark, then the end-to-end reproduction on the offline packs.
-# Expects .data/*.zip.gz (gzip -9 of ../shared/data/*.zip) and .whl/ml_collections-*.whl.
+# One prepared GPU call (the device machines have JAX/Flax/optax/orbax/torch, no TensorFlow).
+#   bash benchmarks/gpu_session.sh reproduce   # end-to-end reproduction, then the fixed profile (~6 min)
+#   bash benchmarks/gpu_session.sh sweep       # bf16 step speed and compile time under XLA/PRNG
+#                                              # variants, then the PyTorch comparison (~4 min)
+#   bash benchmarks/gpu_session.sh all         # both (over 10 minutes: two calls are safer)
+# Expects .data/*.zip.gz (gzip -9 of ../shared/data/*.zip) and .whl/ml_collections-*.whl, both
+# git-ignored: name them in the call's `carry`. Logs go to $OUT.
 set -u
+MODE=${1:-all}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-mkdir -p /tmp/d && for f in cifar10 tin32-outliers tin32-ood; do gunzip -c .data/$f.zip.gz > /tmp/d/$f.zip; done
+quiet() { grep -v -E "^(W0000|I0000|I1|WARNING)"; }
 nvidia-smi -L; date -u
 python3 -c "import jax, flax, optax, orbax.checkpoint as o, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"
-timeout "${REPRO_TIMEOUT:-390}" python3 benchmarks/reproduce.py --data /tmp/d --workdir /tmp/repro \
-  ${REPRO_ARGS:-} 2>&1 | grep -v -E "^(W0000|I0000|I1|WARNING)" | tee "$OUT/reproduce.log"
-timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/train_step.py --steps "${BENCH_STEPS:-40}" 2>&1 \
-  | grep -v -E "^(W0000|I0000|WARNING)" | tee "$OUT/train_step.log"
+
+if [[ $MODE == reproduce || $MODE == all ]]; then
+  mkdir -p /tmp/d && for f in cifar10 tin32-outliers tin32-ood; do gunzip -c .data/$f.zip.gz > /tmp/d/$f.zip; done
+  timeout "${REPRO_TIMEOUT:-360}" python3 benchmarks/reproduce.py --data /tmp/d --workdir /tmp/repro \
+    ${REPRO_ARGS:-} 2>&1 | quiet | tee "$OUT/reproduce.log"
+  timeout 120 python3 benchmarks/profile_step.py --steps 40 2>&1 | quiet | tee "$OUT/profile_step.log"
+fi
+
+if [[ $MODE == sweep || $MODE == all ]]; then
+  # Each variant is its own process (flags are read at start); bf16 only, no torch.
+  for variant in "default||" "autotune2|--xla_gpu_autotune_level=2|" "rbg||rbg" \
+                 "no_cmd_buffer|--xla_gpu_enable_command_buffer=|"; do
+    IFS='|' read -r name flags prng <<< "$variant"
+    echo "== $name"
+    XLA_FLAGS="$flags" JAX_DEFAULT_PRNG_IMPL="${prng:-threefry2x32}" timeout 100 \
+      python3 benchmarks/train_step.py --steps 40 --dtypes bfloat16 --no-torch 2>&1 | quiet
+  done 2>&1 | tee "$OUT/sweep.log"
+  timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/train_step.py --steps "${BENCH_STEPS:-40}" 2>&1 \
+    | quiet | tee "$OUT/train_step.log"
+fi

@@ -32,6 +32,8 @@ def main():
   p.add_argument("--finetune-epochs", type=int, default=10)
   p.add_argument("--smoke", action="store_true", help="WRN-10-1 on 2k images, 1+1 epochs")
   p.add_argument("--num-to-avg", type=int, default=5)
+  p.add_argument("--eval-every", type=int, default=10,
+                 help="test-set evaluation every N epochs during training (and after the last)")
   args = p.parse_args()
   t_start = time.time()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}",
@@ -45,6 +47,7 @@ def main():
     c.progress_bar = False
     c.steps_per_call = 400            # a whole epoch (390 steps) as one compiled loop
     c.checkpoint_every_epochs = 10
+    c.eval_every_epochs = args.eval_every
     c.epochs = args.pretrain_epochs if stage == "pretrain" else args.finetune_epochs
     if args.smoke:
       c.depth, c.widen_factor, c.train_subset, c.epochs = 10, 1, 2048, 1
@@ -52,23 +55,24 @@ def main():
     return c
 
   times = {}
+  decoded = {}                        # each source is decoded once for all three stages
   pre_dir = os.path.join(args.workdir, "pretrain")
   ft_dir = os.path.join(args.workdir, "finetune")
   t0 = time.time()
   pre_cfg = stage_config("pretrain")
-  row = train.train_and_evaluate(pre_cfg, pre_dir)
+  row = train.train_and_evaluate(pre_cfg, pre_dir, data_cache=decoded)
   times["pretrain"] = time.time() - t0
   print(f"[stage] pretrain: {times['pretrain']:.1f} s, test error {row.get('test_error')}", flush=True)
 
   t0 = time.time()
   ft_cfg = stage_config("finetune")
   ft_cfg.pretrained = pre_dir
-  row = train.train_and_evaluate(ft_cfg, ft_dir)
+  row = train.train_and_evaluate(ft_cfg, ft_dir, data_cache=decoded)
   times["finetune"] = time.time() - t0
   print(f"[stage] finetune: {times['finetune']:.1f} s, test error {row.get('test_error')}", flush=True)
 
   t0 = time.time()
-  test = datasets.load_source(ft_cfg.in_test, "test")
+  test = decoded.get((ft_cfg.in_test, "test")) or datasets.load_source(ft_cfg.in_test, "test")
   ood = {"tin32_ood": datasets.load_source(os.path.join(args.data, "tin32-ood.zip"))}
   n = len(test) // 5
   for name in ("uniform_noise", "gaussian_noise", "jigsaw", "rgb_shift", "invert"):

@@ -36,14 +36,16 @@ def bench_jax(config, steps: int, warmup: int):
   fn = train.make_device_train_fn(config, tx, mesh)
   idx_in = rng.integers(0, 4096, (steps, config.batch_size)).astype(np.int32)
   idx_out = rng.integers(0, 4096, (steps, n_out)).astype(np.int32)
+  t0 = time.perf_counter()
   for _ in range(warmup):
     state, m = fn(state, data, idx_in, idx_out)
   jax.block_until_ready(m)
+  first = time.perf_counter() - t0     # trace + compile (+ autotuning) + `warmup` calls
   t0 = time.perf_counter()
   state, m = fn(state, data, idx_in, idx_out)
   jax.block_until_ready(m)
   dt = time.perf_counter() - t0
-  return steps * (config.batch_size + n_out) / dt
+  return steps * (config.batch_size + n_out) / dt, first
 
 
 def bench_torch(depth, widen, classes, n_in, n_out, steps, bf16_channels_last):
@@ -88,21 +90,25 @@ def main():
   parser.add_argument("--small", action="store_true", help="WRN-10-1, few steps (CPU smoke run)")
   parser.add_argument("--steps", type=int, default=0)
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--dtypes", default="float32,bfloat16", help="JAX compute dtypes to time")
+  parser.add_argument("--stages", default="pretrain,finetune")
   args = parser.parse_args()
   steps = args.steps or (3 if args.small else 100)
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
+        f", prng {jax.config.jax_default_prng_impl}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   rows = []
-  for stage in ("pretrain", "finetune"):
+  for stage in args.stages.split(","):
     base = configs.apply_preset(configs.base_config(), "cifar10", stage)
     if args.small:
       base.depth, base.widen_factor = 10, 1
     n_in, n_out = base.batch_size, (base.outlier_batch_size if stage == "finetune" else 0)
     results = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in args.dtypes.split(","):
       cfg = base.copy_and_resolve_references()
       cfg.dtype = dtype
-      results[f"jax {dtype}"] = bench_jax(cfg, steps, warmup=1)
-      print(f"  {stage} jax {dtype}: {results[f'jax {dtype}']:.0f} img/s", flush=True)
+      results[f"jax {dtype}"], first = bench_jax(cfg, steps, warmup=1)
+      print(f"  {stage} jax {dtype}: {results[f'jax {dtype}']:.0f} img/s; first call (compile) "
+            f"{first:.1f} s", flush=True)
     if not args.no_torch:
       try:
         import torch  # noqa: F401
