@@ -24,7 +24,8 @@ fi
 
 if [[ $MODE == sweep || $MODE == all ]]; then
   # Each variant is its own process (flags are read at start); bf16 only, no torch.
-  for variant in "default||" "autotune2|--xla_gpu_autotune_level=2|" "rbg||rbg" \
+  for variant in "default||" "autotune2|--xla_gpu_autotune_level=2|" \
+                 "autotune0|--xla_gpu_autotune_level=0|" "rbg||rbg" \
                  "no_cmd_buffer|--xla_gpu_enable_command_buffer=|"; do
     IFS='|' read -r name flags prng <<< "$variant"
     echo "== $name"
