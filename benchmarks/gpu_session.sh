@@ -2,8 +2,9 @@
 # One prepared GPU call (the device machines have JAX/Flax/optax/orbax/torch, no TensorFlow).
 #   bash benchmarks/gpu_session.sh reproduce   # end-to-end reproduction, then the fixed profile (~6 min)
 #   bash benchmarks/gpu_session.sh sweep       # bf16 step speed and compile time under XLA/PRNG
-#                                              # variants, then the PyTorch comparison (~4 min)
-#   bash benchmarks/gpu_session.sh all         # both (over 10 minutes: two calls are safer)
+#                                              # variants (~4 min)
+#   bash benchmarks/gpu_session.sh bench       # the step benchmark against PyTorch (~2 min)
+#   bash benchmarks/gpu_session.sh all         # all three (over 10 minutes: use two calls)
 # Expects .data/*.zip.gz (gzip -9 of ../shared/data/*.zip) and .whl/ml_collections-*.whl, both
 # git-ignored: name them in the call's `carry`. Logs go to $OUT.
 set -u
@@ -32,6 +33,9 @@ if [[ $MODE == sweep || $MODE == all ]]; then
     XLA_FLAGS="$flags" JAX_DEFAULT_PRNG_IMPL="${prng:-threefry2x32}" timeout 100 \
       python3 benchmarks/train_step.py --steps 40 --dtypes bfloat16 --no-torch 2>&1 | quiet
   done 2>&1 | tee "$OUT/sweep.log"
+fi
+
+if [[ $MODE == bench || $MODE == all ]]; then
   timeout "${BENCH_TIMEOUT:-150}" python3 benchmarks/train_step.py --steps "${BENCH_STEPS:-40}" 2>&1 \
     | quiet | tee "$OUT/train_step.log"
 fi
