@@ -19,7 +19,7 @@ python3 -c "import jax, flax, optax, orbax.checkpoint as o, torch; print('jax', 
 if [[ $MODE == reproduce || $MODE == all ]]; then
   mkdir -p /tmp/d && for f in cifar10 tin32-outliers tin32-ood; do gunzip -c .data/$f.zip.gz > /tmp/d/$f.zip; done
   timeout "${REPRO_TIMEOUT:-360}" python3 benchmarks/reproduce.py --data /tmp/d --workdir /tmp/repro \
-    ${REPRO_ARGS:-} 2>&1 | quiet | tee "$OUT/reproduce.log"
+    ${REPRO_ARGS---overlap-compile} 2>&1 | quiet | tee "$OUT/reproduce.log"
   timeout 120 python3 benchmarks/profile_step.py --steps 40 2>&1 | quiet | tee "$OUT/profile_step.log"
 fi
 

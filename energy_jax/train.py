@@ -186,6 +186,41 @@ def fused_steps(steps: int, steps_per_call: int) -> int:
   return divisor if 2 * divisor >= limit else limit
 
 
+def compile_ahead(config, num_train: int, num_outliers: int = 0) -> None:
+  """Compiles the device-resident epoch that :func:`train_and_evaluate` will run for ``config``.
+
+  Same function, shapes, shardings and optimiser schedule, so when JAX's persistent compilation
+  cache is on (``jax_compilation_cache_dir``) the run later finds the executable there instead
+  of compiling it. ``num_train``: training images after ``train_subset``. Meant for a thread that
+  compiles the fine-tuning step while pretraining runs (``benchmarks/reproduce.py``).
+  """
+  if config.input_pipeline != "device":
+    raise ValueError("compile_ahead covers the device-resident input path only, not "
+                     f"config.input_pipeline = {config.input_pipeline!r}")
+  mesh = parallel.make_mesh(config.get("num_devices") or None)
+  steps = num_train // config.batch_size
+  if steps < 1:
+    raise ValueError(f"{num_train} training images are fewer than one batch of {config.batch_size}")
+  total_steps = steps * config.epochs
+  fn = make_device_train_fn(config, make_optimizer(config, total_steps), mesh)
+  rep = parallel.replicated(mesh)
+
+  def abstract(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep, weak_type=x.weak_type)
+  state = jax.tree_util.tree_map(abstract, jax.eval_shape(
+      lambda: create_train_state(config, jax.random.PRNGKey(0), total_steps)))
+  data = {"image": jax.ShapeDtypeStruct((num_train, 32, 32, 3), jnp.uint8, sharding=rep),
+          "label": jax.ShapeDtypeStruct((num_train,), jnp.int32, sharding=rep)}
+  out_batch = 0
+  if config.score != "ce":
+    data["outlier"] = jax.ShapeDtypeStruct((num_outliers, 32, 32, 3), jnp.uint8, sharding=rep)
+    out_batch = config.outlier_batch_size
+  chunk = fused_steps(steps, config.steps_per_call)
+  for length in sorted({chunk, steps % chunk} - {0}):   # the calls one epoch makes
+    fn.lower(state, data, jax.ShapeDtypeStruct((length, config.batch_size), jnp.int32),
+             jax.ShapeDtypeStruct((length, out_batch), jnp.int32)).compile()
+
+
 def make_host_train_fn(config, tx, mesh) -> Callable:
   """``fn(state, batch) -> (state, metrics)`` for batches already sharded over the mesh."""
   step = functools.partial(train_step, config=config, tx=tx)

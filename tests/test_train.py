@@ -227,3 +227,34 @@ def test_bf16_step_close_to_fp32_and_keeps_fp32_state():
     assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
   logits = train.make_model(c16).apply(s16.variables, jnp.asarray(batch["image"]))
   assert logits.dtype == jnp.float32
+
+
+def test_compile_ahead_fills_the_persistent_cache(toy_dir, tmp_path):
+  """The epoch compiled ahead is the one the run looks up: its compile is a cache hit."""
+  script = f"""
+import jax
+jax.config.update("jax_compilation_cache_dir", {str(tmp_path / 'xla')!r})
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+hits = []
+jax.monitoring.register_event_listener(
+    lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
+from energy_jax import configs, train
+c = configs.apply_preset(configs.base_config(), "test", "pretrain")
+c.in_train = c.in_test = {f'{toy_dir}/toy_id.zip'!r}
+c.num_devices, c.epochs, c.train_subset, c.steps_per_call = 1, 1, 80, 4   # 5 steps: calls of 4 + 1
+train.compile_ahead(c, num_train=80)
+assert not hits
+train.train_and_evaluate(c, {str(tmp_path / 'run')!r}, log=lambda s: None)
+print("HITS", len(hits))
+"""
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # Both call lengths of the epoch (4 and 1 steps) came from the cache.
+  assert "HITS 2" in out.stdout, out.stdout + out.stderr[-2000:]
+  from energy_jax import configs as cfgs
+  with pytest.raises(ValueError, match="device-resident input path only"):
+    c = cfgs.apply_preset(cfgs.base_config(), "test", "pretrain")
+    c.input_pipeline = "tfdata"
+    train.compile_ahead(c, num_train=48)
