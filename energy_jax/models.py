@@ -12,6 +12,7 @@ Parameter names follow the PyTorch module tree (``block1/layer_0/conv1`` for
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -174,9 +175,19 @@ def count_params(params) -> int:
 
 
 def init_variables(model: WideResNet, rng: Array, image_shape: Sequence[int] = (32, 32, 3)):
-  """Initialises ``{'params', 'batch_stats'}`` for ``model`` on a dummy batch."""
-  dummy = jnp.zeros((1, *image_shape), jnp.float32)
-  variables = model.init({"params": rng}, dummy, train=False)
+  """Initialises ``{'params', 'batch_stats'}`` for ``model``.
+
+  A jitted ``lazy_init``: only the initialisers run, in one compiled program (eager
+  ``model.init`` compiled every operation of a forward pass on its own: 7.7 s against 3.4 s
+  for WRN-10-1 on 2 CPU cores).
+  """
+  return _init_variables(model, rng, tuple(image_shape))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_variables(model: WideResNet, rng: Array, image_shape: Tuple[int, ...]):
+  dummy = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  variables = model.lazy_init({"params": rng}, dummy, train=False)
   return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 

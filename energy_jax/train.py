@@ -350,6 +350,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   t_data = time.time()
   train, test, outliers = load_datasets(config, data_cache)
   t_data = time.time() - t_data
+  t_setup = time.time()
   steps = len(train) // config.batch_size
   if steps < 1:
     raise ValueError(f"{train.source} has {len(train)} images, fewer than one batch of "
@@ -370,7 +371,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
       data = {"image": train.images, "label": train.labels}
       if outliers is not None:
         data["outlier"] = outliers.images
-      data = parallel.put_replicated(data, mesh)
+      data = jax.block_until_ready(parallel.put_replicated(data, mesh))
       run_steps = make_device_train_fn(config, tx, mesh)
     elif config.input_pipeline == "tfdata":
       from energy_jax import input_pipeline
@@ -379,6 +380,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
       raise ValueError(f"unknown config.input_pipeline {config.input_pipeline!r} "
                        "(choose 'device' or 'tfdata')")
 
+    t_setup = time.time() - t_setup     # model / checkpoint state, data onto the devices
     csv_path = os.path.join(workdir, "training_results.csv")
     jsonl_path = os.path.join(workdir, "results.jsonl")
     if start_epoch == 0 or not os.path.exists(csv_path):
@@ -462,7 +464,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
     if seconds["train"]:
       then = (f"then {np.mean(seconds['train'][1:]):.2f} s/epoch training, "
               if len(seconds["train"]) > 1 else "")
-      log(f"time: data {t_data:.1f} s, first epoch {seconds['train'][0]:.1f} s (incl. compile), "
+      log(f"time: data {t_data:.1f} s, setup {t_setup:.1f} s, first epoch {seconds['train'][0]:.1f} s (incl. compile), "
           f"{then}evaluation {sum(seconds['eval']):.1f} s in all")
   finally:
     ckpts.close()
