@@ -1,8 +1,9 @@
 """Images/s of one training step: this project (fp32, bf16) against a PyTorch twin of the reference.
 
 Pretraining step: batch 128. Energy fine-tuning step: 128 ID + 256 outliers in one
-forward pass. The PyTorch twin runs eager fp32 (how the reference runs) and bf16
-autocast + channels_last, on the same device in the same run, when torch is importable.
+forward pass. The PyTorch twin runs eager fp32 (how the reference runs), bf16
+autocast + channels_last and, with ``--torch-compile``, torch.compile on top, on the same
+device in the same run, when torch is importable.
 
   python benchmarks/train_step.py            # WRN-40-2 on the default device
   python benchmarks/train_step.py --small    # WRN-10-1, a CPU smoke run (< 1 minute)
@@ -48,7 +49,7 @@ def bench_jax(config, steps: int, warmup: int):
   return steps * (config.batch_size + n_out) / dt, first
 
 
-def bench_torch(depth, widen, classes, n_in, n_out, steps, bf16_channels_last):
+def bench_torch(depth, widen, classes, n_in, n_out, steps, bf16_channels_last, compile_=False):
   import torch
   import torch.nn.functional as F
   from energy_jax.torch_twin import TwinWRN
@@ -61,9 +62,11 @@ def bench_torch(depth, widen, classes, n_in, n_out, steps, bf16_channels_last):
   x = torch.randn(n_in + n_out, 3, 32, 32, device=dev).to(memory_format=fmt)
   y = torch.randint(0, classes, (n_in,), device=dev)
 
+  forward = torch.compile(net) if compile_ else net
+
   def step():
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16_channels_last):
-      out = net(x)
+      out = forward(x)
       loss = F.cross_entropy(out[:n_in], y)
       if n_out:
         e_in = -torch.logsumexp(out[:n_in].float(), 1)
@@ -90,6 +93,8 @@ def main():
   parser.add_argument("--small", action="store_true", help="WRN-10-1, few steps (CPU smoke run)")
   parser.add_argument("--steps", type=int, default=0)
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--torch-compile", action="store_true",
+                      help="also time torch.compile on top of bf16 + channels_last")
   parser.add_argument("--dtypes", default="float32,bfloat16", help="JAX compute dtypes to time")
   parser.add_argument("--stages", default="pretrain,finetune")
   args = parser.parse_args()
@@ -116,6 +121,9 @@ def main():
                                                   steps, False)
         results["torch bf16+channels_last"] = bench_torch(base.depth, base.widen_factor, 10, n_in,
                                                           n_out, steps, True)
+        if args.torch_compile:
+          results["torch bf16+cl+compile"] = bench_torch(base.depth, base.widen_factor, 10, n_in,
+                                                         n_out, steps, True, compile_=True)
       except ImportError:
         print("torch is not importable: PyTorch rows skipped")
     best_torch = max([v for k, v in results.items() if k.startswith("torch")], default=None)
