@@ -5,7 +5,7 @@
 #                                              # variants (~4 min)
 #   bash benchmarks/gpu_session.sh bench       # the step benchmark against PyTorch, torch.compile
 #                                              # included (~3 min)
-#   bash benchmarks/gpu_session.sh all         # all three (over 10 minutes: use two calls)
+#   bash benchmarks/gpu_session.sh all         # all three (over 10 minutes: one call per mode)
 # Expects .data/*.zip.gz (gzip -9 of ../shared/data/*.zip) and .whl/ml_collections-*.whl, both
 # git-ignored: name them in the call's `carry`. Logs go to $OUT.
 set -u

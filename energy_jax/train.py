@@ -311,17 +311,28 @@ def _initial_state(config, workdir: str, ckpts, total_steps: int, log):
 
 
 def _drop_log_rows_after(csv_path: str, jsonl_path: str, epochs_done: int):
-  """On resume: rows of epochs after the restored checkpoint are run again, so drop them."""
-  with open(csv_path) as f:
-    lines = f.read().splitlines()
-  keep = [lines[0]] + [l for l in lines[1:] if l and int(l.split(",")[0]) <= epochs_done]
-  with open(csv_path, "w") as f:
-    f.write("\n".join(keep) + "\n")
-  if os.path.exists(jsonl_path):
-    with open(jsonl_path) as f:
-      rows = [l for l in f.read().splitlines() if l and json.loads(l)["epoch"] <= epochs_done]
-    with open(jsonl_path, "w") as f:
-      f.write("".join(r + "\n" for r in rows))
+  """On resume: rows of epochs after the restored checkpoint are run again, so drop them, and a
+  row a kill cut short (it cannot be parsed) with them."""
+  def epoch_of_csv(line):
+    fields = line.split(",")
+    return int(fields[0]) if len(fields) == 5 and fields[0].isdigit() else None
+
+  def epoch_of_json(line):
+    try:
+      return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+      return None
+
+  for path, epoch_of, header in ((csv_path, epoch_of_csv, 1), (jsonl_path, epoch_of_json, 0)):
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      lines = f.read().splitlines()
+    epochs = [epoch_of(l) for l in lines[header:]]
+    keep = lines[:header] + [l for l, e in zip(lines[header:], epochs)
+                             if e is not None and e <= epochs_done]
+    with open(path, "w") as f:
+      f.write("".join(l + "\n" for l in keep))
 
 
 def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,

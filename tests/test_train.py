@@ -258,3 +258,14 @@ print("HITS", len(hits))
     c = cfgs.apply_preset(cfgs.base_config(), "test", "pretrain")
     c.input_pipeline = "tfdata"
     train.compile_ahead(c, num_train=48)
+
+
+def test_resume_drops_log_rows_after_the_checkpoint_and_cut_rows(tmp_path):
+  csv, jsonl = tmp_path / "training_results.csv", tmp_path / "results.jsonl"
+  csv.write_text("epoch,time(s),train_loss,test_loss,test_error(%)\n001,00001,0.5,,\n"
+                 "002,00001,0.4,0.3,10.00\n003,00001,0.3,,\n00")          # a kill cut the last row
+  jsonl.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)) + '{"epo')
+  train._drop_log_rows_after(str(csv), str(jsonl), epochs_done=2)
+  assert csv.read_text() == ("epoch,time(s),train_loss,test_loss,test_error(%)\n"
+                             "001,00001,0.5,,\n002,00001,0.4,0.3,10.00\n")
+  assert [json.loads(l)["epoch"] for l in jsonl.read_text().splitlines()] == [1, 2]
