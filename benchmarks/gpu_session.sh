@@ -26,13 +26,14 @@ fi
 
 if [[ $MODE == sweep || $MODE == all ]]; then
   # Each variant is its own process (flags are read at start); bf16 only, no torch.
-  for variant in "default||" "autotune2|--xla_gpu_autotune_level=2|" \
-                 "autotune0|--xla_gpu_autotune_level=0|" "rbg||rbg" \
-                 "no_cmd_buffer|--xla_gpu_enable_command_buffer=|"; do
-    IFS='|' read -r name flags prng <<< "$variant"
+  for variant in "default|||" "autotune2|--xla_gpu_autotune_level=2||" \
+                 "autotune0|--xla_gpu_autotune_level=0||" "rbg||rbg|" "unroll2|||2" \
+                 "no_cmd_buffer|--xla_gpu_enable_command_buffer=||"; do
+    IFS='|' read -r name flags prng unroll <<< "$variant"
     echo "== $name"
     XLA_FLAGS="$flags" JAX_DEFAULT_PRNG_IMPL="${prng:-threefry2x32}" timeout 100 \
-      python3 benchmarks/train_step.py --steps 40 --dtypes bfloat16 --no-torch 2>&1 | quiet
+      python3 benchmarks/train_step.py --steps 40 --dtypes bfloat16 --no-torch \
+      --unroll "${unroll:-0}" 2>&1 | quiet
   done 2>&1 | tee "$OUT/sweep.log"
 fi
 

@@ -97,10 +97,15 @@ def main():
                       help="also time torch.compile on top of bf16 + channels_last")
   parser.add_argument("--dtypes", default="float32,bfloat16", help="JAX compute dtypes to time")
   parser.add_argument("--stages", default="pretrain,finetune")
+  parser.add_argument("--unroll", type=int, default=0,
+                      help="lax.scan unroll of the fused steps (0: the default of train.UNROLL)")
   args = parser.parse_args()
+  if args.unroll:
+    train.UNROLL = args.unroll
   steps = args.steps or (3 if args.small else 100)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
-        f", prng {jax.config.jax_default_prng_impl}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f", prng {jax.config.jax_default_prng_impl}, unroll {train.UNROLL}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   rows = []
   for stage in args.stages.split(","):
     base = configs.apply_preset(configs.base_config(), "cifar10", stage)
