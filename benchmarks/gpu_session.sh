@@ -6,8 +6,10 @@
 #   bash benchmarks/gpu_session.sh bench       # the step benchmark against PyTorch, torch.compile
 #                                              # included (~3 min)
 #   bash benchmarks/gpu_session.sh all         # all three (over 10 minutes: one call per mode)
-# Expects .data/*.zip.gz (gzip -9 of ../shared/data/*.zip) and .whl/ml_collections-*.whl, both
-# git-ignored: name them in the call's `carry`. Logs go to $OUT.
+# Expects .data/*.zip.gz and .whl/ml_collections-*.whl, both git-ignored; make them once with
+#   mkdir -p .data && for f in cifar10 tin32-outliers tin32-ood; do gzip -9 -c ../shared/data/$f.zip > .data/$f.zip.gz; done
+#   pip download --no-deps -d .whl ml_collections==1.1.0
+# and name both in the call's `carry`. Logs go to $OUT.
 set -u
 MODE=${1:-all}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
