@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from energy_jax import augment, configs, models, parallel, train  # noqa: E402
+from energy_jax import configs, models, parallel, train  # noqa: E402
 
 
 def timeit(fn, *args, calls=10):

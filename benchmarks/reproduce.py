@@ -19,7 +19,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from energy_jax import (checkpoints, configs, datasets, evaluation, synthetic,  # noqa: E402
                         train)
@@ -98,21 +97,17 @@ def main():
     times["data (all, up front)"] = time.time() - t0
     ahead = CompileAhead(ft_cfg, len(ft_train), len(ft_outliers))
 
-  t0 = time.time()
-  row = train.train_and_evaluate(pre_cfg, pre_dir, data_cache=decoded)
-  times["pretrain"] = time.time() - t0
-  print(f"[stage] pretrain: {times['pretrain']:.1f} s, test error {row.get('test_error')}", flush=True)
-
-  if ahead is not None:
-    print(f"[stage] fine-tuning epoch compiled ahead in {ahead.join():.1f} s, during pretraining",
-          flush=True)
-  t0 = time.time()
-  row = train.train_and_evaluate(ft_cfg, ft_dir, data_cache=decoded)
-  times["finetune"] = time.time() - t0
-  print(f"[stage] finetune: {times['finetune']:.1f} s, test error {row.get('test_error')}", flush=True)
+  for stage, cfg, workdir in (("pretrain", pre_cfg, pre_dir), ("finetune", ft_cfg, ft_dir)):
+    if stage == "finetune" and ahead is not None:
+      print(f"[stage] fine-tuning epoch compiled ahead in {ahead.join():.1f} s, during "
+            "pretraining", flush=True)
+    t0 = time.time()
+    row = train.train_and_evaluate(cfg, workdir, data_cache=decoded)
+    times[stage] = time.time() - t0
+    print(f"[stage] {stage}: {times[stage]:.1f} s, test error {row.get('test_error')}", flush=True)
 
   t0 = time.time()
-  test = decoded.get((ft_cfg.in_test, "test")) or datasets.load_source(ft_cfg.in_test, "test")
+  test = train.load_datasets(ft_cfg, decoded)[1]     # decoded already
   ood = {"tin32_ood": datasets.load_source(os.path.join(args.data, "tin32-ood.zip"))}
   n = len(test) // 5
   for name in ("uniform_noise", "gaussian_noise", "jigsaw", "rgb_shift", "invert"):

@@ -13,7 +13,6 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from energy_jax import convert, models

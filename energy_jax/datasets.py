@@ -23,7 +23,7 @@ import dataclasses
 import io
 import os
 import zipfile
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 

@@ -16,7 +16,6 @@ import json
 import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import jax
 import numpy as np
 
 from energy_jax import augment, inference, metrics, models, parallel, scores
@@ -193,9 +192,7 @@ def save_results(results, workdir: str, extra: Optional[Dict] = None):
 def plot_energy_histograms(scores_in: np.ndarray, scores_out: Mapping[str, np.ndarray],
                            path: str, title: str = "negative energy -E(x)"):
   """Histogram of ``-E(x)`` for ID vs each OOD set, with the 95%-TPR threshold marked."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   n = len(scores_out)
   fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.2), squeeze=False)
   threshold = np.quantile(scores_in, 0.05)      # 95% of ID scores lie above it
@@ -206,16 +203,12 @@ def plot_energy_histograms(scores_in: np.ndarray, scores_out: Mapping[str, np.nd
     ax.axvline(threshold, color="k", ls="--", lw=1, label="TPR 95% threshold")
     ax.set_xlabel(title)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save_figure(plt, fig, path)
 
 
 def plot_roc_curves(scores_in: np.ndarray, scores_out: Mapping[str, np.ndarray], path: str):
   """ROC curves (ID positive) of one score against each OOD set, saved as PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   fig, ax = plt.subplots(figsize=(4.5, 4))
   for name, s_out in scores_out.items():
     roc = metrics.roc_points(np.asarray(scores_in, np.float64), np.asarray(s_out, np.float64))
@@ -225,6 +218,17 @@ def plot_roc_curves(scores_in: np.ndarray, scores_out: Mapping[str, np.ndarray],
   ax.set_xlabel("FPR (OOD accepted)")
   ax.set_ylabel("TPR (ID accepted)")
   ax.legend(fontsize=7)
+  _save_figure(plt, fig, path)
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")                   # files only: no display on servers and in CI
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save_figure(plt, fig, path: str):
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -8,7 +8,7 @@ jitted forward pass).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp

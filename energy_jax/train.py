@@ -14,7 +14,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import flax.struct
 import jax
@@ -178,6 +178,27 @@ def make_device_train_fn(config, tx, mesh) -> Callable:
                                 out_specs=(P(), P()), donate_argnums=(0,))
 
 
+def epoch_calls(steps: int, steps_per_call: int) -> List[slice]:
+  """The step ranges of one epoch's compiled calls (see :func:`fused_steps`)."""
+  chunk = fused_steps(steps, steps_per_call)
+  return [slice(s0, min(s0 + chunk, steps)) for s0 in range(0, steps, chunk)]
+
+
+def steps_per_epoch(num_train: int, batch_size: int, source: str) -> int:
+  """Full batches per epoch (the remainder is dropped); raises if there is none."""
+  if num_train < batch_size:
+    raise ValueError(f"{source} has {num_train} images, fewer than one batch of {batch_size}")
+  return num_train // batch_size
+
+
+def device_data(images, labels, outliers=None) -> Dict[str, Any]:
+  """The device-resident pools :func:`make_device_train_fn` gathers from (arrays or shapes)."""
+  data = {"image": images, "label": labels}
+  if outliers is not None:
+    data["outlier"] = outliers
+  return data
+
+
 def fused_steps(steps: int, steps_per_call: int) -> int:
   """Steps per compiled call: a divisor of the epoch near ``steps_per_call`` when there is
   one (every call then has the same shape and the loop compiles once), else ``steps_per_call``."""
@@ -198,9 +219,7 @@ def compile_ahead(config, num_train: int, num_outliers: int = 0) -> None:
     raise ValueError("compile_ahead covers the device-resident input path only, not "
                      f"config.input_pipeline = {config.input_pipeline!r}")
   mesh = parallel.make_mesh(config.get("num_devices") or None)
-  steps = num_train // config.batch_size
-  if steps < 1:
-    raise ValueError(f"{num_train} training images are fewer than one batch of {config.batch_size}")
+  steps = steps_per_epoch(num_train, config.batch_size, "the training set")
   total_steps = steps * config.epochs
   fn = make_device_train_fn(config, make_optimizer(config, total_steps), mesh)
   rep = parallel.replicated(mesh)
@@ -209,14 +228,14 @@ def compile_ahead(config, num_train: int, num_outliers: int = 0) -> None:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep, weak_type=x.weak_type)
   state = jax.tree_util.tree_map(abstract, jax.eval_shape(
       lambda: create_train_state(config, jax.random.PRNGKey(0), total_steps)))
-  data = {"image": jax.ShapeDtypeStruct((num_train, 32, 32, 3), jnp.uint8, sharding=rep),
-          "label": jax.ShapeDtypeStruct((num_train,), jnp.int32, sharding=rep)}
-  out_batch = 0
-  if config.score != "ce":
-    data["outlier"] = jax.ShapeDtypeStruct((num_outliers, 32, 32, 3), jnp.uint8, sharding=rep)
-    out_batch = config.outlier_batch_size
-  chunk = fused_steps(steps, config.steps_per_call)
-  for length in sorted({chunk, steps % chunk} - {0}):   # the calls one epoch makes
+  uses_outliers = config.score != "ce"
+  data = device_data(
+      jax.ShapeDtypeStruct((num_train, 32, 32, 3), jnp.uint8, sharding=rep),
+      jax.ShapeDtypeStruct((num_train,), jnp.int32, sharding=rep),
+      jax.ShapeDtypeStruct((num_outliers, 32, 32, 3), jnp.uint8, sharding=rep)
+      if uses_outliers else None)
+  out_batch = config.outlier_batch_size if uses_outliers else 0
+  for length in sorted({sl.stop - sl.start for sl in epoch_calls(steps, config.steps_per_call)}):
     fn.lower(state, data, jax.ShapeDtypeStruct((length, config.batch_size), jnp.int32),
              jax.ShapeDtypeStruct((length, out_batch), jnp.int32)).compile()
 
@@ -362,10 +381,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   train, test, outliers = load_datasets(config, data_cache)
   t_data = time.time() - t_data
   t_setup = time.time()
-  steps = len(train) // config.batch_size
-  if steps < 1:
-    raise ValueError(f"{train.source} has {len(train)} images, fewer than one batch of "
-                     f"{config.batch_size}")
+  steps = steps_per_epoch(len(train), config.batch_size, train.source)
   total_steps = steps * config.epochs
   ckpts = checkpoints.RunCheckpoints(workdir, config.keep_checkpoints,
                                      config.checkpoint_every_epochs)
@@ -379,9 +395,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
         f"data loaded in {t_data:.1f} s")
 
     if config.input_pipeline == "device":
-      data = {"image": train.images, "label": train.labels}
-      if outliers is not None:
-        data["outlier"] = outliers.images
+      data = device_data(train.images, train.labels,
+                         outliers.images if outliers is not None else None)
       data = jax.block_until_ready(parallel.put_replicated(data, mesh))
       run_steps = make_device_train_fn(config, tx, mesh)
     elif config.input_pipeline == "tfdata":
@@ -401,8 +416,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
     else:
       _drop_log_rows_after(csv_path, jsonl_path, start_epoch)
     eval_model = make_model(config)
-    row: Dict[str, Any] = {}
-    seconds = {"train": [], "eval": []}
+    rows: List[Dict[str, Any]] = []
     images_per_step = config.batch_size + (config.outlier_batch_size if outliers is not None else 0)
     for epoch in range(start_epoch, config.epochs):
       t0 = time.time()
@@ -412,9 +426,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
       losses_per_step, extra = [], {}
       bar = _progress(steps, f"epoch {epoch + 1}/{config.epochs}", config)
       if config.input_pipeline == "device":
-        chunk = fused_steps(steps, config.steps_per_call)
-        for s0 in range(0, steps, chunk):
-          sl = slice(s0, min(s0 + chunk, steps))
+        for sl in epoch_calls(steps, config.steps_per_call):
           state, m = run_steps(state, data, in_idx[sl], out_idx[sl])
           m = jax.device_get(m)
           losses_per_step.extend(np.asarray(m["loss"]).tolist())
@@ -453,8 +465,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
         row["test_loss"] = float(test_ce.mean())
         row["test_error"] = 100.0 * float(np.mean(logits.argmax(-1) != test.labels))
       row.update(time_s=time.time() - t0, train_s=t_train, eval_s=time.time() - t0 - t_train)
-      seconds["train"].append(t_train)
-      seconds["eval"].append(row["eval_s"])
+      rows.append(row)
       if finished or ckpts.should_save(epoch):
         # Only then is the state copied off the device.
         ckpts.save(epoch, jax.device_get(state), _meta(config, epoch, finished, row),
@@ -472,14 +483,15 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
         line += " | Test Loss {:.3f} | Test Error {:.2f}".format(row["test_loss"],
                                                                  row["test_error"])
       log(line)
-    if seconds["train"]:
-      then = (f"then {np.mean(seconds['train'][1:]):.2f} s/epoch training, "
-              if len(seconds["train"]) > 1 else "")
-      log(f"time: data {t_data:.1f} s, setup {t_setup:.1f} s, first epoch {seconds['train'][0]:.1f} s (incl. compile), "
-          f"{then}evaluation {sum(seconds['eval']):.1f} s in all")
+    if rows:
+      then = (f"then {np.mean([r['train_s'] for r in rows[1:]]):.2f} s/epoch training, "
+              if len(rows) > 1 else "")
+      log(f"time: data {t_data:.1f} s, setup {t_setup:.1f} s, first epoch "
+          f"{rows[0]['train_s']:.1f} s (incl. compile), {then}evaluation "
+          f"{sum(r['eval_s'] for r in rows):.1f} s in all")
   finally:
     ckpts.close()
-  return row
+  return rows[-1] if rows else {}
 
 
 def _progress(total: int, desc: str, config):
