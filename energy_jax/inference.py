@@ -31,6 +31,30 @@ def batch_bounds(num: int, batch_size: int):
     yield start, min(start + batch_size, num)
 
 
+def padded_batch_size(num: int, batch_size: int, num_devices: int) -> Tuple[int, int]:
+  """``(step, padded)``: images per batch (a multiple of the devices) and the shape every batch
+  is padded to (no recompilation; a lone batch only rounds up to the devices)."""
+  step = max(num_devices, batch_size - batch_size % num_devices)
+  return step, step if num > step else -(-num // num_devices) * num_devices
+
+
+def compile_predict(model: models.WideResNet, variables, num: int, batch_size: int = 1000,
+                    mesh=None) -> None:
+  """Compiles what :func:`predict` runs for ``num`` images; ``variables`` may be shapes
+  (``jax.ShapeDtypeStruct``). With JAX's persistent compilation cache on, a later
+  ``predict`` in another thread or process loads it from there."""
+  mesh = mesh or parallel.make_mesh()
+  _, padded = padded_batch_size(num, batch_size, mesh.devices.size)
+
+  def on(sharding):
+    return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding,
+                                          weak_type=getattr(x, "weak_type", False))
+  variables = jax.tree_util.tree_map(on(parallel.replicated(mesh)), variables)
+  images = on(parallel.batch_sharded(mesh))(
+      jax.ShapeDtypeStruct((padded, 32, 32, 3), jnp.uint8))
+  eval_step.lower(model, variables, images).compile()
+
+
 def predict(model: models.WideResNet, variables, images: np.ndarray, batch_size: int = 1000,
             mesh=None) -> Tuple[np.ndarray, np.ndarray]:
   """``(logits [N, C], features [N, D])`` float32 for uint8 images ``[N, 32, 32, 3]``.
@@ -41,12 +65,9 @@ def predict(model: models.WideResNet, variables, images: np.ndarray, batch_size:
   if images.dtype != np.uint8 or images.ndim != 4:
     raise ValueError(f"predict expects uint8 [N, H, W, 3] images, got {images.dtype} {images.shape}")
   mesh = mesh or parallel.make_mesh()
-  n_dev = mesh.devices.size
-  batch_size = max(n_dev, batch_size - batch_size % n_dev)
+  batch_size, padded_size = padded_batch_size(len(images), batch_size, mesh.devices.size)
   variables = parallel.put_replicated(variables, mesh)
   logits, feats = [], []
-  # Every batch has the same shape (no recompilation); a lone batch only rounds up to the mesh.
-  padded_size = batch_size if len(images) > batch_size else -(-len(images) // n_dev) * n_dev
   for start, stop in batch_bounds(len(images), batch_size):
     chunk = images[start:stop]
     pad = padded_size - len(chunk)

@@ -207,17 +207,22 @@ def fused_steps(steps: int, steps_per_call: int) -> int:
   return divisor if 2 * divisor >= limit else limit
 
 
-def compile_ahead(config, num_train: int, num_outliers: int = 0) -> None:
-  """Compiles the device-resident epoch that :func:`train_and_evaluate` will run for ``config``.
+def compile_ahead(config, num_train: int, num_outliers: int = 0,
+                  num_test: Optional[int] = None) -> None:
+  """Compiles the device-resident epoch (and, given ``num_test``, the test-set evaluation; for a
+  fresh model, its initialisation) that :func:`train_and_evaluate` will run for ``config``.
 
-  Same function, shapes, shardings and optimiser schedule, so when JAX's persistent compilation
-  cache is on (``jax_compilation_cache_dir``) the run later finds the executable there instead
-  of compiling it. ``num_train``: training images after ``train_subset``. Meant for a thread that
-  compiles the fine-tuning step while pretraining runs (``benchmarks/reproduce.py``).
+  Same functions, shapes, shardings and optimiser schedule, so when JAX's persistent compilation
+  cache is on (``jax_compilation_cache_dir``) the run later finds the executables there instead
+  of compiling them. ``num_train``: training images after ``train_subset``
+  (:func:`dataset_sizes` counts them without decoding). Meant for a thread that compiles while
+  the data decode or an earlier stage trains (``benchmarks/reproduce.py --overlap-compile``).
   """
   if config.input_pipeline != "device":
     raise ValueError("compile_ahead covers the device-resident input path only, not "
                      f"config.input_pipeline = {config.input_pipeline!r}")
+  if not config.pretrained:         # a fresh model: its initialisation (reused in-process)
+    models.compile_init_variables(make_model(config))
   mesh = parallel.make_mesh(config.get("num_devices") or None)
   steps = steps_per_epoch(num_train, config.batch_size, "the training set")
   total_steps = steps * config.epochs
@@ -238,6 +243,21 @@ def compile_ahead(config, num_train: int, num_outliers: int = 0) -> None:
   for length in sorted({sl.stop - sl.start for sl in epoch_calls(steps, config.steps_per_call)}):
     fn.lower(state, data, jax.ShapeDtypeStruct((length, config.batch_size), jnp.int32),
              jax.ShapeDtypeStruct((length, out_batch), jnp.int32)).compile()
+  if num_test:
+    inference.compile_predict(make_model(config), state.variables, num_test,
+                              config.eval_batch_size, mesh)
+
+
+def dataset_sizes(config) -> Tuple[int, int, int]:
+  """``(train after train_subset, test, outliers or 0)`` image counts of ``config``'s sources,
+  read from their listings without decoding (:func:`datasets.count_source`)."""
+  num_train = datasets.count_source(config.in_train, config.get("in_train_split", "train"))
+  if config.train_subset:
+    num_train = min(num_train, config.train_subset)
+  num_test = datasets.count_source(config.in_test, config.get("in_test_split", "test"))
+  num_outliers = (datasets.count_source(config.outliers, config.get("outliers_split") or None)
+                  if config.score != "ce" else 0)
+  return num_train, num_test, num_outliers
 
 
 def make_host_train_fn(config, tx, mesh) -> Callable:

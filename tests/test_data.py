@@ -1,4 +1,3 @@
-import io
 import os
 import zipfile
 
@@ -30,6 +29,17 @@ def test_folder_and_zip_are_read_the_same_with_sorted_classes(tmp_path):
   assert a.class_names == b.class_names == ("a", "b")
   np.testing.assert_array_equal(a.images, b.images)
   np.testing.assert_array_equal(a.labels, [0, 0, 0, 1, 1, 1])
+  # Counting reads the listing only: the same number as decoding, split by split.
+  _write_folder(tmp_path / "f2", classes=("a",), n=2)
+  os.rename(tmp_path / "f2" / "train", tmp_path / "f" / "test")
+  assert datasets.count_source(str(tmp_path / "f"), "train") == 6
+  assert datasets.count_source(str(tmp_path / "f"), "test") == len(
+      datasets.load_source(str(tmp_path / "f"), "test")) == 2
+  assert datasets.count_source(str(tmp_path / "f.zip"), "train") == len(b)
+  np.save(tmp_path / "o.npy", np.zeros((5, 32, 32, 3), np.uint8))
+  assert datasets.count_source(str(tmp_path / "o.npy")) == 5
+  with pytest.raises(ValueError, match="tfds:cifar10"):
+    datasets.count_source("tfds:cifar10", "train")
 
 
 def test_resize_center_crop_and_grayscale(tmp_path):
@@ -45,6 +55,8 @@ def test_resize_center_crop_and_grayscale(tmp_path):
 def test_bad_sources_name_the_problem(tmp_path):
   with pytest.raises(FileNotFoundError, match="missing"):
     datasets.load_source(str(tmp_path / "missing"))
+  with pytest.raises(FileNotFoundError, match="missing"):
+    datasets.count_source(str(tmp_path / "missing"))
   os.makedirs(tmp_path / "empty")
   with pytest.raises(ValueError, match="no images"):
     datasets.load_image_folder(str(tmp_path / "empty"))
@@ -89,6 +101,8 @@ def test_real_cifar10_pack_counts():
   path = shared_pack("cifar10.zip")
   test = datasets.load_image_folder(path, "test")
   assert len(test) == 10_000 and test.num_classes == 10
+  assert datasets.count_source(path, "test") == 10_000
+  assert datasets.count_source(path, "train") == 50_000
   assert np.all(np.bincount(test.labels) == 1000)
   assert test.class_names[0] == "airplane" and test.class_names[-1] == "truck"
 

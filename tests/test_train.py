@@ -220,7 +220,7 @@ def test_bf16_step_close_to_fp32_and_keeps_fp32_state():
   for c in (c32, c16):
     step = jax.jit(lambda s, b, c=c: train.train_step(s, b, config=c, tx=tx, axis_name=None))
     out[c.dtype] = step(state, batch)
-  (s32, m32), (s16, m16) = out["float32"], out["bfloat16"]
+  (_, m32), (s16, m16) = out["float32"], out["bfloat16"]
   assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
   assert float(m16["ce"]) == pytest.approx(float(m32["ce"]), rel=5e-2, abs=2e-2)
   for leaf in jax.tree_util.tree_leaves((s16.params, s16.batch_stats, s16.opt_state)):
@@ -230,29 +230,42 @@ def test_bf16_step_close_to_fp32_and_keeps_fp32_state():
 
 
 def test_compile_ahead_fills_the_persistent_cache(toy_dir, tmp_path):
-  """The epoch compiled ahead is the one the run looks up: its compile is a cache hit."""
+  """The epoch and evaluation compiled ahead are the ones the run uses: nothing recompiles."""
   script = f"""
+import logging
 import jax
 jax.config.update("jax_compilation_cache_dir", {str(tmp_path / 'xla')!r})
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-hits = []
+jax.config.update("jax_log_compiles", True)
+hits, compiled = [], []
 jax.monitoring.register_event_listener(
     lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
+class Compiled(logging.Handler):
+  def emit(self, record):
+    if record.getMessage().startswith(("Finished XLA compilation of jit(eval_step)",
+                                       "Finished XLA compilation of jit(_init_variables)")):
+      compiled.append(record)
+logging.getLogger("jax").addHandler(Compiled())
 from energy_jax import configs, train
 c = configs.apply_preset(configs.base_config(), "test", "pretrain")
 c.in_train = c.in_test = {f'{toy_dir}/toy_id.zip'!r}
 c.num_devices, c.epochs, c.train_subset, c.steps_per_call = 1, 1, 80, 4   # 5 steps: calls of 4 + 1
-train.compile_ahead(c, num_train=80)
-assert not hits
+sizes = train.dataset_sizes(c)
+train_set, test_set, _ = train.load_datasets(c)
+assert sizes == (len(train_set), len(test_set), 0) == (80, len(test_set), 0), sizes
+train.compile_ahead(c, num_train=80, num_test=sizes[1])
+assert not hits and len(compiled) == 2
 train.train_and_evaluate(c, {str(tmp_path / 'run')!r}, log=lambda s: None)
-print("HITS", len(hits))
+print("HITS", len(hits), "INIT + EVAL COMPILES", len(compiled))
 """
   env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  # Both call lengths of the epoch (4 and 1 steps) came from the cache.
-  assert "HITS 2" in out.stdout, out.stdout + out.stderr[-2000:]
+  # Both call lengths of the epoch (4 and 1 steps) came from the persistent cache; the model's
+  # initialisation and the test-set evaluation compiled ahead in this process were not compiled
+  # again.
+  assert "HITS 2 INIT + EVAL COMPILES 2" in out.stdout, out.stdout + out.stderr[-2000:]
   from energy_jax import configs as cfgs
   with pytest.raises(ValueError, match="device-resident input path only"):
     c = cfgs.apply_preset(cfgs.base_config(), "test", "pretrain")
