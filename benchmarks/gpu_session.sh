@@ -2,14 +2,15 @@
 # One prepared GPU call (the device machines have JAX/Flax/optax/orbax/torch, no TensorFlow).
 #   bash benchmarks/gpu_session.sh reproduce   # end-to-end reproduction, then the fixed profile (~6 min)
 #   bash benchmarks/gpu_session.sh sweep       # bf16 step speed and compile time under XLA/PRNG
-#                                              # variants (~4 min)
+#                                              # variants (~5 min)
 #   bash benchmarks/gpu_session.sh bench       # the step benchmark against PyTorch, torch.compile
 #                                              # included (~3 min)
 #   bash benchmarks/gpu_session.sh all         # all three (over 10 minutes: one call per mode)
 # Expects .data/*.zip.gz and .whl/ml_collections-*.whl, both git-ignored; make them once with
 #   mkdir -p .data && for f in cifar10 tin32-outliers tin32-ood; do gzip -9 -c ../shared/data/$f.zip > .data/$f.zip.gz; done
 #   pip download --no-deps -d .whl ml_collections==1.1.0
-# and name both in the call's `carry`. Logs go to $OUT.
+# and name both in the call's `carry`. Logs go to $OUT. A warm machine goes back after ~30 s
+# idle (status: idle_release_s): send the next call right after one returns.
 set -u
 MODE=${1:-all}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -30,12 +31,13 @@ if [[ $MODE == sweep || $MODE == all ]]; then
   # Each variant is its own process (flags are read at start); bf16 only, no torch.
   for variant in "default|||" "autotune2|--xla_gpu_autotune_level=2||" \
                  "autotune0|--xla_gpu_autotune_level=0||" "rbg||rbg|" "unroll2|||2" \
-                 "no_cmd_buffer|--xla_gpu_enable_command_buffer=||"; do
+                 "no_cmd_buffer|--xla_gpu_enable_command_buffer=||" \
+                 "cmd_buffer_while|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL||"; do
     IFS='|' read -r name flags prng unroll <<< "$variant"
     echo "== $name"
     XLA_FLAGS="$flags" JAX_DEFAULT_PRNG_IMPL="${prng:-threefry2x32}" timeout 100 \
       python3 benchmarks/train_step.py --steps 40 --dtypes bfloat16 --no-torch \
-      --unroll "${unroll:-0}" 2>&1 | quiet
+      --unroll "${unroll:-0}" ${SWEEP_ARGS:-} 2>&1 | quiet
   done 2>&1 | tee "$OUT/sweep.log"
 fi
 
