@@ -85,6 +85,7 @@ def main():
     c.outliers = os.path.join(args.data, "tin32-outliers.zip")
     c.dtype = args.dtype
     c.progress_bar = False
+    c.tensorboard = False             # the GPU machines have no TensorFlow; the CSV/JSONL stay
     c.steps_per_call = 400            # a whole epoch (390 steps) as one compiled loop
     c.checkpoint_every_epochs = 10
     c.eval_every_epochs = args.eval_every

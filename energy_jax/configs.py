@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_epochs = 1
   c.keep_checkpoints = 2
   c.progress_bar = True
+  c.tensorboard = True            # per-epoch scalars in <workdir>/tensorboard (needs TensorFlow)
   return c
 
 
@@ -94,6 +95,7 @@ def apply_preset(c: ml_collections.ConfigDict, preset: str, stage: str) -> ml_co
       c.batch_size, c.outlier_batch_size = 16, 32
       c.epochs = 2
       c.progress_bar = False
+      c.tensorboard = False       # importing TensorFlow costs each test process seconds
   c.m_in, c.m_out = MARGINS.get(c.dataset, MARGINS["cifar10"])
   if stage == "finetune":
     c.score = "energy"

@@ -24,7 +24,8 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from energy_jax import augment, checkpoints, datasets, inference, losses, models, parallel, scores
+from energy_jax import (augment, checkpoints, datasets, inference, losses, models, parallel, scores,
+                        summary_writer)
 
 Array = jax.Array
 OBJECTIVES = ("ce", "energy", "oe")
@@ -380,7 +381,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   """Trains per ``config`` in ``workdir``; returns the last epoch's results row.
 
   Each epoch appends a row (epoch, seconds, train loss, test loss, test error %) to
-  ``workdir/training_results.csv`` and ``results.jsonl``; the test set is evaluated every
+  ``workdir/training_results.csv`` and ``results.jsonl`` (and, with ``config.tensorboard``, its
+  scalars to ``workdir/tensorboard``); the test set is evaluated every
   ``config.eval_every_epochs`` epochs and after the last (other rows leave the test columns
   empty), and a checkpoint is saved every ``config.checkpoint_every_epochs`` and after the last.
   The same command continues a killed run at the next saved epoch with identical results.
@@ -405,6 +407,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   total_steps = steps * config.epochs
   ckpts = checkpoints.RunCheckpoints(workdir, config.keep_checkpoints,
                                      config.checkpoint_every_epochs)
+  scalars = None
   try:
     state, start_epoch = _initial_state(config, workdir, ckpts, total_steps, log)
     tx = make_optimizer(config, total_steps)
@@ -436,6 +439,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
     else:
       _drop_log_rows_after(csv_path, jsonl_path, start_epoch)
     eval_model = make_model(config)
+    scalars = summary_writer.open_for_run(config, workdir, log)
+    lr_at = cosine_schedule(config.learning_rate, total_steps, config.min_lr_ratio)
     rows: List[Dict[str, Any]] = []
     images_per_step = config.batch_size + (config.outlier_batch_size if outliers is not None else 0)
     for epoch in range(start_epoch, config.epochs):
@@ -497,6 +502,12 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
             "%0.2f" % row["test_error"] if "test_error" in row else ""))
       with open(jsonl_path, "a") as f:
         f.write(json.dumps(row) + "\n")
+      if scalars is not None:
+        # Step = epoch, as the CSV; the rate is that of the epoch's last update.
+        scalars.write(epoch + 1, {
+            "train/loss": ema, **{f"train/last_{k}": v for k, v in extra.items()},
+            **{f"test/{k[5:]}": row[k] for k in ("test_loss", "test_error") if k in row},
+            "learning_rate": float(lr_at((epoch + 1) * steps - 1)), "epoch_seconds": row["time_s"]})
       line = "Epoch {:3d} | Time {:5d} | Train Loss {:.4f}".format(epoch + 1, int(row["time_s"]),
                                                                     ema)
       if "test_loss" in row:
@@ -511,6 +522,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
           f"{sum(r['eval_s'] for r in rows):.1f} s in all")
   finally:
     ckpts.close()
+    if scalars is not None:
+      scalars.close()
   return rows[-1] if rows else {}
 
 

@@ -89,10 +89,25 @@ def test_tiny_wrn_loss_falls(toy_dir, tmp_path, monkeypatch):
                       lambda src, split=None: decoded.append((src, split)) or load_source(src, split))
   cache = {}
   c = tiny_config(in_train=f"{toy_dir}/toy_id.zip", in_test=f"{toy_dir}/toy_id.zip",
-                  epochs=3, learning_rate=0.05, num_devices=1, eval_every_epochs=2)
+                  epochs=3, learning_rate=0.05, num_devices=1, eval_every_epochs=2,
+                  tensorboard=True)
   train.train_and_evaluate(c, str(tmp_path / "run"), log=lambda s: None, data_cache=cache)
   rows = [l.split(",") for l in open(tmp_path / "run" / "training_results.csv").read().split()[1:]]
   losses = [float(r[2]) for r in rows]
+  # The TensorBoard scalars, read back from the event files, are the JSONL rows' numbers.
+  from energy_jax import summary_writer
+  tb = summary_writer.read_scalars(str(tmp_path / "run" / "tensorboard"))
+  jsonl = [json.loads(l) for l in open(tmp_path / "run" / "results.jsonl")]
+  assert tb["train/loss"] == pytest.approx({r["epoch"]: r["train_loss"] for r in jsonl}, rel=1e-6)
+  assert tb["test/error"] == pytest.approx({2: jsonl[1]["test_error"], 3: jsonl[2]["test_error"]},
+                                           rel=1e-6)
+  assert tb["train/last_accuracy"][3] == pytest.approx(jsonl[2]["last_accuracy"], rel=1e-6)
+  steps = len(train.load_datasets(c, cache)[0]) // c.batch_size
+  lr_min = c.learning_rate * c.min_lr_ratio            # cosine at update 3 * steps (the last)
+  assert tb["learning_rate"][3] == pytest.approx(lr_min, rel=1e-3)
+  assert tb["learning_rate"][1] == pytest.approx(
+      lr_min + (c.learning_rate - lr_min) * 0.5 * (1 + np.cos(np.pi * steps / (3 * steps))),
+      rel=1e-5)
   assert [int(r[0]) for r in rows] == [1, 2, 3] and losses[-1] < losses[0]
   # Evaluated at epoch 2 (the cadence) and 3 (the last), not at epoch 1.
   assert rows[0][3:] == ["", ""] and all(r[3] and r[4] for r in rows[1:])
