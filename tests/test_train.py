@@ -297,3 +297,14 @@ def test_resume_drops_log_rows_after_the_checkpoint_and_cut_rows(tmp_path):
   assert csv.read_text() == ("epoch,time(s),train_loss,test_loss,test_error(%)\n"
                              "001,00001,0.5,,\n002,00001,0.4,0.3,10.00\n")
   assert [json.loads(l)["epoch"] for l in jsonl.read_text().splitlines()] == [1, 2]
+
+
+def test_tensorboard_without_tensorflow_is_said_not_silent(tmp_path, monkeypatch):
+  from energy_jax import summary_writer
+  said = []
+  monkeypatch.setitem(sys.modules, "tensorflow", None)      # import tensorflow -> ImportError
+  assert summary_writer.open_for_run(tiny_config(tensorboard=True), str(tmp_path),
+                                     said.append) is None
+  assert len(said) == 1 and "TensorFlow cannot be imported" in said[0]
+  assert summary_writer.open_for_run(tiny_config(tensorboard=False), str(tmp_path),
+                                     said.append) is None and len(said) == 1
