@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU call (the device machines have JAX/Flax/optax/orbax/torch, no TensorFlow).
 #   bash benchmarks/gpu_session.sh reproduce   # end-to-end reproduction, then the fixed profile (~6 min)
-#   bash benchmarks/gpu_session.sh sweep       # bf16 pretraining step speed and compile time
-#                                              # under XLA/PRNG variants (~4 min)
+#   bash benchmarks/gpu_session.sh sweep       # a profiler trace of the pretraining step, then
+#                                              # its bf16 speed and compile time under XLA/PRNG
+#                                              # variants (~5 min)
 #   bash benchmarks/gpu_session.sh bench       # the step benchmark against PyTorch, torch.compile
 #                                              # included (~3 min)
 #   bash benchmarks/gpu_session.sh all         # all three (over 10 minutes: one call per mode)
@@ -28,6 +29,11 @@ if [[ $MODE == reproduce || $MODE == all ]]; then
 fi
 
 if [[ $MODE == sweep || $MODE == all ]]; then
+  # First a profiler trace of the pretraining step: busy fraction, kernels per step, categories.
+  timeout 120 python3 benchmarks/trace_step.py --out /tmp/trace --stage pretrain --steps 20 \
+    ${SWEEP_ARGS:-} 2>&1 | quiet | tee "$OUT/trace_step.log"
+  cp "$(ls -t /tmp/trace/plugins/profile/*/perfetto_trace.json.gz | head -1)" \
+    "$OUT/trace_pretrain.json.gz" 2>/dev/null
   # Each variant is its own process (flags are read at start); bf16 only, no torch; the
   # pretraining step only by default (100 of the reproduction's 110 epochs).
   for variant in "default|||" "autotune2|--xla_gpu_autotune_level=2||" \

@@ -22,7 +22,9 @@ import numpy as np  # noqa: E402
 from energy_jax import configs, parallel, train  # noqa: E402
 
 
-def bench_jax(config, steps: int, warmup: int):
+def fused_step_inputs(config, steps: int):
+  """``(fn, state, data, idx_in, idx_out)``: the device-resident fused call of ``steps`` steps
+  of ``config`` on one device, synthetic uint8 pools, random indices."""
   mesh = parallel.make_mesh(1)
   total = 10_000
   tx = train.make_optimizer(config, total)
@@ -37,6 +39,11 @@ def bench_jax(config, steps: int, warmup: int):
   fn = train.make_device_train_fn(config, tx, mesh)
   idx_in = rng.integers(0, 4096, (steps, config.batch_size)).astype(np.int32)
   idx_out = rng.integers(0, 4096, (steps, n_out)).astype(np.int32)
+  return fn, state, data, idx_in, idx_out
+
+
+def bench_jax(config, steps: int, warmup: int):
+  fn, state, data, idx_in, idx_out = fused_step_inputs(config, steps)
   t0 = time.perf_counter()
   for _ in range(warmup):
     state, m = fn(state, data, idx_in, idx_out)
@@ -46,7 +53,7 @@ def bench_jax(config, steps: int, warmup: int):
   state, m = fn(state, data, idx_in, idx_out)
   jax.block_until_ready(m)
   dt = time.perf_counter() - t0
-  return steps * (config.batch_size + n_out) / dt, first
+  return steps * (idx_in.shape[1] + idx_out.shape[1]) / dt, first
 
 
 def bench_torch(depth, widen, classes, n_in, n_out, steps, bf16_channels_last, compile_=False):
