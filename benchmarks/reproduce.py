@@ -11,9 +11,9 @@ Needs no TensorFlow.
 """
 
 import argparse
+import functools
 import os
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,39 +24,10 @@ from energy_jax import (checkpoints, configs, datasets, evaluation, synthetic,  
                         train)
 
 
-class CompileAhead(threading.Thread):
-  """Compiles each stage's epoch and evaluation (``train.compile_ahead``) in a thread, one stage
-  after the other, while the main thread decodes the data and then trains; XLA compiles without
-  holding the GIL. The runs then load the executables from JAX's persistent cache."""
-
-  def __init__(self, stage_configs):
-    super().__init__(daemon=True)
-    self.configs = list(stage_configs)
-    self.done = [threading.Event() for _ in self.configs]
-    self.seconds = [0.0] * len(self.configs)
-    self.error = None
-    self.start()
-
-  def run(self):
-    try:
-      for i, config in enumerate(self.configs):
-        t0 = time.time()
-        num_train, num_test, num_outliers = train.dataset_sizes(config)
-        train.compile_ahead(config, num_train, num_outliers, num_test)
-        self.seconds[i] = time.time() - t0
-        self.done[i].set()
-    except BaseException as e:  # re-raised in the main thread by wait()
-      self.error = e
-      for event in self.done:
-        event.set()
-
-  def wait(self, i: int) -> float:
-    """Blocks until stage ``i`` is compiled; returns how long the main thread waited."""
-    t0 = time.time()
-    self.done[i].wait()
-    if self.error is not None:
-      raise RuntimeError("compiling ahead failed") from self.error
-    return time.time() - t0
+def compile_stage(config):
+  """``train.compile_ahead`` from the image counts of the stage's sources (nothing decoded)."""
+  num_train, num_test, num_outliers = train.dataset_sizes(config)
+  train.compile_ahead(config, num_train, num_outliers, num_test)
 
 
 def main():
@@ -114,7 +85,11 @@ def main():
     t0 = time.time()
     if not jax.config.jax_compilation_cache_dir:
       jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "xla_cache"))
-    ahead = CompileAhead([pre_cfg, ft_cfg])
+    # One thread compiles each stage's epoch, evaluation and initialisation, pretraining first
+    # (while the data decode), then fine-tuning (while pretraining runs); the runs load them
+    # from the persistent cache.
+    ahead = train.BackgroundCompile([functools.partial(compile_stage, cfg)
+                                     for cfg in (pre_cfg, ft_cfg)])
     train.load_datasets(ft_cfg, decoded)
     load_ood_pack()                   # free while the pretraining epoch compiles
     times["data (all, up front)"] = time.time() - t0

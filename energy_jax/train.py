@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -208,26 +209,16 @@ def fused_steps(steps: int, steps_per_call: int) -> int:
   return divisor if 2 * divisor >= limit else limit
 
 
-def compile_ahead(config, num_train: int, num_outliers: int = 0,
+def compile_epoch(fn: Callable, config, mesh, num_train: int, num_outliers: int = 0,
                   num_test: Optional[int] = None) -> None:
-  """Compiles the device-resident epoch (and, given ``num_test``, the test-set evaluation; for a
-  fresh model, its initialisation) that :func:`train_and_evaluate` will run for ``config``.
-
-  Same functions, shapes, shardings and optimiser schedule, so when JAX's persistent compilation
-  cache is on (``jax_compilation_cache_dir``) the run later finds the executables there instead
-  of compiling them. ``num_train``: training images after ``train_subset``
-  (:func:`dataset_sizes` counts them without decoding). Meant for a thread that compiles while
-  the data decode or an earlier stage trains (``benchmarks/reproduce.py --overlap-compile``).
-  """
-  if config.input_pipeline != "device":
-    raise ValueError("compile_ahead covers the device-resident input path only, not "
-                     f"config.input_pipeline = {config.input_pipeline!r}")
-  if not config.pretrained:         # a fresh model: its initialisation (reused in-process)
+  """Compiles ``fn`` (:func:`make_device_train_fn` of ``config``) for every call shape of an
+  epoch over ``num_train`` images; given ``num_test``, the test-set evaluation too; for a fresh
+  model, its initialisation. Later calls of the same ``fn`` in this process reuse the
+  executables (and, with JAX's persistent compilation cache on, other processes do)."""
+  if not config.pretrained:         # a fresh (or resumed) model is initialised once
     models.compile_init_variables(make_model(config))
-  mesh = parallel.make_mesh(config.get("num_devices") or None)
   steps = steps_per_epoch(num_train, config.batch_size, "the training set")
   total_steps = steps * config.epochs
-  fn = make_device_train_fn(config, make_optimizer(config, total_steps), mesh)
   rep = parallel.replicated(mesh)
 
   def abstract(x):
@@ -247,6 +238,60 @@ def compile_ahead(config, num_train: int, num_outliers: int = 0,
   if num_test:
     inference.compile_predict(make_model(config), state.variables, num_test,
                               config.eval_batch_size, mesh)
+
+
+def compile_ahead(config, num_train: int, num_outliers: int = 0,
+                  num_test: Optional[int] = None) -> None:
+  """Compiles the device-resident epoch (and, given ``num_test``, the test-set evaluation; for a
+  fresh model, its initialisation) that :func:`train_and_evaluate` will run for ``config``.
+
+  Same functions, shapes, shardings and optimiser schedule, so when JAX's persistent compilation
+  cache is on (``jax_compilation_cache_dir``) the run later finds the executables there instead
+  of compiling them. ``num_train``: training images after ``train_subset``
+  (:func:`dataset_sizes` counts them without decoding). Meant for a thread that compiles while
+  the data decode or an earlier stage trains (``benchmarks/reproduce.py --overlap-compile``).
+  """
+  if config.input_pipeline != "device":
+    raise ValueError("compile_ahead covers the device-resident input path only, not "
+                     f"config.input_pipeline = {config.input_pipeline!r}")
+  mesh = parallel.make_mesh(config.get("num_devices") or None)
+  total_steps = steps_per_epoch(num_train, config.batch_size, "the training set") * config.epochs
+  fn = make_device_train_fn(config, make_optimizer(config, total_steps), mesh)
+  compile_epoch(fn, config, mesh, num_train, num_outliers, num_test)
+
+
+class BackgroundCompile(threading.Thread):
+  """Runs compile jobs one after the other in a daemon thread (XLA compiles without holding
+  the GIL, so the main thread decodes data or trains meanwhile). ``wait(i)`` blocks until job
+  ``i`` is done and re-raises a job's error in the caller's thread."""
+
+  def __init__(self, jobs: List[Callable[[], None]]):
+    super().__init__(daemon=True)
+    self.jobs = list(jobs)
+    self.done = [threading.Event() for _ in self.jobs]
+    self.seconds = [0.0] * len(self.jobs)
+    self.error: Optional[BaseException] = None
+    self.start()
+
+  def run(self):
+    try:
+      for i, job in enumerate(self.jobs):
+        t0 = time.time()
+        job()
+        self.seconds[i] = time.time() - t0
+        self.done[i].set()
+    except BaseException as e:  # re-raised by wait()
+      self.error = e
+      for event in self.done:
+        event.set()
+
+  def wait(self, i: int = -1) -> float:
+    """Blocks until job ``i`` (default: the last) is compiled; returns the seconds waited."""
+    t0 = time.time()
+    self.done[i].wait()
+    if self.error is not None:
+      raise RuntimeError("compiling in the background failed") from self.error
+    return time.time() - t0
 
 
 def dataset_sizes(config) -> Tuple[int, int, int]:

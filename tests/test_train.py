@@ -308,3 +308,13 @@ def test_tensorboard_without_tensorflow_is_said_not_silent(tmp_path, monkeypatch
   assert len(said) == 1 and "TensorFlow cannot be imported" in said[0]
   assert summary_writer.open_for_run(tiny_config(tensorboard=False), str(tmp_path),
                                      said.append) is None and len(said) == 1
+
+
+def test_background_compile_runs_jobs_in_order_and_reraises():
+  order = []
+  jobs = train.BackgroundCompile([lambda: order.append(1), lambda: order.append(2)])
+  assert jobs.wait(0) >= 0 and jobs.wait(1) >= 0 and order == [1, 2]
+  failing = train.BackgroundCompile([lambda: 1 / 0, lambda: order.append(3)])
+  with pytest.raises(RuntimeError, match="compiling in the background failed") as e:
+    failing.wait(1)
+  assert isinstance(e.value.__cause__, ZeroDivisionError) and order == [1, 2]
