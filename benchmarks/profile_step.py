@@ -48,6 +48,16 @@ class FixedAffineBN(models.BatchNorm):
     return (x * scale.astype(x.dtype) + bias.astype(x.dtype)).astype(self.dtype)
 
 
+class Results(dict):
+  """Prints each timing as it is measured (a run cut short by a timeout still shows some)."""
+
+  def __setitem__(self, name, seconds):
+    super().__setitem__(name, seconds)
+    share = f"{100 * seconds / self['full']:5.1f}% of full" if "full" in self else ""
+    print(f"  {name:12s} {1e3 * seconds:8.2f} ms/step  {384 / seconds:9.0f} img/s  {share}",
+          flush=True)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--small", action="store_true")
@@ -72,7 +82,9 @@ def main():
   dtype = train.make_model(c).dtype
   batch = jax.jit(lambda k: train.device_batch(k, data, i_in[0], i_out[0], dtype))(
       jax.random.PRNGKey(1))
-  res = {}
+  print(f"device: {jax.devices()[0].device_kind}, WRN-{c.depth}-{c.widen_factor}, {c.dtype}, "
+        f"128+256 images", flush=True)
+  res = Results()
   fused = train.make_device_train_fn(c, tx, mesh)
   carry = [jax.tree_util.tree_map(jnp.copy, state)]    # the fused call donates its state
 
@@ -99,11 +111,6 @@ def main():
   gather = jax.jit(lambda k: jax.tree_util.tree_map(   # every stream, or XLA drops the unused one
       jnp.sum, train.device_batch(k, data, i_in[0], i_out[0], dtype)))
   res["input_only"] = timeit(gather, jax.random.PRNGKey(2))
-  print(f"device: {jax.devices()[0].device_kind}, WRN-{c.depth}-{c.widen_factor}, {c.dtype}, "
-        f"128+256 images")
-  for k, v in res.items():
-    print(f"  {k:12s} {1e3 * v:8.2f} ms/step  {384 / v:9.0f} img/s  "
-          f"{100 * v / res['full']:5.1f}% of full")
   print(f"  => fused input path over a ready batch ~{1e3 * (res['full'] - res['no_input']):.2f} ms, "
         f"BatchNorm statistics ~{1e3 * (res['no_input'] - res['no_bn_stats']):.2f} ms, "
         f"backward+update ~{1e3 * (res['no_input'] - res['forward']):.2f} ms", flush=True)
