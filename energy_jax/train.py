@@ -263,7 +263,8 @@ def compile_ahead(config, num_train: int, num_outliers: int = 0,
 class BackgroundCompile(threading.Thread):
   """Runs compile jobs one after the other in a daemon thread (XLA compiles without holding
   the GIL, so the main thread decodes data or trains meanwhile). ``wait(i)`` blocks until job
-  ``i`` is done and re-raises a job's error in the caller's thread."""
+  ``i`` is done and re-raises, in the caller's thread, the error of job ``i`` or of an earlier
+  job (after a failure the later jobs do not run)."""
 
   def __init__(self, jobs: List[Callable[[], None]]):
     super().__init__(daemon=True)
@@ -271,26 +272,30 @@ class BackgroundCompile(threading.Thread):
     self.done = [threading.Event() for _ in self.jobs]
     self.seconds = [0.0] * len(self.jobs)
     self.error: Optional[BaseException] = None
+    self.failed_job: Optional[int] = None
     self.start()
 
   def run(self):
-    try:
-      for i, job in enumerate(self.jobs):
-        t0 = time.time()
+    for i, job in enumerate(self.jobs):
+      t0 = time.time()
+      try:
         job()
-        self.seconds[i] = time.time() - t0
-        self.done[i].set()
-    except BaseException as e:  # re-raised by wait()
-      self.error = e
-      for event in self.done:
-        event.set()
+      except BaseException as e:  # re-raised by wait()
+        self.error, self.failed_job = e, i
+        for event in self.done[i:]:
+          event.set()
+        return
+      self.seconds[i] = time.time() - t0
+      self.done[i].set()
 
   def wait(self, i: int = -1) -> float:
     """Blocks until job ``i`` (default: the last) is compiled; returns the seconds waited."""
+    i = i % len(self.jobs)
     t0 = time.time()
     self.done[i].wait()
-    if self.error is not None:
-      raise RuntimeError("compiling in the background failed") from self.error
+    if self.failed_job is not None and self.failed_job <= i:
+      raise RuntimeError(f"compiling in the background failed (job {self.failed_job}"
+                         f"{'' if self.failed_job == i else f', before job {i}'})") from self.error
     return time.time() - t0
 
 

@@ -314,7 +314,11 @@ def test_background_compile_runs_jobs_in_order_and_reraises():
   order = []
   jobs = train.BackgroundCompile([lambda: order.append(1), lambda: order.append(2)])
   assert jobs.wait(0) >= 0 and jobs.wait(1) >= 0 and order == [1, 2]
-  failing = train.BackgroundCompile([lambda: 1 / 0, lambda: order.append(3)])
-  with pytest.raises(RuntimeError, match="compiling in the background failed") as e:
+  failing = train.BackgroundCompile([lambda: order.append(3), lambda: 1 / 0,
+                                     lambda: order.append(4)])
+  with pytest.raises(RuntimeError, match=r"failed \(job 1, before job 2\)") as e:
+    failing.wait()
+  assert isinstance(e.value.__cause__, ZeroDivisionError)
+  with pytest.raises(RuntimeError, match=r"failed \(job 1\)"):
     failing.wait(1)
-  assert isinstance(e.value.__cause__, ZeroDivisionError) and order == [1, 2]
+  assert failing.wait(0) >= 0 and order == [1, 2, 3]     # the job before the failure counts
