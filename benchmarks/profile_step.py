@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-from energy_jax import configs, models, parallel, train  # noqa: E402
+from energy_jax import configs, models, train  # noqa: E402
+import train_step  # noqa: E402
 
 
 def timeit(fn, *args, calls=10):
@@ -68,24 +68,15 @@ def main():
   c.dtype = args.dtype
   if args.small:
     c.depth, c.widen_factor = 10, 1
-  mesh = parallel.make_mesh(1)
-  tx = train.make_optimizer(c, 10_000)
-  state = parallel.put_replicated(train.create_train_state(c, jax.random.PRNGKey(0), 10_000), mesh)
-  rng = np.random.default_rng(0)
-  data = parallel.put_replicated({
-      "image": rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8),
-      "label": rng.integers(0, 10, 4096).astype(np.int32),
-      "outlier": rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)}, mesh)
   s = args.steps
-  i_in = rng.integers(0, 4096, (s, 128)).astype(np.int32)
-  i_out = rng.integers(0, 4096, (s, 256)).astype(np.int32)
+  fused, state, data, i_in, i_out = train_step.fused_step_inputs(c, s)
+  tx = train.make_optimizer(c, train_step.SCHEDULE_STEPS)   # as in fused_step_inputs
   dtype = train.make_model(c).dtype
   batch = jax.jit(lambda k: train.device_batch(k, data, i_in[0], i_out[0], dtype))(
       jax.random.PRNGKey(1))
   print(f"device: {jax.devices()[0].device_kind}, WRN-{c.depth}-{c.widen_factor}, {c.dtype}, "
         f"128+256 images", flush=True)
   res = Results()
-  fused = train.make_device_train_fn(c, tx, mesh)
   carry = [jax.tree_util.tree_map(jnp.copy, state)]    # the fused call donates its state
 
   def full_call():

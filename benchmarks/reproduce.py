@@ -70,11 +70,6 @@ def main():
   decoded = {}                        # each source is decoded once for all three stages
   ood_pack = os.path.join(args.data, "tin32-ood.zip")
 
-  def load_ood_pack():
-    if (ood_pack, None) not in decoded:
-      decoded[(ood_pack, None)] = datasets.load_source(ood_pack)
-    return decoded[(ood_pack, None)]
-
   pre_dir = os.path.join(args.workdir, "pretrain")
   ft_dir = os.path.join(args.workdir, "finetune")
   pre_cfg = stage_config("pretrain")
@@ -91,7 +86,7 @@ def main():
     ahead = train.BackgroundCompile([functools.partial(compile_stage, cfg)
                                      for cfg in (pre_cfg, ft_cfg)])
     train.load_datasets(ft_cfg, decoded)
-    load_ood_pack()                   # free while the pretraining epoch compiles
+    datasets.load_source_cached(decoded, ood_pack)   # free while the pretraining epoch compiles
     times["data (all, up front)"] = time.time() - t0
 
   for i, (stage, cfg, workdir) in enumerate((("pretrain", pre_cfg, pre_dir),
@@ -112,7 +107,7 @@ def main():
 
   t0 = time.time()
   test = train.load_datasets(ft_cfg, decoded)[1]     # decoded already
-  ood = {"tin32_ood": load_ood_pack()}
+  ood = {"tin32_ood": datasets.load_source_cached(decoded, ood_pack)}
   n = len(test) // 5
   for name in ("uniform_noise", "gaussian_noise", "jigsaw", "rgb_shift", "invert"):
     ood[name] = synthetic.make_ood_set(name, n * 2, seed=1, base=test)

@@ -22,14 +22,16 @@ import numpy as np  # noqa: E402
 from energy_jax import configs, parallel, train  # noqa: E402
 
 
+SCHEDULE_STEPS = 10_000   # the cosine schedule's length in the benchmarks (its value is immaterial)
+
+
 def fused_step_inputs(config, steps: int):
   """``(fn, state, data, idx_in, idx_out)``: the device-resident fused call of ``steps`` steps
   of ``config`` on one device, synthetic uint8 pools, random indices."""
   mesh = parallel.make_mesh(1)
-  total = 10_000
-  tx = train.make_optimizer(config, total)
-  state = parallel.put_replicated(train.create_train_state(config, jax.random.PRNGKey(0), total),
-                                  mesh)
+  tx = train.make_optimizer(config, SCHEDULE_STEPS)
+  state = parallel.put_replicated(
+      train.create_train_state(config, jax.random.PRNGKey(0), SCHEDULE_STEPS), mesh)
   rng = np.random.default_rng(0)
   n_out = config.outlier_batch_size if config.score != "ce" else 0
   data = {"image": rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8),

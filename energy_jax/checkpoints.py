@@ -82,10 +82,8 @@ def load_variables(path: str, config) -> Dict[str, Any]:
     raise ValueError("no pretrained checkpoint given (config.pretrained is empty)")
   if not os.path.exists(path):
     raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-  model = models.WideResNet(config.depth, config.widen_factor, config.num_classes,
-                            config.dropout_rate)
   if os.path.isfile(path):
-    return convert.load_torch_checkpoint(path, model)
+    return convert.load_torch_checkpoint(path, models.from_config(config))
   workdir = os.path.dirname(path.rstrip("/")) if os.path.basename(
       path.rstrip("/")) == "checkpoints" else path
   ckpts = RunCheckpoints(workdir)

@@ -23,7 +23,7 @@ import dataclasses
 import io
 import os
 import zipfile
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -209,10 +209,14 @@ def load_npy(path: str) -> ImageSet:
                   ("",), path)
 
 
-def load_source(source: str, split: Optional[str] = None) -> ImageSet:
-  """Loads any source named as in the module docstring into memory."""
+def _check_source_name(source) -> None:
   if not isinstance(source, str) or not source:
     raise ValueError(f"a data source must be a non-empty string, got {source!r}")
+
+
+def load_source(source: str, split: Optional[str] = None) -> ImageSet:
+  """Loads any source named as in the module docstring into memory."""
+  _check_source_name(source)
   if source.startswith("tfds:"):
     from energy_jax import input_pipeline  # needs TensorFlow
     return input_pipeline.load_tfds_arrays(source[len("tfds:"):], split or "test")
@@ -223,12 +227,22 @@ def load_source(source: str, split: Optional[str] = None) -> ImageSet:
   return load_image_folder(source, split)
 
 
+def load_source_cached(cache: Optional[Dict[Tuple[str, Optional[str]], ImageSet]], source: str,
+                       split: Optional[str] = None) -> ImageSet:
+  """:func:`load_source` through ``cache`` (a dict keyed by ``(source, split)`` that the caller
+  keeps, e.g. across the stages of one process), so each source is decoded once."""
+  if cache is None:
+    return load_source(source, split)
+  if (source, split) not in cache:
+    cache[(source, split)] = load_source(source, split)
+  return cache[(source, split)]
+
+
 def count_source(source: str, split: Optional[str] = None) -> int:
   """How many images :func:`load_source` would return, read from the listing (a zip's index, a
   folder's files, a ``.npy`` header) without decoding; the layout is checked the same way.
   TFDS sources are not counted here (that needs TensorFlow): the caller loads them instead."""
-  if not isinstance(source, str) or not source:
-    raise ValueError(f"a data source must be a non-empty string, got {source!r}")
+  _check_source_name(source)
   if source.startswith(("tfds:", "synthetic:")):
     raise ValueError(f"{source}: only image folders, zips and .npy files can be counted "
                      "without loading")

@@ -45,14 +45,9 @@ def compile_predict(model: models.WideResNet, variables, num: int, batch_size: i
   ``predict`` in another thread or process loads it from there."""
   mesh = mesh or parallel.make_mesh()
   _, padded = padded_batch_size(num, batch_size, mesh.devices.size)
-
-  def on(sharding):
-    return lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding,
-                                          weak_type=getattr(x, "weak_type", False))
-  variables = jax.tree_util.tree_map(on(parallel.replicated(mesh)), variables)
-  images = on(parallel.batch_sharded(mesh))(
-      jax.ShapeDtypeStruct((padded, 32, 32, 3), jnp.uint8))
-  eval_step.lower(model, variables, images).compile()
+  eval_step.lower(model, parallel.abstract(variables, parallel.replicated(mesh)),
+                  parallel.abstract(jax.ShapeDtypeStruct((padded, 32, 32, 3), jnp.uint8),
+                                    parallel.batch_sharded(mesh))).compile()
 
 
 def predict(model: models.WideResNet, variables, images: np.ndarray, batch_size: int = 1000,

@@ -61,6 +61,14 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(AXIS))
 
 
+def abstract(tree, sharding: NamedSharding):
+  """Every leaf of ``tree`` (arrays or shapes) as a ``jax.ShapeDtypeStruct`` placed with
+  ``sharding``: what a function is lowered and compiled for before the data exist."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding,
+                                     weak_type=getattr(x, "weak_type", False)), tree)
+
+
 def put_replicated(tree, mesh: Mesh):
   """Copies every leaf of ``tree`` to all devices of ``mesh`` (no copy if already there)."""
   return jax.device_put(tree, replicated(mesh))

@@ -220,17 +220,14 @@ def compile_epoch(fn: Callable, config, mesh, num_train: int, num_outliers: int 
   steps = steps_per_epoch(num_train, config.batch_size, "the training set")
   total_steps = steps * config.epochs
   rep = parallel.replicated(mesh)
-
-  def abstract(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep, weak_type=x.weak_type)
-  state = jax.tree_util.tree_map(abstract, jax.eval_shape(
-      lambda: create_train_state(config, jax.random.PRNGKey(0), total_steps)))
+  state = parallel.abstract(jax.eval_shape(
+      lambda: create_train_state(config, jax.random.PRNGKey(0), total_steps)), rep)
   uses_outliers = config.score != "ce"
-  data = device_data(
-      jax.ShapeDtypeStruct((num_train, 32, 32, 3), jnp.uint8, sharding=rep),
-      jax.ShapeDtypeStruct((num_train,), jnp.int32, sharding=rep),
-      jax.ShapeDtypeStruct((num_outliers, 32, 32, 3), jnp.uint8, sharding=rep)
-      if uses_outliers else None)
+  data = parallel.abstract(device_data(
+      jax.ShapeDtypeStruct((num_train, 32, 32, 3), jnp.uint8),
+      jax.ShapeDtypeStruct((num_train,), jnp.int32),
+      jax.ShapeDtypeStruct((num_outliers, 32, 32, 3), jnp.uint8) if uses_outliers else None),
+      rep)
   out_batch = config.outlier_batch_size if uses_outliers else 0
   for length in sorted({sl.stop - sl.start for sl in epoch_calls(steps, config.steps_per_call)}):
     fn.lower(state, data, jax.ShapeDtypeStruct((length, config.batch_size), jnp.int32),
@@ -299,16 +296,24 @@ class BackgroundCompile(threading.Thread):
     return time.time() - t0
 
 
+def _sources(config):
+  """``(source, split)`` of the training set, the test set and the outliers (None without an
+  outlier objective): one definition for loading and for counting without loading."""
+  return ((config.in_train, config.get("in_train_split", "train")),
+          (config.in_test, config.get("in_test_split", "test")),
+          (config.outliers, config.get("outliers_split") or None) if config.score != "ce"
+          else None)
+
+
 def dataset_sizes(config) -> Tuple[int, int, int]:
   """``(train after train_subset, test, outliers or 0)`` image counts of ``config``'s sources,
   read from their listings without decoding (:func:`datasets.count_source`)."""
-  num_train = datasets.count_source(config.in_train, config.get("in_train_split", "train"))
+  train_src, test_src, outlier_src = _sources(config)
+  num_train = datasets.count_source(*train_src)
   if config.train_subset:
     num_train = min(num_train, config.train_subset)
-  num_test = datasets.count_source(config.in_test, config.get("in_test_split", "test"))
-  num_outliers = (datasets.count_source(config.outliers, config.get("outliers_split") or None)
-                  if config.score != "ce" else 0)
-  return num_train, num_test, num_outliers
+  num_outliers = datasets.count_source(*outlier_src) if outlier_src else 0
+  return num_train, datasets.count_source(*test_src), num_outliers
 
 
 def make_host_train_fn(config, tx, mesh) -> Callable:
@@ -329,15 +334,9 @@ def load_datasets(config, cache: Optional[Dict[Tuple[str, Optional[str]], Any]] 
   ``cache``: a dict the caller keeps between runs of one process (e.g. pretraining then
   fine-tuning on the same data), keyed by ``(source, split)``, so each source is decoded once.
   """
-  def load(source, split):
-    if cache is None:
-      return datasets.load_source(source, split)
-    if (source, split) not in cache:
-      cache[(source, split)] = datasets.load_source(source, split)
-    return cache[(source, split)]
-
-  train = load(config.in_train, config.get("in_train_split", "train"))
-  test = load(config.in_test, config.get("in_test_split", "test"))
+  train_src, test_src, outlier_src = _sources(config)
+  train = datasets.load_source_cached(cache, *train_src)
+  test = datasets.load_source_cached(cache, *test_src)
   for name, ds in (("in_train", train), ("in_test", test)):
     if ds.num_classes != config.num_classes:
       raise ValueError(f"config.{name} = {ds.source} has {ds.num_classes} classes, but "
@@ -347,8 +346,8 @@ def load_datasets(config, cache: Optional[Dict[Tuple[str, Optional[str]], Any]] 
     train = datasets.ImageSet(train.images[keep], train.labels[keep],
                               train.class_names, train.source + f"[subset {len(keep)}]")
   outliers = None
-  if config.score != "ce":
-    outliers = load(config.outliers, config.get("outliers_split") or None)
+  if outlier_src:
+    outliers = datasets.load_source_cached(cache, *outlier_src)
     if len(outliers) < config.outlier_batch_size:
       raise ValueError(f"outlier source {outliers.source} has {len(outliers)} images, fewer "
                        f"than one batch of {config.outlier_batch_size}")
