@@ -24,10 +24,12 @@ from energy_jax import (checkpoints, configs, datasets, evaluation, synthetic,  
                         train)
 
 
-def compile_stage(config):
-  """``train.compile_ahead`` from the image counts of the stage's sources (nothing decoded)."""
+def compile_jobs(config):
+  """The stage's compile jobs, from the image counts of its sources (nothing decoded): what the
+  run needs before its first epoch, then its test-set evaluation (needed only later)."""
   num_train, num_test, num_outliers = train.dataset_sizes(config)
-  train.compile_ahead(config, num_train, num_outliers, num_test)
+  return [functools.partial(train.compile_ahead, config, num_train, num_outliers),
+          functools.partial(train.compile_evaluation, config, num_test)]
 
 
 def main():
@@ -43,9 +45,12 @@ def main():
                  help="compile both stages in a thread, pretraining while the data decode and "
                       "fine-tuning while pretraining runs (through JAX's persistent compilation "
                       "cache in <workdir>/xla_cache)")
-  p.add_argument("--eval-every", type=int, default=10,
-                 help="test-set evaluation every N epochs during training (and after the last)")
+  p.add_argument("--eval-every", type=int, default=0,
+                 help="test-set evaluation every N epochs during training, and after the last "
+                      "(default 0: after the last only)")
   args = p.parse_args()
+  if args.eval_every < 0:
+    p.error(f"--eval-every must be >= 0, got {args.eval_every}")
   t_start = time.time()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}",
         flush=True)
@@ -59,8 +64,8 @@ def main():
     c.tensorboard = False             # the GPU machines have no TensorFlow; the CSV/JSONL stay
     c.steps_per_call = 400            # a whole epoch (390 steps) as one compiled loop
     c.checkpoint_every_epochs = 10
-    c.eval_every_epochs = args.eval_every
     c.epochs = args.pretrain_epochs if stage == "pretrain" else args.finetune_epochs
+    c.eval_every_epochs = args.eval_every or c.epochs
     if args.smoke:
       c.depth, c.widen_factor, c.train_subset, c.epochs = 10, 1, 2048, 1
       c.steps_per_call = 8
@@ -72,6 +77,11 @@ def main():
 
   pre_dir = os.path.join(args.workdir, "pretrain")
   ft_dir = os.path.join(args.workdir, "finetune")
+  for d in (pre_dir, ft_dir):
+    # Checked before anything starts: a refusal later would come after minutes of compiling.
+    if os.path.isdir(d) and os.listdir(d):
+      p.error(f"{d} is not empty: reproduce.py times both runs from scratch, so give a new or "
+              "empty --workdir (nothing was deleted)")
   pre_cfg = stage_config("pretrain")
   ft_cfg = stage_config("finetune")
   ft_cfg.pretrained = pre_dir
@@ -80,11 +90,10 @@ def main():
     t0 = time.time()
     if not jax.config.jax_compilation_cache_dir:
       jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "xla_cache"))
-    # One thread compiles each stage's epoch, evaluation and initialisation, pretraining first
-    # (while the data decode), then fine-tuning (while pretraining runs); the runs load them
-    # from the persistent cache.
-    ahead = train.BackgroundCompile([functools.partial(compile_stage, cfg)
-                                     for cfg in (pre_cfg, ft_cfg)])
+    # One thread compiles, in this order: pretraining's state and epoch (while the data decode),
+    # its evaluation, fine-tuning's state and epoch, its evaluation (while pretraining runs).
+    # The runs reuse them in this process; the persistent cache is a fallback for a miss.
+    ahead = train.BackgroundCompile(compile_jobs(pre_cfg) + compile_jobs(ft_cfg))
     train.load_datasets(ft_cfg, decoded)
     datasets.load_source_cached(decoded, ood_pack)   # free while the pretraining epoch compiles
     times["data (all, up front)"] = time.time() - t0
@@ -93,8 +102,8 @@ def main():
                                             ("finetune", ft_cfg, ft_dir))):
     if ahead is not None:
       try:
-        waited = ahead.wait(i)
-        print(f"[stage] {stage} epoch + evaluation compiled ahead in {ahead.seconds[i]:.1f} s "
+        waited = ahead.wait(2 * i)           # the stage's state and epoch; its evaluation later
+        print(f"[stage] {stage} state + epoch compiled ahead in {ahead.seconds[2 * i]:.1f} s "
               f"(waited {waited:.1f} s for it)", flush=True)
         times[f"{stage} compile wait"] = waited
       except RuntimeError as e:       # the run compiles what it needs itself: slower, not wrong
@@ -127,6 +136,15 @@ def main():
     evaluation.save_results(results, workdir, {"classification": report})
   times["evaluate"] = time.time() - t0
   times["eval data"] = t_load
+  if ahead is not None:
+    try:
+      ahead.wait()
+    except RuntimeError:
+      pass                             # said above, where a run needed the job
+    names = ("pretrain state + epoch", "pretrain evaluation", "finetune state + epoch",
+             "finetune evaluation")
+    print("[compile ahead] " + ", ".join(f"{n} {t:.1f} s" for n, t in zip(names, ahead.seconds)),
+          flush=True)
   print("\n[times] " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
         + f", total {time.time() - t_start:.1f} s", flush=True)
 

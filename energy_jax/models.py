@@ -184,13 +184,6 @@ def init_variables(model: WideResNet, rng: Array, image_shape: Sequence[int] = (
   return _init_variables(model, rng, tuple(image_shape))
 
 
-def compile_init_variables(model: WideResNet, image_shape: Sequence[int] = (32, 32, 3)) -> None:
-  """Compiles :func:`init_variables` for ``model`` now (e.g. in a thread while data decode);
-  a later call in this process reuses the executable."""
-  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))   # the shape of the configured PRNG's key
-  _init_variables.lower(model, key, tuple(image_shape)).compile()
-
-
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _init_variables(model: WideResNet, rng: Array, image_shape: Tuple[int, ...]):
   dummy = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
