@@ -1,56 +1,67 @@
 #!/usr/bin/env bash
 # One prepared GPU call (the device machines have JAX/Flax/optax/orbax/torch, no TensorFlow).
-#   bash benchmarks/gpu_session.sh reproduce   # end-to-end reproduction, then the fixed profile (~6 min)
-#   bash benchmarks/gpu_session.sh sweep       # a profiler trace of the pretraining step, then
-#                                              # its bf16 speed and compile time under XLA/PRNG
-#                                              # variants (~5 min)
+#   bash benchmarks/gpu_session.sh tuned       # sweep the pretraining step's XLA/PRNG/unroll
+#                                              # variants, then the end-to-end reproduction
+#                                              # with the pick (~8 min)
+#   bash benchmarks/gpu_session.sh reproduce   # the reproduction with default settings, then
+#                                              # the step profile (~5.5 min)
+#   bash benchmarks/gpu_session.sh trace       # a profiler trace of the pretraining step (~1 min)
+#   bash benchmarks/gpu_session.sh sweep       # the variants alone (~4 min)
 #   bash benchmarks/gpu_session.sh bench       # the step benchmark against PyTorch, torch.compile
 #                                              # included (~3 min)
-#   bash benchmarks/gpu_session.sh all         # all three (over 10 minutes: one call per mode)
+# Several modes in one call: bash benchmarks/gpu_session.sh trace bench
 # Expects .data/*.zip.gz and .whl/ml_collections-*.whl, both git-ignored; make them once with
 #   mkdir -p .data && for f in cifar10 tin32-outliers tin32-ood; do gzip -9 -c ../shared/data/$f.zip > .data/$f.zip.gz; done
 #   pip download --no-deps -d .whl ml_collections==1.1.0
 # and name both in the call's `carry`. Logs go to $OUT. A warm machine goes back after ~30 s
 # idle (status: idle_release_s): send the next call right after one returns.
+# CPU dry runs: OUT=/tmp/o REPRO_ARGS="--smoke" SWEEP_ARGS="--small --steps 2" bash benchmarks/gpu_session.sh tuned
 set -u
-MODE=${1:-all}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 quiet() { grep -v -E "^(W0000|I0000|I1|WARNING)"; }
-nvidia-smi -L; date -u
-python3 -c "import jax, flax, optax, orbax.checkpoint as o, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())"
+nvidia-smi -L 2>/dev/null; date -u
+python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 
-if [[ $MODE == reproduce || $MODE == all ]]; then
-  mkdir -p /tmp/d && for f in cifar10 tin32-outliers tin32-ood; do gunzip -c .data/$f.zip.gz > /tmp/d/$f.zip; done
+reproduce() {  # $1: log name; the rest: extra reproduce.py arguments
+  local log=$1; shift
+  [[ -f /tmp/d/tin32-ood.zip ]] || { mkdir -p /tmp/d && for f in cifar10 tin32-outliers tin32-ood; do
+    gunzip -c .data/$f.zip.gz > /tmp/d/$f.zip; done; }
   # A fresh work directory per call: a warm machine keeps /tmp, and reproduce.py refuses old runs.
-  timeout "${REPRO_TIMEOUT:-360}" python3 benchmarks/reproduce.py --data /tmp/d --workdir "$(mktemp -d /tmp/repro.XXXX)" \
-    ${REPRO_ARGS---overlap-compile} 2>&1 | quiet | tee "$OUT/reproduce.log"
-  timeout 120 python3 benchmarks/profile_step.py --steps 40 2>&1 | quiet | tee "$OUT/profile_step.log"
-fi
+  timeout "${REPRO_TIMEOUT:-330}" python3 benchmarks/reproduce.py --data /tmp/d \
+    --workdir "$(mktemp -d /tmp/repro.XXXX)" --overlap-compile ${REPRO_ARGS:-} "$@" 2>&1 \
+    | quiet | grep -v -E "^Epoch +[0-9]*[1-9] \|" | tee "$OUT/$log"   # every 10th epoch shown
+}
 
-if [[ $MODE == sweep || $MODE == all ]]; then
-  # First a profiler trace of the pretraining step: busy fraction, kernels per step, categories.
-  timeout 120 python3 benchmarks/trace_step.py --out /tmp/trace --stage pretrain --steps 20 \
-    ${SWEEP_ARGS:-} 2>&1 | quiet | tee "$OUT/trace_step.log"
-  cp "$(ls -t /tmp/trace/plugins/profile/*/perfetto_trace.json.gz | head -1)" \
-    "$OUT/trace_pretrain.json.gz" 2>/dev/null
-  # Each variant is its own process (flags are read at start); bf16 only, no torch; the
-  # pretraining step only by default (100 of the reproduction's 110 epochs). No autotune level 0:
-  # on the H200 (2026-11-26) its first pretraining epoch did not finish in ~270 s.
-  for variant in "default|||" "autotune2|--xla_gpu_autotune_level=2||" \
-                 "rbg||rbg|" "unroll2|||2" \
-                 "no_cmd_buffer|--xla_gpu_enable_command_buffer=||" \
-                 "cmd_buffer_while|--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL||"; do
-    IFS='|' read -r name flags prng unroll <<< "$variant"
-    echo "== $name"
-    XLA_FLAGS="$flags" JAX_DEFAULT_PRNG_IMPL="${prng:-threefry2x32}" timeout 100 \
-      python3 benchmarks/train_step.py --steps 40 --dtypes bfloat16 --no-torch \
-      --unroll "${unroll:-0}" --stages "${SWEEP_STAGES:-pretrain}" ${SWEEP_ARGS:-} 2>&1 | quiet
-  done 2>&1 | tee "$OUT/sweep.log"
-fi
-
-if [[ $MODE == bench || $MODE == all ]]; then
-  timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/train_step.py --steps "${BENCH_STEPS:-40}" --torch-compile 2>&1 \
-    | quiet | tee "$OUT/train_step.log"
-fi
+for mode in "${@:-reproduce}"; do
+  echo "=== $mode"
+  case $mode in
+    reproduce)
+      reproduce reproduce.log
+      timeout 120 python3 benchmarks/profile_step.py --steps 40 2>&1 | quiet | tee "$OUT/profile_step.log" ;;
+    tuned)
+      # Each variant in its own process (flags are read at start); the pick is written as
+      # export lines, sourced here for the reproduction.
+      # The variants most likely to matter (the step looks launch-bound), ~45 s each; the
+      # reproduction gets what is left of ~570 s.
+      start=$SECONDS; rm -f /tmp/best.sh
+      timeout 320 python3 benchmarks/sweep.py --best-env /tmp/best.sh \
+        --variants default,cmd_buffer_while,rbg,unroll2,autotune2 ${SWEEP_ARGS:-} 2>&1 \
+        | quiet | tee "$OUT/sweep.log"
+      [[ -f /tmp/best.sh ]] && . /tmp/best.sh && cat /tmp/best.sh
+      REPRO_TIMEOUT=$((570 - (SECONDS - start))) reproduce reproduce_tuned.log --unroll "${REPRO_UNROLL:-0}" ;;
+    sweep)
+      timeout 300 python3 benchmarks/sweep.py ${SWEEP_ARGS:-} 2>&1 | quiet | tee "$OUT/sweep.log" ;;
+    trace)
+      # Busy fraction, kernels per step, time by kernel kind; the perfetto file comes back too.
+      timeout 120 python3 benchmarks/trace_step.py --out /tmp/trace --stage pretrain --steps 20 \
+        ${TRACE_ARGS:-} 2>&1 | quiet | tee "$OUT/trace_step.log"
+      cp "$(ls -t /tmp/trace/plugins/profile/*/perfetto_trace.json.gz | head -1)" \
+        "$OUT/trace_pretrain.json.gz" 2>/dev/null ;;
+    bench)
+      timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/train_step.py --steps "${BENCH_STEPS:-40}" \
+        --torch-compile 2>&1 | quiet | tee "$OUT/train_step.log" ;;
+    *) echo "unknown mode $mode (reproduce, tuned, sweep, trace, bench)"; exit 2 ;;
+  esac
+done

@@ -45,15 +45,20 @@ def main():
                  help="compile both stages in a thread, pretraining while the data decode and "
                       "fine-tuning while pretraining runs (through JAX's persistent compilation "
                       "cache in <workdir>/xla_cache)")
+  p.add_argument("--unroll", type=int, default=0,
+                 help="lax.scan unroll of the fused epoch (0: the default of train.UNROLL)")
   p.add_argument("--eval-every", type=int, default=0,
                  help="test-set evaluation every N epochs during training, and after the last "
                       "(default 0: after the last only)")
   args = p.parse_args()
   if args.eval_every < 0:
     p.error(f"--eval-every must be >= 0, got {args.eval_every}")
+  if args.unroll:
+    train.UNROLL = args.unroll
   t_start = time.time()
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}",
-        flush=True)
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
+        f"prng {jax.config.jax_default_prng_impl}, unroll {train.UNROLL}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
   def stage_config(stage):
     c = configs.apply_preset(configs.base_config(), "offline", stage)
