@@ -43,8 +43,8 @@ def main():
   p.add_argument("--num-to-avg", type=int, default=5)
   p.add_argument("--overlap-compile", action="store_true",
                  help="compile both stages in a thread, pretraining while the data decode and "
-                      "fine-tuning while pretraining runs (through JAX's persistent compilation "
-                      "cache in <workdir>/xla_cache)")
+                      "fine-tuning while pretraining runs; the runs reuse the executables (JAX's "
+                      "persistent compilation cache in <workdir>/xla_cache is a fallback)")
   p.add_argument("--unroll", type=int, default=0,
                  help="lax.scan unroll of the fused epoch (0: the default of train.UNROLL)")
   p.add_argument("--eval-every", type=int, default=0,
