@@ -43,10 +43,10 @@ for mode in "${@:-reproduce}"; do
     tuned)
       # Each variant in its own process (flags are read at start); the pick is written as
       # export lines, sourced here for the reproduction.
-      # The variants most likely to matter (the step looks launch-bound), ~45 s each; the
-      # reproduction gets what is left of ~570 s.
+      # The variants most likely to matter (the step looks launch-bound), ~45 s each, at most 60;
+      # the reproduction (~240 s) gets what is left of ~570 s, at least 300 s.
       start=$SECONDS; rm -f /tmp/best.sh
-      timeout 320 python3 benchmarks/sweep.py --best-env /tmp/best.sh \
+      timeout 270 python3 benchmarks/sweep.py --best-env /tmp/best.sh \
         --variants default,cmd_buffer_while,rbg,unroll2,autotune2 ${SWEEP_ARGS:-} 2>&1 \
         | quiet | tee "$OUT/sweep.log"
       [[ -f /tmp/best.sh ]] && . /tmp/best.sh && cat /tmp/best.sh

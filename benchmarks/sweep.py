@@ -10,7 +10,8 @@ first call's seconds (trace + compile + autotuning). Each is scored by the secon
 the stage in the reproduction (its images at that speed, plus the first call). The pick is the
 best variant if it beats ``default`` by more than ``--margin`` (3%: about the spread of two
 timings of the same variant); otherwise ``default``. ``--best-env`` writes the pick as shell ``export`` lines that
-``benchmarks/gpu_session.sh tuned`` sources before it runs ``reproduce.py``.
+``benchmarks/gpu_session.sh tuned`` sources before it runs ``reproduce.py``; it is rewritten
+after every variant, so a sweep cut short still leaves the pick among those that ran.
 """
 
 import argparse
@@ -99,7 +100,7 @@ def main():
   p.add_argument("--steps", type=int, default=390, help="fused steps per timed call (an epoch)")
   p.add_argument("--small", action="store_true", help="WRN-10-1 (CPU dry run)")
   p.add_argument("--variants", default=",".join(VARIANTS))
-  p.add_argument("--timeout", type=float, default=75, help="seconds per variant")
+  p.add_argument("--timeout", type=float, default=60, help="seconds per variant")
   p.add_argument("--margin", type=float, default=0.03)
   p.add_argument("--best-env", help="write the pick's settings here as shell export lines")
   args = p.parse_args()
@@ -114,11 +115,10 @@ def main():
     print(f"{name:17s} " + (f"{r['img_s']:9.0f} img/s  first call {r['first_call_s']:6.1f} s  "
                             f"projected {args.stage} {projected_seconds(r, args.stage):6.1f} s"
                             if r else f"FAILED ({problem})"), flush=True)
-  best = pick(results, args.stage, args.margin)
-  print(f"pick: {best}", flush=True)
-  if args.best_env:
-    with open(args.best_env, "w") as f:
-      f.write(export_lines(best))
+    if args.best_env:                # the pick so far: a sweep cut short still leaves one
+      with open(args.best_env, "w") as f:
+        f.write(export_lines(pick(results, args.stage, args.margin)))
+  print(f"pick: {pick(results, args.stage, args.margin)}", flush=True)
 
 
 if __name__ == "__main__":
