@@ -47,7 +47,7 @@ for mode in "${@:-reproduce}"; do
       # the reproduction (~240 s) gets what is left of ~570 s, at least 300 s.
       start=$SECONDS; rm -f /tmp/best.sh
       timeout 270 python3 benchmarks/sweep.py --best-env /tmp/best.sh \
-        --variants default,cmd_buffer_while,rbg,unroll2,autotune2 ${SWEEP_ARGS:-} 2>&1 \
+        --variants default,graph_min2,cmd_buffer_while,unroll2,rbg ${SWEEP_ARGS:-} 2>&1 \
         | quiet | tee "$OUT/sweep.log"
       [[ -f /tmp/best.sh ]] && . /tmp/best.sh && cat /tmp/best.sh
       REPRO_TIMEOUT=$((570 - (SECONDS - start))) reproduce reproduce_tuned.log --unroll "${REPRO_UNROLL:-0}" ;;

@@ -31,6 +31,9 @@ VARIANTS: Dict[str, Dict[str, str]] = {
     "rbg": {"JAX_DEFAULT_PRNG_IMPL": "rbg"},
     "unroll2": {"unroll": "2"},
     "no_cmd_buffer": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="},
+    # XLA captures a run of commands into a CUDA graph only from 5 on (its default); between two
+    # convolutions a block has ~2-4 fusions, so most of the step is launched kernel by kernel.
+    "graph_min2": {"XLA_FLAGS": "--xla_gpu_graph_min_graph_size=2"},
     "cmd_buffer_while": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,"
                                       "CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"},
 }
