@@ -24,12 +24,13 @@ from energy_jax import (checkpoints, configs, datasets, evaluation, synthetic,  
                         train)
 
 
-def compile_jobs(config):
-  """The stage's compile jobs, from the image counts of its sources (nothing decoded): what the
-  run needs before its first epoch, then its test-set evaluation (needed only later)."""
+def compile_jobs(stage, config):
+  """``{name: job}`` of the stage, from the image counts of its sources (nothing decoded): what
+  the run needs before its first epoch, then its test-set evaluation (needed only later)."""
   num_train, num_test, num_outliers = train.dataset_sizes(config)
-  return [functools.partial(train.compile_ahead, config, num_train, num_outliers),
-          functools.partial(train.compile_evaluation, config, num_test)]
+  return {f"{stage} state + epoch": functools.partial(train.compile_ahead, config, num_train,
+                                                      num_outliers),
+          f"{stage} evaluation": functools.partial(train.compile_evaluation, config, num_test)}
 
 
 def main():
@@ -98,17 +99,18 @@ def main():
     # One thread compiles, in this order: pretraining's state and epoch (while the data decode),
     # its evaluation, fine-tuning's state and epoch, its evaluation (while pretraining runs).
     # The runs reuse them in this process; the persistent cache is a fallback for a miss.
-    ahead = train.BackgroundCompile(compile_jobs(pre_cfg) + compile_jobs(ft_cfg))
+    jobs = {**compile_jobs("pretrain", pre_cfg), **compile_jobs("finetune", ft_cfg)}
+    ahead = train.BackgroundCompile(list(jobs.values()))
     train.load_datasets(ft_cfg, decoded)
     datasets.load_source_cached(decoded, ood_pack)   # free while the pretraining epoch compiles
     times["data (all, up front)"] = time.time() - t0
 
-  for i, (stage, cfg, workdir) in enumerate((("pretrain", pre_cfg, pre_dir),
-                                            ("finetune", ft_cfg, ft_dir))):
+  for stage, cfg, workdir in (("pretrain", pre_cfg, pre_dir), ("finetune", ft_cfg, ft_dir)):
     if ahead is not None:
       try:
-        waited = ahead.wait(2 * i)           # the stage's state and epoch; its evaluation later
-        print(f"[stage] {stage} state + epoch compiled ahead in {ahead.seconds[2 * i]:.1f} s "
+        job = list(jobs).index(f"{stage} state + epoch")   # its evaluation is needed later
+        waited = ahead.wait(job)
+        print(f"[stage] {stage} state + epoch compiled ahead in {ahead.seconds[job]:.1f} s "
               f"(waited {waited:.1f} s for it)", flush=True)
         times[f"{stage} compile wait"] = waited
       except RuntimeError as e:       # the run compiles what it needs itself: slower, not wrong
@@ -146,9 +148,7 @@ def main():
       ahead.wait()
     except RuntimeError:
       pass                             # said above, where a run needed the job
-    names = ("pretrain state + epoch", "pretrain evaluation", "finetune state + epoch",
-             "finetune evaluation")
-    print("[compile ahead] " + ", ".join(f"{n} {t:.1f} s" for n, t in zip(names, ahead.seconds)),
+    print("[compile ahead] " + ", ".join(f"{n} {t:.1f} s" for n, t in zip(jobs, ahead.seconds)),
           flush=True)
   print("\n[times] " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
         + f", total {time.time() - t_start:.1f} s", flush=True)

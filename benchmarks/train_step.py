@@ -29,7 +29,6 @@ def fused_step_inputs(config, steps: int):
   """``(fn, state, data, idx_in, idx_out)``: the device-resident fused call of ``steps`` steps
   of ``config`` on one device, synthetic uint8 pools, random indices."""
   mesh = parallel.make_mesh(1)
-  tx = train.make_optimizer(config, SCHEDULE_STEPS)
   state = parallel.put_replicated(
       train.create_train_state(config, jax.random.PRNGKey(0), SCHEDULE_STEPS), mesh)
   rng = np.random.default_rng(0)
@@ -38,7 +37,7 @@ def fused_step_inputs(config, steps: int):
           "label": rng.integers(0, config.num_classes, 4096).astype(np.int32),
           "outlier": rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)}
   data = parallel.put_replicated(data, mesh)
-  fn = train.make_device_train_fn(config, tx, mesh)
+  fn = train.device_epoch_fn(config, SCHEDULE_STEPS, mesh)
   idx_in = rng.integers(0, 4096, (steps, config.batch_size)).astype(np.int32)
   idx_out = rng.integers(0, 4096, (steps, n_out)).astype(np.int32)
   return fn, state, data, idx_in, idx_out

@@ -227,6 +227,11 @@ def fused_steps(steps: int, steps_per_call: int) -> int:
   return divisor if 2 * divisor >= limit else limit
 
 
+def _mesh_of(config):
+  """The run's 1-D mesh: ``config.num_devices`` devices, or all of them when 0 / unset."""
+  return parallel.make_mesh(config.get("num_devices") or None)
+
+
 def device_epoch_fn(config, total_steps: int, mesh) -> Callable:
   """:func:`make_device_train_fn` with the run's optimiser, built once per ``(config,
   total_steps, mesh)`` in a process. What :func:`compile_ahead` compiled is then the very
@@ -254,15 +259,16 @@ def compile_ahead(config, num_train: int, num_outliers: int = 0) -> None:
   if config.input_pipeline != "device":
     raise ValueError("compile_ahead covers the device-resident input path only, not "
                      f"config.input_pipeline = {config.input_pipeline!r}")
-  mesh = parallel.make_mesh(config.get("num_devices") or None)
+  mesh = _mesh_of(config)
   steps = steps_per_epoch(num_train, config.batch_size, "the training set")
   total_steps = steps * config.epochs
   # Shapes without a placement, as the run's key and loaded weights (host arrays) have none.
   key = jax.eval_shape(lambda: jax.random.PRNGKey(0))   # the shape of the configured PRNG's key
   variables = _variable_shapes(config) if config.pretrained else None
-  _create_train_state.lower(frozen(config), key, total_steps, variables).compile()
+  create = _create_train_state.lower(frozen(config), key, total_steps, variables)
+  create.compile()
   rep = parallel.replicated(mesh)
-  state = parallel.abstract(_state_shapes(config, total_steps), rep)
+  state = parallel.abstract(create.out_info, rep)       # the state's shapes, as created
   uses_outliers = config.score != "ce"
   data = parallel.abstract(device_data(
       jax.ShapeDtypeStruct((num_train, 32, 32, 3), jnp.uint8),
@@ -278,7 +284,7 @@ def compile_ahead(config, num_train: int, num_outliers: int = 0) -> None:
 
 def compile_evaluation(config, num_test: int) -> None:
   """Compiles the test-set evaluation of :func:`train_and_evaluate` (``num_test`` images)."""
-  mesh = parallel.make_mesh(config.get("num_devices") or None)
+  mesh = _mesh_of(config)
   inference.compile_predict(make_model(config), _variable_shapes(config), num_test,
                             config.eval_batch_size, mesh)
 
@@ -286,9 +292,6 @@ def compile_evaluation(config, num_test: int) -> None:
 def _variable_shapes(config):
   return jax.eval_shape(lambda: models.init_variables(make_model(config), jax.random.PRNGKey(0)))
 
-
-def _state_shapes(config, total_steps: int):
-  return jax.eval_shape(lambda: create_train_state(config, jax.random.PRNGKey(0), total_steps))
 
 
 class BackgroundCompile(threading.Thread):
@@ -474,7 +477,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   if config.score not in OBJECTIVES:
     raise ValueError(f"unknown config.score {config.score!r}; choose one of {OBJECTIVES}")
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh(config.get("num_devices") or None)
+  mesh = _mesh_of(config)
   per_dev = parallel.check_divisible(config.batch_size, mesh)
   if config.score != "ce":
     parallel.check_divisible(config.outlier_batch_size, mesh, "outlier batch size")
