@@ -42,14 +42,25 @@ for mode in "${@:-reproduce}"; do
       timeout 120 python3 benchmarks/profile_step.py --steps 40 2>&1 | quiet | tee "$OUT/profile_step.log" ;;
     tuned)
       # Each variant in its own process (flags are read at start); the pick is written as
-      # export lines, sourced here for the reproduction.
-      # The variants most likely to matter (the step looks launch-bound), ~45 s each, at most 60;
-      # the reproduction (~240 s) gets what is left of ~570 s, at least 300 s.
+      # export lines, sourced here for the reproduction. The variants most likely to matter
+      # (the step looks launch-bound and XLA leaves convolutions out of its CUDA graphs),
+      # ~45 s each, at most 60. The sweep times pretraining only, so a picked variant first runs
+      # a few fine-tuning steps (shapes of 384 images) and is dropped if they fail. The
+      # reproduction (~240 s) gets what is left of ~570 s, at least 265 s.
       start=$SECONDS; rm -f /tmp/best.sh
-      timeout 270 python3 benchmarks/sweep.py --best-env /tmp/best.sh \
-        --variants default,graph_min2,cmd_buffer_while,unroll2,rbg ${SWEEP_ARGS:-} 2>&1 \
-        | quiet | tee "$OUT/sweep.log"
+      timeout 230 python3 benchmarks/sweep.py --best-env /tmp/best.sh \
+        --variants "${SWEEP_VARIANTS:-default,cmd_buffer_conv,cmd_buffer_conv_while,graph_min2}" \
+        ${SWEEP_ARGS:-} 2>&1 | quiet | tee "$OUT/sweep.log"
       [[ -f /tmp/best.sh ]] && . /tmp/best.sh && cat /tmp/best.sh
+      pick=$(sed -n 's/^# sweep pick: //p' /tmp/best.sh 2>/dev/null)
+      if [[ -n "$pick" && "$pick" != default ]]; then
+        timeout 75 python3 benchmarks/train_step.py --no-torch --dtypes bfloat16 --stages finetune \
+          --steps 8 --unroll "${REPRO_UNROLL:-0}" ${CHECK_ARGS:-} 2>&1 | quiet | tee "$OUT/pick_check.log"
+        if [[ ${PIPESTATUS[0]} != 0 ]]; then
+          echo "the pick failed the fine-tuning check: the reproduction runs with default settings"
+          export XLA_FLAGS= JAX_DEFAULT_PRNG_IMPL=threefry2x32 REPRO_UNROLL=0
+        fi
+      fi
       REPRO_TIMEOUT=$((570 - (SECONDS - start))) reproduce reproduce_tuned.log --unroll "${REPRO_UNROLL:-0}" ;;
     sweep)
       timeout 300 python3 benchmarks/sweep.py ${SWEEP_ARGS:-} 2>&1 | quiet | tee "$OUT/sweep.log" ;;

@@ -34,8 +34,14 @@ VARIANTS: Dict[str, Dict[str, str]] = {
     # XLA captures a run of commands into a CUDA graph only from 5 on (its default); between two
     # convolutions a block has ~2-4 fusions, so most of the step is launched kernel by kernel.
     "graph_min2": {"XLA_FLAGS": "--xla_gpu_graph_min_graph_size=2"},
-    "cmd_buffer_while": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,"
-                                      "CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"},
+    # XLA's default command types leave convolutions out (CONVOLUTION is opt-in: not every cuDNN
+    # convolution can be captured), so each of the step's ~110 convolutions (forward and both
+    # backward) ends a CUDA graph. With them in, a step can be one graph; with WHILE and
+    # CONDITIONAL too, a whole epoch (the scan) can. WHILE without CONVOLUTION captures nothing
+    # here: a loop is captured only if every command of its body is.
+    "cmd_buffer_conv": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer=+CONVOLUTION"},
+    "cmd_buffer_conv_while": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,"
+                                           "+CONDITIONAL"},
 }
 # Not a variant: on the H200 (2026-11-26) --xla_gpu_autotune_level=0 compiled faster but its first
 # pretraining epoch did not finish in ~270 s.
@@ -115,7 +121,7 @@ def main():
   for name in names:
     results[name], problem = run_variant(name, args.stage, args.steps, args.small, args.timeout)
     r = results[name]
-    print(f"{name:17s} " + (f"{r['img_s']:9.0f} img/s  first call {r['first_call_s']:6.1f} s  "
+    print(f"{name:22s} " + (f"{r['img_s']:9.0f} img/s  first call {r['first_call_s']:6.1f} s  "
                             f"projected {args.stage} {projected_seconds(r, args.stage):6.1f} s"
                             if r else f"FAILED ({problem})"), flush=True)
     if args.best_env:                # the pick so far: a sweep cut short still leaves one
