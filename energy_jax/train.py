@@ -10,6 +10,7 @@ added to the gradient of every parameter before momentum.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -266,7 +267,6 @@ def compile_ahead(config, num_train: int, num_outliers: int = 0) -> None:
   key = jax.eval_shape(lambda: jax.random.PRNGKey(0))   # the shape of the configured PRNG's key
   variables = _variable_shapes(config) if config.pretrained else None
   create = _create_train_state.lower(frozen(config), key, total_steps, variables)
-  create.compile()
   rep = parallel.replicated(mesh)
   state = parallel.abstract(create.out_info, rep)       # the state's shapes, as created
   uses_outliers = config.score != "ce"
@@ -277,9 +277,15 @@ def compile_ahead(config, num_train: int, num_outliers: int = 0) -> None:
       rep)
   out_batch = config.outlier_batch_size if uses_outliers else 0
   fn = device_epoch_fn(config, total_steps, mesh)
-  for length in sorted({sl.stop - sl.start for sl in epoch_calls(steps, config.steps_per_call)}):
-    fn.lower(state, data, jax.ShapeDtypeStruct((length, config.batch_size), jnp.int32),
-             jax.ShapeDtypeStruct((length, out_batch), jnp.int32)).compile()
+  # The state's creation compiles beside the epoch (XLA compiles without the GIL): on a GPU its
+  # initialising forward pass has convolutions of its own to autotune.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    create_compiled = pool.submit(create.compile)
+    for length in sorted({sl.stop - sl.start
+                          for sl in epoch_calls(steps, config.steps_per_call)}):
+      fn.lower(state, data, jax.ShapeDtypeStruct((length, config.batch_size), jnp.int32),
+               jax.ShapeDtypeStruct((length, out_batch), jnp.int32)).compile()
+    create_compiled.result()       # re-raises its error, if any
 
 
 def compile_evaluation(config, num_test: int) -> None:
