@@ -43,7 +43,8 @@ def main():
   jax.block_until_ready(m)
   print(f"device: {jax.devices()[0].device_kind}, WRN-{c.depth}-{c.widen_factor}, {c.dtype}, "
         f"{args.stage} step of {idx_in.shape[1] + idx_out.shape[1]} images; first call "
-        f"(compile) {time.perf_counter() - t0:.1f} s", flush=True)
+        f"(compile) {time.perf_counter() - t0:.1f} s; XLA_FLAGS="
+        f"{os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   jax.profiler.start_trace(args.out, create_perfetto_trace=True)
   t0 = time.perf_counter()
   state, m = fn(state, data, idx_in, idx_out)
