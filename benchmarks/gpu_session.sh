@@ -43,13 +43,14 @@ for mode in "${@:-reproduce}"; do
     tuned)
       # Each variant in its own process (flags are read at start); the pick is written as
       # export lines, sourced here for the reproduction. The variants most likely to matter
-      # (the step looks launch-bound and XLA leaves convolutions out of its CUDA graphs),
-      # ~45 s each, at most 60. The sweep times pretraining only, so a picked variant first runs
+      # (the step looks launch-bound and XLA leaves convolutions out of its CUDA graphs; the
+      # compile is the first ~38 s), most likely first, ~40 s each, at most 60: a sweep cut at
+      # 230 s loses the last. The sweep times pretraining only, so a picked variant first runs
       # a few fine-tuning steps (shapes of 384 images) and is dropped if they fail. The
       # reproduction (~240 s) gets what is left of ~570 s, at least 265 s.
       start=$SECONDS; rm -f /tmp/best.sh
       timeout 230 python3 benchmarks/sweep.py --best-env /tmp/best.sh \
-        --variants "${SWEEP_VARIANTS:-default,cmd_buffer_conv,cmd_buffer_conv_while,graph_min2}" \
+        --variants "${SWEEP_VARIANTS:-default,cmd_buffer_conv_while,cmd_buffer_conv,par_compile,graph_min2}" \
         ${SWEEP_ARGS:-} 2>&1 | quiet | tee "$OUT/sweep.log"
       [[ -f /tmp/best.sh ]] && . /tmp/best.sh && cat /tmp/best.sh
       pick=$(sed -n 's/^# sweep pick: //p' /tmp/best.sh 2>/dev/null)
