@@ -28,13 +28,20 @@ def _f32(logits: Array, name: str) -> Array:
 
 @jax.jit
 def softmax_cross_entropy(*, logits: Array, labels: Array) -> Array:
-  """Per-example ``CE = logsumexp(f(x)) - f_y(x)`` for integer ``labels [N]`` -> ``[N]``."""
+  """Per-example ``CE = logsumexp(f(x)) - f_y(x)`` for integer ``labels [N]`` -> ``[N]``; NaN
+  where a label is outside ``[0, num_classes)``."""
   logits = _f32(logits, "logits")
   if labels.shape != logits.shape[:1]:
     raise ValueError(f"labels must be [{logits.shape[0]}], got shape {labels.shape}")
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
-  picked = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  num_classes = logits.shape[-1]
+  labels = labels.astype(jnp.int32)
+  # f_y by a select against the label's one-hot mask, not take_along_axis: the select's gradient
+  # is elementwise and fuses, where take_along_axis's is a scatter-add (a kernel of its own in
+  # every training step, with atomics that make GPU runs differ from run to run).
+  picked = jnp.sum(jnp.where(labels[:, None] == jnp.arange(num_classes), logits, 0.0), axis=-1)
+  picked = jnp.where((labels >= 0) & (labels < num_classes), picked, jnp.nan)
   return jax.nn.logsumexp(logits, axis=-1) - picked
 
 

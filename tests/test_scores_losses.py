@@ -134,6 +134,25 @@ def test_loss_gradients():
               modes=["rev"], atol=1e-2, rtol=1e-2)
 
 
+def test_cross_entropy_gradient_is_softmax_minus_one_hot_without_a_scatter():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(6, 4)).astype(np.float32) * 5
+  labels = np.array([0, 3, 1, 2, 3, 0], np.int32)
+  grad = jax.grad(lambda z: jnp.sum(losses.softmax_cross_entropy(logits=z, labels=labels)))
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(grad(logits), p - np.eye(4)[labels], atol=1e-6)
+  # The backward pass is elementwise: no scatter-add to launch (or to make GPU runs differ).
+  assert "scatter" not in str(jax.make_jaxpr(grad)(logits))
+
+
+def test_cross_entropy_is_nan_for_a_label_out_of_range():
+  ce = np.asarray(losses.softmax_cross_entropy(logits=np.zeros((4, 3), np.float32),
+                                               labels=np.array([0, 3, -1, 2], np.int32)))
+  np.testing.assert_allclose(ce[[0, 3]], np.log(3.0), rtol=1e-6)
+  assert np.isnan(ce[1]) and np.isnan(ce[2])      # -1 wrapped to the last class before
+
+
 def test_loss_input_errors():
   with pytest.raises(ValueError, match=r"labels must be \[3\]"):
     losses.softmax_cross_entropy(logits=EXTREME, labels=np.zeros(2, np.int32))
