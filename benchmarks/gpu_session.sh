@@ -2,7 +2,7 @@
 # One prepared GPU call (the device machines have JAX/Flax/optax/orbax/torch, no TensorFlow).
 #   bash benchmarks/gpu_session.sh tuned       # sweep the pretraining step's XLA/PRNG/unroll
 #                                              # variants, then the end-to-end reproduction
-#                                              # with the pick (~8 min)
+#                                              # with the pick (at most ~9.5 min)
 #   bash benchmarks/gpu_session.sh reproduce   # the reproduction with default settings, then
 #                                              # the step profile (~5.5 min)
 #   bash benchmarks/gpu_session.sh trace       # a profiler trace of the pretraining step (~1 min)

@@ -49,13 +49,13 @@ VARIANTS: Dict[str, Dict[str, str]] = {
     "par_compile": {"XLA_FLAGS": "--xla_gpu_enable_llvm_module_compilation_parallelism=true "
                                  "--xla_gpu_force_compilation_parallelism=16"},
 }
+# Not a variant: on the H200 (2026-11-26) --xla_gpu_autotune_level=0 compiled faster but its first
+# pretraining epoch did not finish in ~270 s.
 # Variants that aim at the compile time only. Not picked on their own: added to the pick when
 # their first call is ADDON_MIN_SECONDS shorter than default's and their step no slower than the
 # margin allows, so one sweep can pick how to run and how to compile.
 ADDONS = ("par_compile",)
 ADDON_MIN_SECONDS = 2.0
-# Not a variant: on the H200 (2026-11-26) --xla_gpu_autotune_level=0 compiled faster but its first
-# pretraining epoch did not finish in ~270 s.
 
 # Images each stage trains on in benchmarks/reproduce.py: epochs x 390 steps x images per step.
 REPRODUCTION_IMAGES = {"pretrain": 100 * 390 * 128, "finetune": 10 * 390 * (128 + 256)}

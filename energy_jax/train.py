@@ -299,7 +299,6 @@ def _variable_shapes(config):
   return jax.eval_shape(lambda: models.init_variables(make_model(config), jax.random.PRNGKey(0)))
 
 
-
 class BackgroundCompile(threading.Thread):
   """Runs compile jobs one after the other in a daemon thread (XLA compiles without holding
   the GIL, so the main thread decodes data or trains meanwhile). ``wait(i)`` blocks until job
