@@ -9,8 +9,7 @@ Each variant runs ``benchmarks/train_step.py --no-torch --dtypes bfloat16`` with
 first call's seconds (trace + compile + autotuning). Each is scored by the seconds it projects for
 the stage in the reproduction (its images at that speed, plus the first call). The pick is the
 best variant if it beats ``default`` by more than ``--margin`` (3%: about the spread of two
-timings of the same variant); otherwise ``default``. A compile-only variant (``ADDONS``) is added
-to the pick when it compiles faster at the same speed. ``--best-env`` writes the pick as shell
+timings of the same variant); otherwise ``default``. ``--best-env`` writes the pick as shell
 ``export`` lines that ``benchmarks/gpu_session.sh tuned`` sources before it runs
 ``reproduce.py``; it is rewritten after every variant, so a sweep cut short still leaves the pick
 among those that ran.
@@ -44,18 +43,11 @@ VARIANTS: Dict[str, Dict[str, str]] = {
     "cmd_buffer_conv": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer=+CONVOLUTION"},
     "cmd_buffer_conv_while": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,"
                                            "+CONDITIONAL"},
-    # XLA turns the whole program's LLVM module into GPU code on one thread unless told to split
-    # it; without autotuning the pretraining epoch still compiled for 23 s on the H200.
-    "par_compile": {"XLA_FLAGS": "--xla_gpu_enable_llvm_module_compilation_parallelism=true "
-                                 "--xla_gpu_force_compilation_parallelism=16"},
 }
-# Not a variant: on the H200 (2026-11-26) --xla_gpu_autotune_level=0 compiled faster but its first
-# pretraining epoch did not finish in ~270 s.
-# Variants that aim at the compile time only. Not picked on their own: added to the pick when
-# their first call is ADDON_MIN_SECONDS shorter than default's and their step no slower than the
-# margin allows, so one sweep can pick how to run and how to compile.
-ADDONS = ("par_compile",)
-ADDON_MIN_SECONDS = 2.0
+# Not variants, from the H200 (2026-11-26): --xla_gpu_autotune_level=0 compiled faster but its
+# first pretraining epoch did not finish in ~270 s; jaxlib 0.11.2 no longer knows
+# --xla_gpu_enable_llvm_module_compilation_parallelism (0.10.2 does), so splitting the LLVM
+# module's compilation could not be tried.
 
 # Images each stage trains on in benchmarks/reproduce.py: epochs x 390 steps x images per step.
 REPRODUCTION_IMAGES = {"pretrain": 100 * 390 * 128, "finetune": 10 * 390 * (128 + 256)}
@@ -78,32 +70,19 @@ def projected_seconds(result: Dict[str, float], stage: str) -> float:
 
 def pick(results: Dict[str, Optional[Dict[str, float]]], stage: str = "pretrain",
          margin: float = 0.03) -> str:
-  """The variant (not an add-on) with the least :func:`projected_seconds` if it beats
-  ``default`` by more than ``margin``, else ``default`` (also when ``default`` itself failed:
-  nothing to compare with); then ``+addon`` for each of :data:`ADDONS` that compiled
-  :data:`ADDON_MIN_SECONDS` faster than ``default`` at a step speed within ``margin`` of it."""
-  ran = {name: projected_seconds(r, stage) for name, r in results.items()
-         if r is not None and name not in ADDONS}
+  """The variant with the least :func:`projected_seconds` if it beats ``default`` by more than
+  ``margin``, else ``default`` (also when ``default`` itself failed: nothing to compare with)."""
+  ran = {name: projected_seconds(r, stage) for name, r in results.items() if r is not None}
   if "default" not in ran:
     return "default"
   best = min(ran, key=ran.get)
-  names = [best] if ran[best] < ran["default"] * (1 - margin) else []
-  default = results["default"]
-  for addon in ADDONS:
-    r = results.get(addon)
-    if (r is not None and r["first_call_s"] <= default["first_call_s"] - ADDON_MIN_SECONDS
-        and r["img_s"] >= default["img_s"] * (1 - margin)):
-      names.append(addon)
-  return "+".join(names) or "default"
+  return best if ran[best] < ran["default"] * (1 - margin) else "default"
 
 
 def export_lines(name: str) -> str:
-  """Shell lines that set the environment of ``name``, one variant or several joined by ``+``
-  (their ``XLA_FLAGS`` are concatenated; ``unroll`` becomes ``REPRO_UNROLL``)."""
-  env: Dict[str, str] = {}
-  for part in name.split("+"):
-    for key, value in VARIANTS[part].items():
-      env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and key in env else value
+  """Shell lines that set the environment of variant ``name`` (``unroll`` becomes
+  ``REPRO_UNROLL``)."""
+  env = VARIANTS[name]
   lines = [f"# sweep pick: {name}",
            f"export XLA_FLAGS={shlex.quote(env.get('XLA_FLAGS', ''))}",
            f"export JAX_DEFAULT_PRNG_IMPL={env.get('JAX_DEFAULT_PRNG_IMPL', 'threefry2x32')}",

@@ -46,30 +46,6 @@ def test_pick_needs_a_margin_over_default():
   assert sweep.pick({"default": None, "rbg": result(90_000)}) == "default"
 
 
-def test_a_compile_only_variant_is_added_to_the_pick():
-  default = result(31_200, 30.0)
-  faster_compile = result(31_000, 20.0)                  # -10 s to compile, -0.6% speed
-  assert sweep.pick({"default": default, "par_compile": faster_compile}) == "par_compile"
-  assert sweep.pick({"default": default, "par_compile": faster_compile,
-                     "cmd_buffer_conv_while": result(60_000, 31.0)}) == \
-      "cmd_buffer_conv_while+par_compile"
-  # Not on its own merit: a faster compile that slows the step, or saves under 2 s, is left out,
-  # and an add-on is never the base pick even when its projection is the least.
-  assert sweep.pick({"default": default, "par_compile": result(29_000, 10.0)}) == "default"
-  assert sweep.pick({"default": default, "par_compile": result(31_200, 28.5)}) == "default"
-  assert sweep.pick({"default": default, "graph_min2": result(33_000, 30.0),
-                     "par_compile": result(29_000, 5.0)}) == "graph_min2"
-
-
-def test_export_lines_of_a_combined_pick_join_the_flags():
-  lines = sweep.export_lines("cmd_buffer_conv_while+par_compile")
-  out = subprocess.run(["bash", "-c", lines + 'echo "$XLA_FLAGS"'], capture_output=True, text=True,
-                       check=True).stdout.strip()
-  assert out == (sweep.VARIANTS["cmd_buffer_conv_while"]["XLA_FLAGS"] + " "
-                 + sweep.VARIANTS["par_compile"]["XLA_FLAGS"])
-  assert lines.startswith("# sweep pick: cmd_buffer_conv_while+par_compile\n")
-
-
 def test_export_lines_set_the_variant_in_a_shell():
   lines = sweep.export_lines("cmd_buffer_conv_while") + sweep.export_lines("unroll2").replace(
       "REPRO_UNROLL", "UNROLL_OF_SECOND")
