@@ -3,8 +3,9 @@
 #   bash benchmarks/gpu_session.sh tuned       # sweep the pretraining step's XLA/PRNG/unroll
 #                                              # variants, then the end-to-end reproduction
 #                                              # with the pick (at most ~9.5 min)
-#   bash benchmarks/gpu_session.sh reproduce   # the reproduction with default settings, then
-#                                              # the step profile (~5.5 min)
+#   bash benchmarks/gpu_session.sh reproduce   # the reproduction with reproduce.py's settings
+#                                              # (convolutions in CUDA graphs), then the step
+#                                              # profile (~5 min)
 #   bash benchmarks/gpu_session.sh trace       # a profiler trace of the pretraining step (~1 min)
 #   bash benchmarks/gpu_session.sh sweep       # the variants alone (~4 min)
 #   bash benchmarks/gpu_session.sh bench       # the step benchmark against PyTorch, torch.compile
@@ -43,14 +44,14 @@ for mode in "${@:-reproduce}"; do
     tuned)
       # Each variant in its own process (flags are read at start); the pick is written as
       # export lines, sourced here for the reproduction. The variants most likely to matter
-      # (the step looks launch-bound and XLA leaves convolutions out of its CUDA graphs; the
-      # compile is the first ~38 s), most likely first, ~40 s each, at most 60: a sweep cut at
-      # 230 s loses the last. The sweep times pretraining only, so a picked variant first runs
-      # a few fine-tuning steps (shapes of 384 images) and is dropped if they fail. The
-      # reproduction (~240 s) gets what is left of ~570 s, at least 265 s.
+      # (the step looks launch-bound and XLA leaves convolutions out of its CUDA graphs), most
+      # likely first, ~40 s each, at most 60: a sweep cut at 230 s loses the last. The sweep
+      # times pretraining only, so a picked variant first runs a few fine-tuning steps (shapes
+      # of 384 images) and is dropped if they fail. The reproduction (~225 s) gets what is left
+      # of ~570 s, at least 265 s, and runs the pick's XLA_FLAGS as they are.
       start=$SECONDS; rm -f /tmp/best.sh
       timeout 230 python3 benchmarks/sweep.py --best-env /tmp/best.sh \
-        --variants "${SWEEP_VARIANTS:-default,cmd_buffer_conv_while,cmd_buffer_conv,par_compile,graph_min2}" \
+        --variants "${SWEEP_VARIANTS:-default,cmd_buffer_conv_while,cmd_buffer_conv,graph_min2}" \
         ${SWEEP_ARGS:-} 2>&1 | quiet | tee "$OUT/sweep.log"
       [[ -f /tmp/best.sh ]] && . /tmp/best.sh && cat /tmp/best.sh
       pick=$(sed -n 's/^# sweep pick: //p' /tmp/best.sh 2>/dev/null)
@@ -62,7 +63,8 @@ for mode in "${@:-reproduce}"; do
           export XLA_FLAGS= JAX_DEFAULT_PRNG_IMPL=threefry2x32 REPRO_UNROLL=0
         fi
       fi
-      REPRO_TIMEOUT=$((570 - (SECONDS - start))) reproduce reproduce_tuned.log --unroll "${REPRO_UNROLL:-0}" ;;
+      REPRO_TIMEOUT=$((570 - (SECONDS - start))) reproduce reproduce_tuned.log --unroll "${REPRO_UNROLL:-0}" \
+        --no-gpu-conv-graphs ;;
     sweep)
       timeout 300 python3 benchmarks/sweep.py ${SWEEP_ARGS:-} 2>&1 | quiet | tee "$OUT/sweep.log" ;;
     trace)
