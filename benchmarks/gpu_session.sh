@@ -43,15 +43,14 @@ for mode in "${@:-reproduce}"; do
       timeout 120 python3 benchmarks/profile_step.py --steps 40 2>&1 | quiet | tee "$OUT/profile_step.log" ;;
     tuned)
       # Each variant in its own process (flags are read at start); the pick is written as
-      # export lines, sourced here for the reproduction. The variants most likely to matter
-      # (the step looks launch-bound and XLA leaves convolutions out of its CUDA graphs), most
-      # likely first, ~40 s each, at most 60: a sweep cut at 230 s loses the last. The sweep
-      # times pretraining only, so a picked variant first runs a few fine-tuning steps (shapes
-      # of 384 images) and is dropped if they fail. The reproduction (~225 s) gets what is left
+      # export lines, sourced here for the reproduction. The baseline, then the variants in
+      # their order on the H200 (docs/performance.md), ~40 s each, at most 60: a sweep cut at
+      # 230 s loses the last. The sweep times pretraining only, so a picked variant first runs
+      # a few fine-tuning steps (shapes of 384 images) and is dropped if they fail. The reproduction (~225 s) gets what is left
       # of ~570 s, at least 265 s, and runs the pick's XLA_FLAGS as they are.
       start=$SECONDS; rm -f /tmp/best.sh
       timeout 230 python3 benchmarks/sweep.py --best-env /tmp/best.sh \
-        --variants "${SWEEP_VARIANTS:-default,cmd_buffer_conv_while,cmd_buffer_conv,graph_min2}" \
+        --variants "${SWEEP_VARIANTS:-default,cmd_buffer_conv,cmd_buffer_conv_while,graph_min2}" \
         ${SWEEP_ARGS:-} 2>&1 | quiet | tee "$OUT/sweep.log"
       [[ -f /tmp/best.sh ]] && . /tmp/best.sh && cat /tmp/best.sh
       pick=$(sed -n 's/^# sweep pick: //p' /tmp/best.sh 2>/dev/null)

@@ -35,7 +35,8 @@ def test_adds_convolutions_to_xla_cuda_graphs_unless_told_otherwise(tmp_path):
   # a value it does not know, so the run getting this far is the check that this jaxlib knows it).
   conv = "--xla_gpu_enable_command_buffer=+CONVOLUTION"
   cases = [("", [], conv),
-           ("--xla_dump_to=/tmp/x", [], "--xla_dump_to=/tmp/x " + conv),
+           ("--xla_force_host_platform_device_count=2", [],
+            "--xla_force_host_platform_device_count=2 " + conv),
            ("", ["--no-gpu-conv-graphs"], ""),
            ("--xla_gpu_enable_command_buffer=", [], "--xla_gpu_enable_command_buffer=")]
   for flags, args, expected in cases:
