@@ -27,13 +27,13 @@ import jax  # noqa: E402
 from energy_jax import (checkpoints, configs, datasets, evaluation, synthetic,  # noqa: E402
                         train)
 
-# XLA's CUDA graphs (command buffers) leave convolutions out unless asked, so each of the
-# pretraining step's ~110 convolution calls ends a graph and the few fusions between two of them
-# are launched one by one. With them in, the H200 ran the pretraining step at 32.6k images/s
-# instead of 31.5k and compiled it in 19.8 s instead of 23.3 s (docs/performance.md). XLA:CPU
-# parses the flag and ignores it. Not for a process that compiles with TensorFlow's own XLA
-# (2.21 rejects the value); this script uses no TensorFlow.
-GPU_CONV_GRAPHS = "--xla_gpu_enable_command_buffer=+CONVOLUTION"
+import sweep  # noqa: E402
+
+# Convolutions in XLA's CUDA graphs: the sweep's pick on the H200, where the pretraining step ran
+# at 32.6k images/s instead of 31.5k and compiled in 19.8 s instead of 23.3 s
+# (docs/performance.md). XLA:CPU parses the flag and ignores it. Not for a process that compiles
+# with TensorFlow's own XLA (2.21 rejects the value); this script uses no TensorFlow.
+GPU_CONV_GRAPHS = sweep.VARIANTS["cmd_buffer_conv"]["XLA_FLAGS"]
 
 
 def with_gpu_conv_graphs(xla_flags: str) -> str:

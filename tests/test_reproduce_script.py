@@ -9,7 +9,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def refused_run(workdir, xla_flags, *args):
-  """reproduce.py on a work directory that holds a run: it starts the backend, then refuses."""
+  """reproduce.py on a work directory that holds a run (the output and the run's file kept): it
+  starts the backend, then refuses."""
   kept = workdir / "pretrain" / "checkpoints" / "99" / "state"
   kept.parent.mkdir(parents=True, exist_ok=True)
   kept.write_text("a finished run")
@@ -18,12 +19,11 @@ def refused_run(workdir, xla_flags, *args):
                         *args], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, XLA_FLAGS=xla_flags))
   assert out.returncode == 2, out.stdout + out.stderr
-  return out
+  return out, kept
 
 
 def test_refuses_a_non_empty_workdir_and_keeps_it(tmp_path):
-  out = refused_run(tmp_path, "")
-  kept = tmp_path / "pretrain" / "checkpoints" / "99" / "state"
+  out, kept = refused_run(tmp_path, "")
   assert f"{tmp_path / 'pretrain'} is not empty" in out.stderr
   assert "nothing was deleted" in out.stderr
   assert kept.read_text() == "a finished run"
@@ -40,5 +40,5 @@ def test_adds_convolutions_to_xla_cuda_graphs_unless_told_otherwise(tmp_path):
            ("", ["--no-gpu-conv-graphs"], ""),
            ("--xla_gpu_enable_command_buffer=", [], "--xla_gpu_enable_command_buffer=")]
   for flags, args, expected in cases:
-    out = refused_run(tmp_path, flags, *args)
+    out, _ = refused_run(tmp_path, flags, *args)
     assert f"XLA_FLAGS={expected!r}" in out.stdout, (flags, args, out.stdout)
