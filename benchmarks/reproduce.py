@@ -19,21 +19,28 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
+from typing import Callable, List, Optional  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
-from energy_jax import (checkpoints, configs, datasets, evaluation, synthetic,  # noqa: E402
-                        train)
+from energy_jax import (checkpoints, config as config_lib, data, detectors,  # noqa: E402
+                        inference, models, parallel, train)
+from energy_jax.data import sampling, synthetic  # noqa: E402
+from energy_jax.ood import evaluation, report  # noqa: E402
+from energy_jax.train import objectives  # noqa: E402
+from energy_jax.train.step import device_data, epoch_calls  # noqa: E402
 
-import sweep  # noqa: E402
-
-# Convolutions in XLA's CUDA graphs: the sweep's pick on the H200, where the pretraining step ran
-# at 32.6k images/s instead of 31.5k and compiled in 19.8 s instead of 23.3 s
-# (docs/performance.md). XLA:CPU parses the flag and ignores it. Not for a process that compiles
-# with TensorFlow's own XLA (2.21 rejects the value); this script uses no TensorFlow.
-GPU_CONV_GRAPHS = sweep.VARIANTS["cmd_buffer_conv"]["XLA_FLAGS"]
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+# Convolutions in XLA's CUDA graphs: on an H200 the pretraining step ran at 32.6k images/s
+# instead of 31.5k and compiled in 19.8 s instead of 23.3 s (docs/performance.md). XLA:CPU parses
+# the flag and ignores it. Not for a process that compiles with TensorFlow's own XLA (2.21
+# rejects the value); this script uses no TensorFlow.
+GPU_CONV_GRAPHS = "--xla_gpu_enable_command_buffer=+CONVOLUTION"
 
 
 def with_gpu_conv_graphs(xla_flags: str) -> str:
@@ -43,18 +50,103 @@ def with_gpu_conv_graphs(xla_flags: str) -> str:
   return f"{xla_flags} {GPU_CONV_GRAPHS}".strip()
 
 
+class BackgroundCompile(threading.Thread):
+  """Runs compile jobs one after the other in a daemon thread (XLA compiles without holding
+  the GIL, so the main thread decodes data or trains meanwhile). ``wait(i)`` blocks until job
+  ``i`` is done and re-raises, in the caller's thread, the error of job ``i`` or of an earlier
+  job (after a failure the later jobs do not run)."""
+
+  def __init__(self, jobs: List[Callable[[], None]]):
+    super().__init__(daemon=True)
+    self.jobs = list(jobs)
+    self.done = [threading.Event() for _ in self.jobs]
+    self.seconds = [0.0] * len(self.jobs)
+    self.error: Optional[BaseException] = None
+    self.failed_job: Optional[int] = None
+    self.start()
+
+  def run(self):
+    for i, job in enumerate(self.jobs):
+      t0 = time.time()
+      try:
+        job()
+      except BaseException as e:  # re-raised by wait()
+        self.error, self.failed_job = e, i
+        for event in self.done[i:]:
+          event.set()
+        return
+      self.seconds[i] = time.time() - t0
+      self.done[i].set()
+
+  def wait(self, i: int = -1) -> float:
+    """Blocks until job ``i`` (default: the last) is compiled; returns the seconds waited."""
+    i = i % len(self.jobs)
+    t0 = time.time()
+    self.done[i].wait()
+    if self.failed_job is not None and self.failed_job <= i:
+      raise RuntimeError(f"compiling in the background failed (job {self.failed_job}"
+                         f"{'' if self.failed_job == i else f', before job {i}'})") from self.error
+    return time.time() - t0
+
+
+def _variable_shapes(config):
+  size = int(config.image_size)
+  return jax.eval_shape(lambda: models.init_variables(models.from_config(config),
+                                                      jax.random.PRNGKey(0), (size, size, 3)))
+
+
+def compile_run(config, num_train: int, num_outliers: int) -> None:
+  """Compiles what ``train.train_and_evaluate(config)`` calls before its first epoch for these
+  image counts (device input): the state's creation and every fused call length of an epoch.
+  The run then reuses the executables in this process."""
+  mesh = parallel.make_mesh(config.num_devices or None)
+  steps = sampling.steps_per_epoch(num_train, config.batch_size)
+  total_steps = steps * config.epochs
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  create = train.lower_create_train_state(
+      config, key, total_steps, _variable_shapes(config) if config.pretrained else None)
+  rep = parallel.replicated(mesh)
+  state = parallel.abstract(create.out_info, rep)       # the state's shapes, as created
+  uses_outliers = objectives.get(config.objective).uses_outliers
+  size = int(config.image_size)
+  pools = parallel.abstract(device_data(
+      jax.ShapeDtypeStruct((num_train, size, size, 3), jnp.uint8),
+      jax.ShapeDtypeStruct((num_train,), jnp.int32),
+      jax.ShapeDtypeStruct((num_outliers, size, size, 3), jnp.uint8) if uses_outliers else None),
+      rep)
+  out_batch = config.outlier_batch_size if uses_outliers else 0
+  fn = train.device_epoch_fn(config, total_steps, mesh)
+  create.compile()
+  for length in sorted({sl.stop - sl.start for sl in epoch_calls(steps, config.steps_per_call)}):
+    fn.lower(state, pools, jax.ShapeDtypeStruct((length, config.batch_size), jnp.int32),
+             jax.ShapeDtypeStruct((length, out_batch), jnp.int32)).compile()
+
+
+def compile_evaluation(config, num_test: int) -> None:
+  """Compiles the test-set evaluation of the run (``num_test`` images)."""
+  mesh = parallel.make_mesh(config.num_devices or None)
+  _, padded = inference.padded_batch_size(num_test, config.eval_batch_size, mesh.devices.size)
+  size = int(config.image_size)
+  inference.eval_step.lower(
+      models.from_config(config), parallel.abstract(_variable_shapes(config),
+                                                    parallel.replicated(mesh)),
+      parallel.abstract(jax.ShapeDtypeStruct((padded, size, size, 3), jnp.uint8),
+                        parallel.batch_sharded(mesh)), False).compile()
+
+
 def compile_jobs(stage, config):
   """``{name: job}`` of the stage, from the image counts of its sources (nothing decoded): what
   the run needs before its first epoch, then its test-set evaluation (needed only later)."""
-  num_train, num_test, num_outliers = train.dataset_sizes(config)
-  return {f"{stage} state + epoch": functools.partial(train.compile_ahead, config, num_train,
+  uses_outliers = objectives.get(config.objective).uses_outliers
+  num_train, num_test, num_outliers = data.count_run_data(config, uses_outliers)
+  return {f"{stage} state + epoch": functools.partial(compile_run, config, num_train,
                                                       num_outliers),
-          f"{stage} evaluation": functools.partial(train.compile_evaluation, config, num_test)}
+          f"{stage} evaluation": functools.partial(compile_evaluation, config, num_test)}
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--data", default=configs.SHARED_DATA)
+  p.add_argument("--data", default=SHARED_DATA)
   p.add_argument("--workdir", default="/tmp/energy_jax_reproduce")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--pretrain-epochs", type=int, default=100)
@@ -63,10 +155,9 @@ def main():
   p.add_argument("--num-to-avg", type=int, default=5)
   p.add_argument("--overlap-compile", action="store_true",
                  help="compile both stages in a thread, pretraining while the data decode and "
-                      "fine-tuning while pretraining runs; the runs reuse the executables (JAX's "
-                      "persistent compilation cache in <workdir>/xla_cache is a fallback)")
+                      "fine-tuning while pretraining runs; the runs reuse the executables")
   p.add_argument("--unroll", type=int, default=0,
-                 help="lax.scan unroll of the fused epoch (0: the default of train.UNROLL)")
+                 help="config.scan_unroll of the fused epoch (0: unrolled on CPU only)")
   p.add_argument("--eval-every", type=int, default=0,
                  help="test-set evaluation every N epochs during training, and after the last "
                       "(default 0: after the last only)")
@@ -75,28 +166,26 @@ def main():
   args = p.parse_args()
   if args.eval_every < 0:
     p.error(f"--eval-every must be >= 0, got {args.eval_every}")
-  if args.unroll:
-    train.UNROLL = args.unroll
   if not args.no_gpu_conv_graphs:     # XLA reads its flags when the backend starts, just below
     os.environ["XLA_FLAGS"] = with_gpu_conv_graphs(os.environ.get("XLA_FLAGS", ""))
   t_start = time.time()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
-        f"prng {jax.config.jax_default_prng_impl}, unroll {train.UNROLL}, "
+        f"prng {jax.config.jax_default_prng_impl}, unroll {args.unroll}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
   def stage_config(stage):
-    c = configs.apply_preset(configs.base_config(), "offline", stage)
-    c.in_train = c.in_test = os.path.join(args.data, "cifar10.zip")
-    c.outliers = os.path.join(args.data, "tin32-outliers.zip")
-    c.dtype = args.dtype
+    c = config_lib.get_config("offline", stage)
+    c.data_dir = args.data
+    c.model.dtype = args.dtype
     c.progress_bar = False
     c.tensorboard = False             # the GPU machines have no TensorFlow; the CSV/JSONL stay
     c.steps_per_call = 400            # a whole epoch (390 steps) as one compiled loop
+    c.scan_unroll = args.unroll
     c.checkpoint_every_epochs = 10
     c.epochs = args.pretrain_epochs if stage == "pretrain" else args.finetune_epochs
     c.eval_every_epochs = args.eval_every or c.epochs
     if args.smoke:
-      c.depth, c.widen_factor, c.train_subset, c.epochs = 10, 1, 2048, 1
+      c.model.depth, c.model.widen_factor, c.train_subset, c.epochs = 10, 1, 2048, 1
       c.steps_per_call = 8
     return c
 
@@ -117,15 +206,12 @@ def main():
   ahead = None
   if args.overlap_compile:
     t0 = time.time()
-    if not jax.config.jax_compilation_cache_dir:
-      jax.config.update("jax_compilation_cache_dir", os.path.join(args.workdir, "xla_cache"))
     # One thread compiles, in this order: pretraining's state and epoch (while the data decode),
     # its evaluation, fine-tuning's state and epoch, its evaluation (while pretraining runs).
-    # The runs reuse them in this process; the persistent cache is a fallback for a miss.
     jobs = {**compile_jobs("pretrain", pre_cfg), **compile_jobs("finetune", ft_cfg)}
-    ahead = train.BackgroundCompile(list(jobs.values()))
-    train.load_datasets(ft_cfg, decoded)
-    datasets.load_source_cached(decoded, ood_pack)   # free while the pretraining epoch compiles
+    ahead = BackgroundCompile(list(jobs.values()))
+    data.load_run_data(ft_cfg, True, decoded)
+    data.load_cached(decoded, ood_pack)   # free while the pretraining epoch compiles
     times["data (all, up front)"] = time.time() - t0
 
   for stage, cfg, workdir in (("pretrain", pre_cfg, pre_dir), ("finetune", ft_cfg, ft_dir)):
@@ -145,25 +231,25 @@ def main():
     print(f"[stage] {stage}: {times[stage]:.1f} s, test error {row.get('test_error')}", flush=True)
 
   t0 = time.time()
-  test = train.load_datasets(ft_cfg, decoded)[1]     # decoded already
-  ood = {"tin32_ood": datasets.load_source_cached(decoded, ood_pack)}
+  test = data.load_run_data(ft_cfg, True, decoded).test     # decoded already
+  ood = {"tin32_ood": data.load_cached(decoded, ood_pack)}
   n = len(test) // 5
   for name in ("uniform_noise", "gaussian_noise", "jigsaw", "rgb_shift", "invert"):
     ood[name] = synthetic.make_ood_set(name, n * 2, seed=1, base=test)
   t_load = time.time() - t0
-  detectors = [evaluation.DetectorSpec("msp"), evaluation.DetectorSpec("energy", 1.0)]
+  chosen = [detectors.create("msp"), detectors.create("energy", temperature=1.0)]
   t0 = time.time()
   for label, cfg, workdir in (("baseline (pretrained)", pre_cfg, pre_dir),
                               ("energy fine-tuned", ft_cfg, ft_dir)):
     variables = checkpoints.load_variables(workdir, cfg)
     # The training runs' evaluation batch: the compiled forward pass is reused.
-    scorer = evaluation.Scorer(train.make_model(cfg), variables, cfg.eval_batch_size)
-    logits, _ = scorer.logits_features(test.images)
-    report = evaluation.classification_report(logits, test.labels)
-    results = evaluation.evaluate(scorer, test, ood, detectors, num_to_avg=args.num_to_avg)
-    print(f"\n### {label}: test error {100 * report['error']:.2f}%\n")
-    print(evaluation.markdown_table(results, list(ood)), flush=True)
-    evaluation.save_results(results, workdir, {"classification": report})
+    scorer = evaluation.Scorer.from_config(cfg, variables, cfg.eval_batch_size)
+    logits = scorer.outputs(test.images).logits
+    result = evaluation.classification_report(logits, test.labels)
+    results = evaluation.evaluate(scorer, test, ood, chosen, num_to_avg=args.num_to_avg)
+    print(f"\n### {label}: test error {100 * result['error']:.2f}%\n")
+    print(report.markdown_table(results, list(ood)), flush=True)
+    report.save_results(results, workdir, {"classification": result})
   times["evaluate"] = time.time() - t0
   times["eval data"] = t_load
   if ahead is not None:

@@ -14,12 +14,14 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests"))        # the PyTorch twin of the reference WRN
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from energy_jax import configs, parallel, train  # noqa: E402
+from energy_jax import config as config_lib, parallel, train  # noqa: E402
 
 
 SCHEDULE_STEPS = 10_000   # the cosine schedule's length in the benchmarks (its value is immaterial)
@@ -32,7 +34,7 @@ def fused_step_inputs(config, steps: int):
   state = parallel.put_replicated(
       train.create_train_state(config, jax.random.PRNGKey(0), SCHEDULE_STEPS), mesh)
   rng = np.random.default_rng(0)
-  n_out = config.outlier_batch_size if config.score != "ce" else 0
+  n_out = config.outlier_batch_size if train.objectives.get(config.objective).uses_outliers else 0
   data = {"image": rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8),
           "label": rng.integers(0, config.num_classes, 4096).astype(np.int32),
           "outlier": rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)}
@@ -60,7 +62,7 @@ def bench_jax(config, steps: int, warmup: int):
 def bench_torch(depth, widen, classes, n_in, n_out, steps, bf16_channels_last, compile_=False):
   import torch
   import torch.nn.functional as F
-  from energy_jax.torch_twin import TwinWRN
+  from torch_twin import TwinWRN
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   torch.backends.cudnn.benchmark = True
   net = TwinWRN(depth, classes, widen, 0.3).to(dev).train()
@@ -106,43 +108,40 @@ def main():
   parser.add_argument("--dtypes", default="float32,bfloat16", help="JAX compute dtypes to time")
   parser.add_argument("--stages", default="pretrain,finetune")
   parser.add_argument("--unroll", type=int, default=0,
-                      help="lax.scan unroll of the fused steps (0: the default of train.UNROLL)")
+                      help="config.scan_unroll of the fused steps (0: unrolled on CPU only)")
   args = parser.parse_args()
-  if args.unroll:
-    train.UNROLL = args.unroll
   steps = args.steps or (3 if args.small else 100)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
-        f", prng {jax.config.jax_default_prng_impl}, unroll {train.UNROLL}, "
+        f", prng {jax.config.jax_default_prng_impl}, unroll {args.unroll}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   rows = []
   for stage in args.stages.split(","):
-    base = configs.apply_preset(configs.base_config(), "cifar10", stage)
+    base = config_lib.get_config("cifar10", stage)
+    base.scan_unroll = args.unroll
     if args.small:
-      base.depth, base.widen_factor = 10, 1
+      base.model.depth, base.model.widen_factor = 10, 1
     n_in, n_out = base.batch_size, (base.outlier_batch_size if stage == "finetune" else 0)
     results = {}
     for dtype in args.dtypes.split(","):
       cfg = base.copy_and_resolve_references()
-      cfg.dtype = dtype
+      cfg.model.dtype = dtype
       results[f"jax {dtype}"], first = bench_jax(cfg, steps, warmup=1)
       print(f"  {stage} jax {dtype}: {results[f'jax {dtype}']:.0f} img/s; first call (compile) "
             f"{first:.1f} s", flush=True)
     if not args.no_torch:
       try:
         import torch  # noqa: F401
-        results["torch eager fp32"] = bench_torch(base.depth, base.widen_factor, 10, n_in, n_out,
-                                                  steps, False)
-        results["torch bf16+channels_last"] = bench_torch(base.depth, base.widen_factor, 10, n_in,
-                                                          n_out, steps, True)
+        arch = (base.model.depth, base.model.widen_factor, 10, n_in, n_out, steps)
+        results["torch eager fp32"] = bench_torch(*arch, False)
+        results["torch bf16+channels_last"] = bench_torch(*arch, True)
         if args.torch_compile:
-          results["torch bf16+cl+compile"] = bench_torch(base.depth, base.widen_factor, 10, n_in,
-                                                         n_out, steps, True, compile_=True)
+          results["torch bf16+cl+compile"] = bench_torch(*arch, True, compile_=True)
       except ImportError:
         print("torch is not importable: PyTorch rows skipped")
     best_torch = max([v for k, v in results.items() if k.startswith("torch")], default=None)
     for name, ips in results.items():
       ratio = f"{ips / best_torch:5.2f}x best torch" if best_torch else ""
-      rows.append(f"{stage:9s} WRN-{base.depth}-{base.widen_factor} {n_in}+{n_out:<3d} "
+      rows.append(f"{stage:9s} WRN-{base.model.depth}-{base.model.widen_factor} {n_in}+{n_out:<3d} "
                   f"{name:26s} {ips:10.0f} img/s  {ratio}")
       print(rows[-1], flush=True)
 

@@ -1,27 +1,41 @@
 """Orbax checkpoints of training runs, and loading of pretrained weights.
 
 A run's directory holds ``checkpoints/<epoch>/{state,meta}``: the whole
-:class:`~energy_jax.train.TrainState` and a JSON record (epoch, architecture,
-whether the run finished). Saves are asynchronous; :meth:`RunCheckpoints.close`
-waits for them. Pretrained weights come from such a directory (the latest
-epoch) or from the authors' PyTorch ``.pt`` through :mod:`energy_jax.convert`.
+:class:`~energy_jax.train.TrainState` and a JSON record (:func:`run_meta`: the package version,
+the run format, the config, the model's architecture, the epoch and whether the run finished).
+Saves are asynchronous; :meth:`RunCheckpoints.close` waits for them. Pretrained weights come from
+such a directory (the latest epoch) or from a PyTorch ``.pt`` ``state_dict`` converted by the
+model's registered converter (the reference's WRN checkpoints for ``"wrn"``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
-from energy_jax import convert, models
+from energy_jax import __version__, models
+
+# The training recipe's numbers: a change that alters them bumps it, and a run saved under
+# another format is not resumed (its remaining epochs would follow other rules).
+RUN_FORMAT = 2
 
 
-def architecture(config) -> Dict[str, Any]:
-  """``{depth, widen_factor, num_classes}`` of ``config``: what a checkpoint must match."""
-  return {"depth": int(config.depth), "widen_factor": int(config.widen_factor),
-          "num_classes": int(config.num_classes)}
+def run_meta(config, epoch: int, finished: bool, row: Dict[str, Any]) -> Dict[str, Any]:
+  """The JSON record saved beside each state."""
+  return {"epoch": epoch, "finished": finished, "version": __version__, "format": RUN_FORMAT,
+          "architecture": models.architecture(config), "objective": config.objective,
+          "config": config.to_dict(), "results": row}
+
+
+def architecture_of(meta: Mapping[str, Any]) -> Dict[str, Any]:
+  """The architecture a checkpoint's meta records (energy-jax 0.1 runs: a WRN on 32x32)."""
+  found = dict(meta.get("architecture", {}))
+  if "name" not in found:
+    found.update(name="wrn", image_size=32)
+  return found
 
 
 class RunCheckpoints:
@@ -33,6 +47,12 @@ class RunCheckpoints:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              save_interval_steps=max(1, save_every)))
+
+  def __enter__(self) -> "RunCheckpoints":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def latest_epoch(self) -> Optional[int]:
     """The newest saved epoch (0-based), or None for an empty run."""
@@ -55,6 +75,13 @@ class RunCheckpoints:
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
 
+  def restore_variables(self, epoch: Optional[int] = None) -> Dict[str, Any]:
+    """``{'params', 'batch_stats'}`` of ``epoch`` (default: latest), as saved."""
+    epoch = self.latest_epoch() if epoch is None else epoch
+    state = self.manager.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}
+
   def read_meta(self, epoch: Optional[int] = None) -> Dict[str, Any]:
     """The JSON record of ``epoch`` (default: latest) without reading the arrays."""
     epoch = self.latest_epoch() if epoch is None else epoch
@@ -67,34 +94,54 @@ class RunCheckpoints:
     self.manager.close()
 
 
-def _check_architecture(found: Dict[str, Any], config, source: str):
-  want = architecture(config)
-  diff = {k: (found.get(k), v) for k, v in want.items() if found.get(k) != v}
-  if diff:
-    detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
-    raise ValueError(f"checkpoint {source} does not match the configured model ({detail})")
+def read_torch_state_dict(path: str) -> Mapping[str, Any]:
+  """A ``.pt`` ``state_dict``, read with ``torch.load(weights_only=True)``: no pickled code runs.
+  A ``module.`` prefix (``nn.DataParallel``) is left for the converter."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
+  try:
+    import torch
+  except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("reading .pt checkpoints needs torch: pip install 'energy_jax[torch]'") from e
+  try:
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises several types for truncated / foreign files
+    raise ValueError(f"cannot read PyTorch checkpoint {path}: {type(e).__name__}: {e}") from e
+  if isinstance(state_dict, Mapping) and "state_dict" in state_dict:
+    state_dict = state_dict["state_dict"]
+  if not isinstance(state_dict, Mapping):
+    raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")
+  return state_dict
+
+
+def load_torch_checkpoint(path: str, config) -> Dict[str, Any]:
+  """``{'params', 'batch_stats'}`` of ``config``'s model from a PyTorch ``.pt`` file, through
+  the model's registered converter."""
+  entry = models.get(config.model.name)
+  if entry.from_torch is None:
+    raise ValueError(f"model {config.model.name!r} has no PyTorch converter registered; "
+                     f"{path} cannot be read")
+  return entry.from_torch(read_torch_state_dict(path), models.from_config(config))
 
 
 def load_variables(path: str, config) -> Dict[str, Any]:
-  """``{'params', 'batch_stats'}`` from a run directory (latest epoch), its
-  ``checkpoints/`` folder, or a PyTorch ``.pt`` state_dict, checked against ``config``."""
+  """``{'params', 'batch_stats'}`` from a run directory (latest epoch), its ``checkpoints/``
+  folder, or a PyTorch ``.pt`` state_dict, checked against ``config``'s model."""
   if not path:
     raise ValueError("no pretrained checkpoint given (config.pretrained is empty)")
   if not os.path.exists(path):
     raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
   if os.path.isfile(path):
-    return convert.load_torch_checkpoint(path, models.from_config(config))
+    return load_torch_checkpoint(path, config)
   workdir = os.path.dirname(path.rstrip("/")) if os.path.basename(
       path.rstrip("/")) == "checkpoints" else path
-  ckpts = RunCheckpoints(workdir)
-  try:
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):   # read, never created
+    raise FileNotFoundError(f"{path} holds no Orbax checkpoint (no folder "
+                            f"{os.path.join(workdir, 'checkpoints')})")
+  with RunCheckpoints(workdir) as ckpts:
     epoch = ckpts.latest_epoch()
     if epoch is None:
       raise FileNotFoundError(f"{path} holds no Orbax checkpoint (looked in {ckpts.directory})")
-    meta = ckpts.read_meta(epoch)
-    _check_architecture(meta.get("architecture", {}), config, f"{ckpts.directory}/{epoch}")
-    restored = ckpts.manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
-  finally:
-    ckpts.close()
-  return {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+    models.check_architecture(architecture_of(ckpts.read_meta(epoch)), config,
+                              f"{ckpts.directory}/{epoch}")
+    return ckpts.restore_variables(epoch)

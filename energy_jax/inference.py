@@ -1,8 +1,8 @@
-"""Batched inference on device: logits and penultimate features of a whole image set.
+"""Batched inference on the devices: a model's outputs (logits, features, blocks) for a whole
+image set.
 
-Every example is kept exactly once: the last batch is padded and the padding
-dropped. Batches are split over the devices of the mesh (GSPMD partitions the
-jitted forward pass).
+Every example is kept exactly once: the last batch is padded and the padding dropped. Batches
+are split over the devices of the mesh (GSPMD partitions the jitted forward pass).
 """
 
 from __future__ import annotations
@@ -14,15 +14,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from energy_jax import augment, models, parallel
+from energy_jax import parallel
+from energy_jax.data import augment
+from energy_jax.models import ModelOutput
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def eval_step(model, variables, images_uint8):
-  """Inference-mode ``(logits, features)`` float32 for a uint8 batch (normalised here)."""
+@functools.partial(jax.jit, static_argnames=("model", "blocks"))
+def eval_step(model, variables, images_uint8, blocks: bool = False) -> ModelOutput:
+  """Inference-mode :class:`ModelOutput` (float32) for a uint8 batch (normalised here); its
+  ``blocks`` only when asked for (otherwise ``()``: XLA leaves their reductions out, and the
+  logits' program is the same with or without detectors that need them)."""
   x = augment.normalize(images_uint8, model.dtype)
-  logits, features = model.apply(variables, x, train=False, return_features=True)
-  return logits.astype(jnp.float32), features.astype(jnp.float32)
+  out = model.apply(variables, x, train=False)
+  out = out._replace(blocks=out.blocks if blocks else ())
+  return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), out)
 
 
 def batch_bounds(num: int, batch_size: int):
@@ -38,21 +43,10 @@ def padded_batch_size(num: int, batch_size: int, num_devices: int) -> Tuple[int,
   return step, step if num > step else -(-num // num_devices) * num_devices
 
 
-def compile_predict(model: models.WideResNet, variables, num: int, batch_size: int = 1000,
-                    mesh=None) -> None:
-  """Compiles what :func:`predict` runs for ``num`` images; ``variables`` may be shapes
-  (``jax.ShapeDtypeStruct``). With JAX's persistent compilation cache on, a later
-  ``predict`` in another thread or process loads it from there."""
-  mesh = mesh or parallel.make_mesh()
-  _, padded = padded_batch_size(num, batch_size, mesh.devices.size)
-  eval_step.lower(model, parallel.abstract(variables, parallel.replicated(mesh)),
-                  parallel.abstract(jax.ShapeDtypeStruct((padded, 32, 32, 3), jnp.uint8),
-                                    parallel.batch_sharded(mesh))).compile()
-
-
-def predict(model: models.WideResNet, variables, images: np.ndarray, batch_size: int = 1000,
-            mesh=None) -> Tuple[np.ndarray, np.ndarray]:
-  """``(logits [N, C], features [N, D])`` float32 for uint8 images ``[N, 32, 32, 3]``.
+def predict(model, variables, images: np.ndarray, batch_size: int = 1000,
+            mesh=None, blocks: bool = False) -> ModelOutput:
+  """:class:`ModelOutput` of numpy float32 arrays for uint8 images ``[N, H, W, 3]`` (with the
+  per-stage ``blocks`` if asked for).
 
   ``variables`` may already live on the mesh's devices (then nothing is copied).
   """
@@ -62,13 +56,12 @@ def predict(model: models.WideResNet, variables, images: np.ndarray, batch_size:
   mesh = mesh or parallel.make_mesh()
   batch_size, padded_size = padded_batch_size(len(images), batch_size, mesh.devices.size)
   variables = parallel.put_replicated(variables, mesh)
-  logits, feats = [], []
+  parts = []
   for start, stop in batch_bounds(len(images), batch_size):
     chunk = images[start:stop]
     pad = padded_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
-    out_l, out_f = eval_step(model, variables, parallel.put_sharded(chunk, mesh))
-    logits.append(np.asarray(out_l)[:stop - start])
-    feats.append(np.asarray(out_f)[:stop - start])
-  return np.concatenate(logits), np.concatenate(feats)
+    out = eval_step(model, variables, parallel.put_sharded(chunk, mesh), blocks)
+    parts.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:stop - start], out))
+  return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)

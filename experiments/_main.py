@@ -7,12 +7,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def refuse_renamed_keys(argv):
+  """Exits naming the new path of any energy-jax 0.1 key given as ``--config.KEY=...``."""
+  from energy_jax.config import RENAMED
+  for arg in argv[1:]:
+    key = arg.split("=", 1)[0][len("--config."):] if arg.startswith("--config.") else None
+    if key in RENAMED:
+      sys.exit(f"--config.{key} was renamed --config.{RENAMED[key]} in energy-jax 0.2 "
+               "(README: renamed config keys)")
+
+
 def run(default_config: str, default_workdir: str):
   from absl import app, flags
   from ml_collections import config_flags
 
+  refuse_renamed_keys(sys.argv)
   here = os.path.dirname(os.path.abspath(__file__))
-  config_flags.DEFINE_config_file("config", os.path.join(here, default_config), "experiment config (file.py:preset)")
+  config_flags.DEFINE_config_file("config", os.path.join(here, default_config),
+                                  "experiment config (file.py:preset)")
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, CSV); default per preset")
 
   def main(argv):

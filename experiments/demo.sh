@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${DEMO_WORKDIR:-workdirs/demo}
 rm -rf "$W"
-python -m energy_jax.toy_data "$W/data"
+python -m energy_jax.data.toy "$W/data"
 common=("--config.in_train=$W/data/toy_id.zip" "--config.in_test=$W/data/toy_id.zip" "--config.outliers=$W/data/toy_outliers.npy")
 python experiments/pretrain.py --config=experiments/configs/pretrain.py:demo --workdir="$W/pretrain" "${common[@]}"
 python experiments/finetune.py --config=experiments/configs/finetune.py:demo --workdir="$W/finetune" "${common[@]}" --config.pretrained="$W/pretrain"

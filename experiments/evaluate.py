@@ -1,8 +1,9 @@
-"""The paper's OOD table for a checkpoint: MSP, energy, ODIN and Mahalanobis.
+"""The paper's OOD table for a checkpoint: MSP, energy, ODIN, Mahalanobis, or any registered detector.
 
   python experiments/evaluate.py --checkpoint workdirs/cifar10_finetune \
       --config=experiments/configs/finetune.py:cifar10 --ood textures,svhn,places365,lsun_c,lsun_r,isun
-  python experiments/evaluate.py --checkpoint cifar10_wrn_pretrained_epoch_99.pt --ood svhn=/data/svhn.npy
+  python experiments/evaluate.py --checkpoint cifar10_wrn_pretrained_epoch_99.pt --ood svhn=/data/svhn.npy \
+      --detectors=energy,odin --hparam=odin.temperature=1000 --hparam=odin.epsilon=0.0014
 """
 
 import os
@@ -20,11 +21,10 @@ config_flags.DEFINE_config_file("config", os.path.join(HERE, "configs/finetune.p
 flags.DEFINE_string("checkpoint", None, "run directory (Orbax) or reference .pt", required=True)
 flags.DEFINE_list("ood", ["textures", "svhn", "places365", "lsun_c", "lsun_r", "isun"],
                   "OOD sets: paper names, NAME=SOURCE, or synthetic:NAME")
-flags.DEFINE_list("detectors", ["msp", "energy", "odin", "mahalanobis"], "detectors")
-flags.DEFINE_float("temperature", 1.0, "energy temperature")
-flags.DEFINE_float("odin_temperature", 1000.0, "ODIN temperature (unless --validate)")
-flags.DEFINE_float("odin_epsilon", 0.0014, "ODIN noise (unless --validate)")
-flags.DEFINE_float("mahalanobis_epsilon", 0.0014, "Mahalanobis noise (unless --validate)")
+flags.DEFINE_list("detectors", ["msp", "energy", "odin", "mahalanobis"],
+                  "registered detectors (energy_jax.detectors.names()), or all")
+flags.DEFINE_multi_string("hparam", [], "a detector's hyper-parameter, DETECTOR.NAME=VALUE "
+                          "(e.g. odin.temperature=1000); validation overrides the tuned ones")
 flags.DEFINE_integer("num_to_avg", 1, "draws of len(test)//5 OOD images per set")
 flags.DEFINE_integer("seed", 0, "seed of the draws")
 flags.DEFINE_bool("validate", False, "choose ODIN / Mahalanobis noise on synthetic sets")
@@ -35,7 +35,8 @@ flags.DEFINE_string("workdir", None, "where results go (default: the checkpoint'
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from energy_jax import evaluation
+  from energy_jax import detectors
+  from energy_jax.ood import evaluation
   F = flags.FLAGS
   sources = {}
   for item in F.ood:
@@ -46,16 +47,24 @@ def main(argv):
         raise app.UsageError(f"unknown OOD set {name!r}: use one of "
                              f"{sorted(evaluation.PAPER_OOD_SETS)} or NAME=SOURCE")
     sources[name] = src
-  params = {"msp": {}, "energy": {"temperature": F.temperature},
-            "odin": {"temperature": F.odin_temperature, "epsilon": F.odin_epsilon},
-            "mahalanobis": {"epsilon": F.mahalanobis_epsilon}}
-  unknown = [d for d in F.detectors if d not in params]
+  names = list(detectors.names()) if F.detectors == ["all"] else F.detectors
+  unknown = [d for d in names if d not in detectors.names()]
   if unknown:
-    raise app.UsageError(f"unknown detector(s) {unknown}; choose from {sorted(params)}")
-  detectors = [evaluation.DetectorSpec(d, **params[d]) for d in F.detectors]
+    raise app.UsageError(f"unknown detector(s) {unknown}; choose from {list(detectors.names())}")
+  hparams = {d: {} for d in names}
+  for item in F.hparam:
+    key, _, value = item.partition("=")
+    det, _, name = key.partition(".")
+    if det not in hparams or not name or not value:
+      raise app.UsageError(f"--hparam {item!r}: expected DETECTOR.NAME=VALUE for one of {names}")
+    hparams[det][name] = float(value)
+  try:
+    chosen = [detectors.create(d, **hparams[d]) for d in names]
+  except ValueError as e:
+    raise app.UsageError(str(e))
   workdir = F.workdir or os.path.join(
       F.checkpoint if os.path.isdir(F.checkpoint) else os.path.dirname(F.checkpoint) or ".", "eval")
-  evaluation.run(F.config, F.checkpoint, sources, workdir, detectors, F.num_to_avg, F.seed,
+  evaluation.run(F.config, F.checkpoint, sources, workdir, chosen, F.num_to_avg, F.seed,
                  F.validate, F.temperature_ablation)
 
 

@@ -31,35 +31,36 @@ def _sums(tree):
 
 
 def golden_run(workdir: str) -> dict:
-  from energy_jax import (checkpoints, configs, datasets, evaluation, synthetic, toy_data,
-                          train)
-  toy_id, toy_out = toy_data.make_toy_dataset(os.path.join(workdir, "data"), train_per_class=24,
+  from energy_jax import checkpoints, config as config_lib, data, detectors, train
+  from energy_jax.data import synthetic, toy
+  from energy_jax.ood import evaluation
+  toy_id, toy_out = toy.make_toy_dataset(os.path.join(workdir, "data"), train_per_class=24,
                                               test_per_class=16, num_outliers=96, seed=3)
 
   def config(stage, pipeline, **kw):
-    c = configs.apply_preset(configs.base_config(), "test", stage)
+    c = config_lib.get_config("test", stage)
     c.in_train = c.in_test = toy_id
     c.outliers = toy_out
     c.num_devices = 1
     c.input_pipeline = pipeline
     c.steps_per_call = 4
-    c.dropout_rate = 0.3
+    c.model.dropout_rate = 0.3
     c.seed = 5
     for k, v in kw.items():
       setattr(c, k, v)
     return c
 
   out = {}
-  test = datasets.load_source(toy_id, "test")
+  test = data.load(toy_id, "test")
   ood = {"noise": synthetic.make_ood_set("uniform_noise", 24, seed=1),
          "jigsaw": synthetic.make_ood_set("jigsaw", 24, seed=1, base=test)}
-  detectors = [evaluation.DetectorSpec("msp"), evaluation.DetectorSpec("energy", 1.0),
-               evaluation.DetectorSpec("odin", 10.0, 0.002),
-               evaluation.DetectorSpec("mahalanobis", 1.0, 0.001)]
+  chosen = [detectors.create("msp"), detectors.create("energy", temperature=1.0),
+            detectors.create("odin", temperature=10.0, epsilon=0.002),
+            detectors.create("mahalanobis", epsilon=0.001)]
   for pipeline in ("device", "tfdata"):
     runs = {"pretrain": config("pretrain", pipeline, epochs=2),
             "energy": config("finetune", pipeline, epochs=2),
-            "oe": config("finetune", pipeline, epochs=1, score="oe")}
+            "oe": config("finetune", pipeline, epochs=1, objective="oe")}
     for name, c in runs.items():
       if name != "pretrain":
         c.pretrained = os.path.join(workdir, pipeline, "pretrain")
@@ -75,9 +76,9 @@ def golden_run(workdir: str) -> dict:
                "params_sums": _sums(variables["params"]),
                "batch_stats_sums": _sums(variables["batch_stats"])}
       if name == "energy":
-        scorer = evaluation.Scorer(train.make_model(c), variables, batch_size=32)
-        scorer.fit_mahalanobis(datasets.load_source(toy_id, "train"))
-        results = evaluation.evaluate(scorer, test, ood, detectors, num_to_avg=2, seed=0,
+        scorer = evaluation.Scorer.from_config(c, variables, batch_size=32)
+        scorer.fit(chosen, data.load(toy_id, "train"))
+        results = evaluation.evaluate(scorer, test, ood, chosen, num_to_avg=2, seed=0,
                                       log=lambda s: None)
         entry["evaluation"] = {label: {s: {k: m[k] for k in ("fpr", "auroc", "aupr_in")}
                                        for s, m in per_set.items()}

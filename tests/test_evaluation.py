@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from energy_jax import augment, configs, datasets, evaluation, metrics, models, toy_data, train
+from energy_jax import config as config_lib, data, detectors, models, train
+from energy_jax.data import augment, toy
+from energy_jax.ood import evaluation, metrics, report
 from conftest import REPO, shared_pack
 
 
 def _set(images, labels=None):
   labels = np.zeros(len(images), np.int32) if labels is None else labels
-  return datasets.ImageSet(images, labels.astype(np.int32),
+  return data.ImageSet(images, labels.astype(np.int32),
                            tuple(str(i) for i in range(int(labels.max()) + 1)), "mem")
 
 
@@ -22,12 +24,13 @@ class StubScorer(evaluation.Scorer):
   """Known logits: image k (its first pixel holds k) has logits [v_k, 0]."""
 
   def __init__(self, values):
+    super().__init__(model=None, variables=None)
     self.values = np.asarray(values, np.float32)
-    self._mahalanobis = None
 
-  def logits_features(self, images):
+  def outputs(self, images, blocks=False):
     v = self.values[images[:, 0, 0, 0].astype(int)]
-    return np.stack([v, np.zeros_like(v)], 1), np.zeros((len(v), 1), np.float32)
+    features = np.zeros((len(v), 1), np.float32)
+    return models.ModelOutput(np.stack([v, np.zeros_like(v)], 1), features, (features,))
 
 
 def _indexed_images(start, n):
@@ -42,7 +45,7 @@ def test_stub_model_gives_hand_computed_fpr_and_auroc():
   scorer = StubScorer(values)
   test = _set(_indexed_images(0, 20), np.arange(20) % 2)
   ood = {"stub": _set(_indexed_images(20, 4))}            # len(test)//5 = 4: all of it each draw
-  res = evaluation.evaluate(scorer, test, ood, [evaluation.DetectorSpec("energy")], num_to_avg=3)
+  res = evaluation.evaluate(scorer, test, ood, [detectors.create("energy")], num_to_avg=3)
   m = res["energy (T=1)"]["stub"]
   # TPR 95% = 19 of 20 ID above the threshold (logit 2): OOD 10.5 and 19.5 pass -> FPR 2/4.
   assert m["fpr"] == pytest.approx(0.5) and m["fpr_std"] == 0.0
@@ -59,14 +62,14 @@ def test_table_equals_metrics_on_the_same_scores():
   ood = {"a": _set(rng.integers(0, 80, (30, 32, 32, 3), dtype=np.uint8)),
          "b": _set(rng.integers(100, 256, (14, 32, 32, 3), dtype=np.uint8))}
   scorer = evaluation.Scorer(model, variables, batch_size=16)
-  specs = [evaluation.DetectorSpec("msp"), evaluation.DetectorSpec("energy", 2.0)]
+  specs = [detectors.create("msp"), detectors.create("energy", temperature=2.0)]
   res = evaluation.evaluate(scorer, test, ood, specs, num_to_avg=3, seed=7, log=lambda s: None)
   # Independent recomputation: logits straight from the model, scores with numpy, the same draws.
   def logits_of(images):
-    return np.asarray(model.apply(variables, augment.normalize(images)), np.float64)
+    return np.asarray(model.apply(variables, augment.normalize(images)).logits, np.float64)
   score_fns = {"msp": lambda l: np.exp(l.max(1) - logsumexp(l, 1)),
                "energy (T=2)": lambda l: 2.0 * logsumexp(l / 2.0, 1)}
-  table = evaluation.markdown_table(res, list(ood))
+  table = report.markdown_table(res, list(ood))
   for label, fn in score_fns.items():
     s_in = fn(logits_of(test.images))
     per_set = []
@@ -88,14 +91,16 @@ def test_small_ood_set_is_used_whole_and_said():
   test = _set(_indexed_images(0, 20), np.arange(20) % 2)
   said = []
   res = evaluation.evaluate(scorer, test, {"tiny": _set(_indexed_images(20, 2))},
-                            [evaluation.DetectorSpec("msp")], log=said.append)
+                            [detectors.create("msp")], log=said.append)
   assert res["msp"]["tiny"]["num_ood"] == 2
   assert any("tiny has 2 images, fewer than 4: using all" in s for s in said)
 
 
 def test_bad_evaluation_inputs():
-  with pytest.raises(ValueError, match="unknown detector 'knn'"):
-    evaluation.DetectorSpec("knn")
+  with pytest.raises(ValueError, match="unknown detector 'knn'; registered: .*energy"):
+    detectors.create("knn")
+  with pytest.raises(ValueError, match=r"no hyper-parameter\(s\) \['T'\]; it has \['temperature'\]"):
+    detectors.create("energy", T=2.0)
   with pytest.raises(ValueError, match="single class"):
     evaluation.classification_report(np.zeros((4, 3)), np.zeros(4, np.int32))
   with pytest.raises(ValueError, match="no OOD sets"):
@@ -105,13 +110,13 @@ def test_bad_evaluation_inputs():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
   d = tmp_path_factory.mktemp("evalrun")
-  toy, _ = toy_data.make_toy_dataset(str(d / "data"), train_per_class=32, test_per_class=16,
-                                     num_outliers=64)
-  c = configs.apply_preset(configs.base_config(), "test", "pretrain")
-  c.in_train = c.in_test = toy
+  toy_id, _ = toy.make_toy_dataset(str(d / "data"), train_per_class=32, test_per_class=16,
+                                   num_outliers=64)
+  c = config_lib.get_config("test", "pretrain")
+  c.in_train = c.in_test = toy_id
   c.epochs, c.num_devices = 1, 1
   train.train_and_evaluate(c, str(d / "run"), log=lambda s: None)
-  return toy, str(d / "run")
+  return toy_id, str(d / "run")
 
 
 def _evaluate(toy, ckpt, workdir, *extra):

@@ -4,29 +4,30 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from energy_jax import augment, datasets, input_pipeline  # noqa: E402
+from energy_jax import data  # noqa: E402
+from energy_jax.data import augment, host_stream, sampling, tfds_source  # noqa: E402
 
 
 def _set(n=40, classes=4):
   rng = np.random.default_rng(0)
-  return datasets.ImageSet(rng.integers(1, 256, (n, 32, 32, 3), dtype=np.uint8),
+  return data.ImageSet(rng.integers(1, 256, (n, 32, 32, 3), dtype=np.uint8),
                            (np.arange(n) % classes).astype(np.int32),
                            tuple(str(i) for i in range(classes)), "mem")
 
 
 def test_tfds_path_with_mock_data():
   with tfds.testing.mock_data(num_examples=12):
-    s = input_pipeline.load_tfds_arrays("cifar10", "test")
+    s = tfds_source.load_tfds_arrays("cifar10", "test")
   assert s.images.shape == (12, 32, 32, 3) and s.images.dtype == np.uint8
   assert s.num_classes == 10 and s.labels.dtype == np.int32
   with tfds.testing.mock_data(num_examples=5):
-    svhn = datasets.load_source("tfds:svhn_cropped", "test")
+    svhn = data.load("tfds:svhn_cropped", "test")
   assert len(svhn) == 5
 
 
 def test_tfds_unknown_name():
   with pytest.raises(ValueError, match="unknown TFDS dataset 'cifar11'"):
-    input_pipeline.load_tfds_arrays("cifar11", "test")
+    tfds_source.load_tfds_arrays("cifar11", "test")
 
 
 def test_augmentation_matches_random_crop_padding_4_and_flip():
@@ -42,7 +43,7 @@ def test_augmentation_matches_random_crop_padding_4_and_flip():
   seen_tf, seen_jax = set(), set()
   import jax
   for i in range(300):
-    out = input_pipeline.augment(tf.constant(img), tf.constant([3, i])).numpy()
+    out = host_stream.augment(tf.constant(img), tf.constant([3, i])).numpy()
     seen_tf.add(windows[out.astype(np.int64).tobytes()])
     out = np.asarray(augment.random_crop_flip(jax.random.PRNGKey(i), img[None]))[0]
     seen_jax.add(windows[out.astype(np.int64).tobytes()])
@@ -53,21 +54,20 @@ def test_augmentation_matches_random_crop_padding_4_and_flip():
 
 
 def test_epoch_stream_batches_and_normalisation():
-  from energy_jax.train import epoch_indices
   train, out = _set(), _set(64)
-  in_idx, out_idx = epoch_indices(0, 0, len(train), 8, len(out), 16)
-  batches = list(input_pipeline.epoch_stream(train, out, in_idx, out_idx, seed=0, epoch=0))
+  in_idx, out_idx = sampling.epoch_indices(0, 0, len(train), 8, len(out), 16)
+  batches = list(host_stream.epoch_stream(train, out, in_idx, out_idx, seed=0, epoch=0))
   assert len(batches) == 5
   b = batches[0]
   assert b["image"].shape == (8, 32, 32, 3) and b["outlier"].shape == (16, 32, 32, 3)
   np.testing.assert_array_equal(b["label"], train.labels[in_idx[0]])
-  zero = (0 - np.asarray(input_pipeline.CIFAR_MEAN)) / np.asarray(input_pipeline.CIFAR_STD)
+  zero = (0 - np.asarray(augment.MEAN)) / np.asarray(augment.STD)
   assert b["image"].min() >= zero.min() - 1e-5
 
 
 def test_eval_batches_keep_every_example_once():
   images = _set(23).images
-  got = list(input_pipeline.eval_batches(images, 10))
+  got = list(host_stream.eval_batches(images, 10))
   assert [int(b["mask"].sum()) for b in got] == [10, 10, 3]
   kept = np.concatenate([b["image"][b["mask"]] for b in got])
   np.testing.assert_allclose(kept, np.asarray(augment.normalize(images)), atol=1e-6)

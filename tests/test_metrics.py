@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from energy_jax.metrics import auroc, average_precision, fpr_at_tpr, ood_metrics
+from energy_jax.ood.metrics import auroc, average_precision, fpr_at_tpr, ood_metrics
 
 
 def _sk(scores_in, scores_out):

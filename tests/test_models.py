@@ -3,10 +3,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energy_jax import convert, models
+from energy_jax import checkpoints, models
+from energy_jax.models import wrn_convert as convert
 
 torch = pytest.importorskip("torch")
-from energy_jax.torch_twin import TwinWRN, randomize_batchnorm  # noqa: E402
+from torch_twin import TwinWRN, randomize_batchnorm  # noqa: E402
 
 
 def test_wrn_40_2_has_reference_parameter_count():
@@ -38,7 +39,8 @@ def test_converted_twin_matches_logits_and_features(depth, widen, classes):
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
     want_feat = twin.features(xt).numpy()
     want_logits = twin(xt).numpy()
-  logits, feats = model.apply(variables, jnp.asarray(x), train=False, return_features=True)
+  out = model.apply(variables, jnp.asarray(x), train=False)
+  logits, feats = out.logits, out.features
   np.testing.assert_allclose(np.asarray(feats), want_feat, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-4, rtol=1e-4)
 
@@ -53,7 +55,7 @@ def test_train_mode_batchnorm_matches_torch_update():
   with torch.no_grad():
     want = twin(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
   got, updates = model.apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
-  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(got.logits), want, atol=1e-4, rtol=1e-4)
   after = convert.state_dict_to_variables(twin.state_dict(), model)["batch_stats"]
   for a, b in zip(jax.tree_util.tree_leaves(updates["batch_stats"]),
                   jax.tree_util.tree_leaves(after)):
@@ -75,15 +77,16 @@ def test_load_torch_checkpoint_roundtrip_and_errors(tmp_path):
   path = tmp_path / "cifar10_wrn_pretrained_epoch_99.pt"
   sd = {"module." + k: v for k, v in twin.state_dict().items()}   # DataParallel prefix
   torch.save(sd, path)
-  variables = convert.load_torch_checkpoint(str(path), models.WideResNet(10, 1, 10))
+  variables = convert.state_dict_to_variables(checkpoints.read_torch_state_dict(str(path)),
+                                              models.WideResNet(10, 1, 10))
   np.testing.assert_allclose(variables["batch_stats"]["bn1"]["var"],
                              twin.bn1.running_var.numpy())
   with pytest.raises(FileNotFoundError, match="nope.pt"):
-    convert.load_torch_checkpoint(str(tmp_path / "nope.pt"), models.WideResNet(10, 1, 10))
+    checkpoints.read_torch_state_dict(str(tmp_path / "nope.pt"))
   bad = tmp_path / "corrupt.pt"
   bad.write_bytes(path.read_bytes()[:200])
   with pytest.raises(ValueError, match="corrupt.pt"):
-    convert.load_torch_checkpoint(str(bad), models.WideResNet(10, 1, 10))
+    checkpoints.read_torch_state_dict(str(bad))
 
 
 def test_bad_depth_and_input_shape():

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,3 +44,72 @@ def test_adds_convolutions_to_xla_cuda_graphs_unless_told_otherwise(tmp_path):
   for flags, args, expected in cases:
     out, _ = refused_run(tmp_path, flags, *args)
     assert f"XLA_FLAGS={expected!r}" in out.stdout, (flags, args, out.stdout)
+
+
+def test_compiled_ahead_is_what_the_run_calls(tmp_path):
+  """State creation, epoch and evaluation compiled ahead by reproduce.py (pretraining from
+  scratch, then fine-tuning around its weights) are the executables the runs call: nothing heavy
+  is traced or compiled again, and no persistent cache is needed for that."""
+  from energy_jax.data import toy
+  toy_id, toy_out = toy.make_toy_dataset(str(tmp_path / "data"), train_per_class=32,
+                                         test_per_class=8, num_outliers=64)
+  script = f"""
+import logging, sys
+import jax
+jax.config.update("jax_log_compiles", True)
+HEAVY = ("_create_train_state", "eval_step", "per_device")
+compiled = []
+class Compiled(logging.Handler):
+  def emit(self, record):
+    msg = record.getMessage()
+    if msg.startswith("Finished XLA compilation of jit(") and msg.split("(")[1].split(")")[0] in HEAVY:
+      compiled.append(msg.split("(")[1].split(")")[0])
+logging.getLogger("jax").addHandler(Compiled())
+sys.path.insert(0, {os.path.join(REPO, 'benchmarks')!r})
+import reproduce
+from energy_jax import config, train
+for stage in ("pretrain", "finetune"):
+  c = config.get_config("test", stage)
+  c.in_train = c.in_test = {toy_id!r}
+  c.outliers = {toy_out!r}
+  c.num_devices, c.epochs, c.train_subset, c.steps_per_call = 1, 1, 80, 4   # 5 steps: calls of 4 + 1
+  if stage == "finetune":
+    c.pretrained = {str(tmp_path / 'pretrain')!r}
+  jobs = reproduce.compile_jobs(stage, c)
+  compiled.clear()
+  for job in jobs.values():
+    job()
+  print(stage, "AHEAD", sorted(compiled))
+  compiled.clear()
+  train.train_and_evaluate(c, {str(tmp_path)!r} + "/" + stage, log=lambda s: None)
+  print(stage, "RUN", sorted(compiled))
+"""
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # Two epoch call lengths (4 and 1 steps), the state's creation (fresh, then around the
+  # pretrained weights) and the evaluation (the same model: compiled once for both stages) ...
+  assert ("pretrain AHEAD ['_create_train_state', 'eval_step', 'per_device', 'per_device']"
+          in out.stdout), out.stdout + out.stderr[-2000:]
+  assert ("finetune AHEAD ['_create_train_state', 'per_device', 'per_device']"
+          in out.stdout), out.stdout + out.stderr[-2000:]
+  # ... and none of them again in the runs.
+  for stage in ("pretrain", "finetune"):
+    assert f"{stage} RUN []" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_background_compile_runs_jobs_in_order_and_reraises():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import reproduce
+  order = []
+  jobs = reproduce.BackgroundCompile([lambda: order.append(1), lambda: order.append(2)])
+  assert jobs.wait(0) >= 0 and jobs.wait(1) >= 0 and order == [1, 2]
+  failing = reproduce.BackgroundCompile([lambda: order.append(3), lambda: 1 / 0,
+                                         lambda: order.append(4)])
+  with pytest.raises(RuntimeError, match=r"failed \(job 1, before job 2\)") as e:
+    failing.wait()
+  assert isinstance(e.value.__cause__, ZeroDivisionError)
+  with pytest.raises(RuntimeError, match=r"failed \(job 1\)"):
+    failing.wait(1)
+  assert failing.wait(0) >= 0 and order == [1, 2, 3]     # the job before the failure counts

@@ -7,7 +7,9 @@ from jax.test_util import check_grads
 from scipy.special import logsumexp as np_logsumexp, softmax as np_softmax
 
 import energy_jax
-from energy_jax import losses, models, scores
+from energy_jax import losses, models
+from energy_jax.data.augment import STD
+from energy_jax.ood import scores
 
 EXTREME = np.array([[1000.0, -1000.0, 0.0], [-1e4, -1e4 + 1, -1e4 + 2], [3.0, 3.0, 3.0]],
                    np.float32)
@@ -50,11 +52,11 @@ def _tiny():
 
 
 def _apply(variables, x):
-  return _tiny_model.apply(variables, x, train=False)
+  return _tiny_model.apply(variables, x, train=False).logits
 
 
 def _features(variables, x):
-  return _tiny_model.apply(variables, x, train=False, return_features=True)[1]
+  return _tiny_model.apply(variables, x, train=False).features
 
 
 _tiny_model = models.WideResNet(10, 1, 4, 0.0)
@@ -69,7 +71,7 @@ def test_odin_matches_hand_computed_perturbation():
     logits = _apply(variables, xi[None])[0]
     return -jax.nn.log_softmax(logits / t)[jnp.argmax(logits)]
   grads = np.stack([np.asarray(jax.grad(loss)(jnp.asarray(xi))) for xi in x])
-  x_pert = x - eps * np.where(grads >= 0, 1.0, -1.0) / np.asarray(scores.CIFAR_STD)
+  x_pert = x - eps * np.where(grads >= 0, 1.0, -1.0) / np.asarray(STD)
   want = np_softmax(np.asarray(_apply(variables, x_pert), np.float64) / t, -1).max(-1)
   got = scores.odin_score(_apply, variables, x, temperature=t, epsilon=eps)
   np.testing.assert_allclose(got, want, rtol=1e-5)

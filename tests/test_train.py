@@ -11,22 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energy_jax import configs, parallel, toy_data, train
+from energy_jax import config as config_lib, data, models, parallel, train
+from energy_jax.data import toy
+from energy_jax.train import writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(stage="pretrain", **overrides):
-  c = configs.apply_preset(configs.base_config(), "test", stage)
-  for k, v in overrides.items():
-    setattr(c, k, v)
-  return c
+  return _with(config_lib.get_config("test", stage), **overrides)
 
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("toy")
-  toy_data.make_toy_dataset(str(d), train_per_class=64, test_per_class=16, num_outliers=256)
+  toy.make_toy_dataset(str(d), train_per_class=64, test_per_class=16, num_outliers=256)
   return str(d)
 
 
@@ -38,8 +37,9 @@ def _batch(rng, n_in, n_out, classes=4):
 
 def test_eight_devices_equal_one_device_and_trace_once():
   assert jax.device_count() >= 8, "conftest forces 8 CPU devices"
-  c = tiny_config("finetune", dropout_rate=0.0, learning_rate=0.1)
-  tx = train.make_optimizer(c, 100)
+  c = tiny_config("finetune", learning_rate=0.1)
+  c.model.dropout_rate = 0.0
+  tx = train.make_optimizer(c, 100).tx
   state0 = train.create_train_state(c, jax.random.PRNGKey(0), 100)
   batch = _batch(np.random.default_rng(0), 16, 32)
   results = []
@@ -66,7 +66,7 @@ def test_optimizer_matches_torch_sgd_nesterov_weight_decay():
   c = tiny_config(learning_rate=0.1)
   w0 = np.array([1.0, -2.0, 3.0], np.float32)
   grads = [np.array([0.5, 0.1, -0.3], np.float32), np.array([-0.2, 0.4, 0.05], np.float32)]
-  tx = train.make_optimizer(c, total_steps=10)
+  tx = train.make_optimizer(c, total_steps=10).tx
   params, opt = jnp.asarray(w0), tx.init(jnp.asarray(w0))
   p = torch.nn.Parameter(torch.tensor(w0))
   sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -82,11 +82,10 @@ def test_optimizer_matches_torch_sgd_nesterov_weight_decay():
 
 
 def test_tiny_wrn_loss_falls(toy_dir, tmp_path, monkeypatch):
-  from energy_jax import datasets
   decoded = []
-  load_source = datasets.load_source
-  monkeypatch.setattr(datasets, "load_source",
-                      lambda src, split=None: decoded.append((src, split)) or load_source(src, split))
+  load = data.sources.load
+  monkeypatch.setattr(data.sources, "load", lambda src, split=None, size=32: decoded.append(
+      (src, split)) or load(src, split, size))
   cache = {}
   c = tiny_config(in_train=f"{toy_dir}/toy_id.zip", in_test=f"{toy_dir}/toy_id.zip",
                   epochs=3, learning_rate=0.05, num_devices=1, eval_every_epochs=2,
@@ -95,28 +94,30 @@ def test_tiny_wrn_loss_falls(toy_dir, tmp_path, monkeypatch):
   rows = [l.split(",") for l in open(tmp_path / "run" / "training_results.csv").read().split()[1:]]
   losses = [float(r[2]) for r in rows]
   # The TensorBoard scalars, read back from the event files, are the JSONL rows' numbers.
-  from energy_jax import summary_writer
-  tb = summary_writer.read_scalars(str(tmp_path / "run" / "tensorboard"))
+  tb = writer.read_scalars(str(tmp_path / "run" / "tensorboard"))
   jsonl = [json.loads(l) for l in open(tmp_path / "run" / "results.jsonl")]
   assert tb["train/loss"] == pytest.approx({r["epoch"]: r["train_loss"] for r in jsonl}, rel=1e-6)
   assert tb["test/error"] == pytest.approx({2: jsonl[1]["test_error"], 3: jsonl[2]["test_error"]},
                                            rel=1e-6)
-  assert tb["train/last_accuracy"][3] == pytest.approx(jsonl[2]["last_accuracy"], rel=1e-6)
-  steps = len(train.load_datasets(c, cache)[0]) // c.batch_size
+  assert tb["train/mean_accuracy"][3] == pytest.approx(jsonl[2]["mean_accuracy"], rel=1e-6)
+  assert tb["learning_rate"] == pytest.approx({r["epoch"]: r["learning_rate"] for r in jsonl})
+  steps = len(data.load_run_data(c, False, cache).train) // c.batch_size
   lr_min = c.learning_rate * c.min_lr_ratio            # cosine at update 3 * steps (the last)
   assert tb["learning_rate"][3] == pytest.approx(lr_min, rel=1e-3)
   assert tb["learning_rate"][1] == pytest.approx(
       lr_min + (c.learning_rate - lr_min) * 0.5 * (1 + np.cos(np.pi * steps / (3 * steps))),
       rel=1e-5)
   assert [int(r[0]) for r in rows] == [1, 2, 3] and losses[-1] < losses[0]
+  # The resolved config is saved beside the rows.
+  assert json.load(open(tmp_path / "run" / "config.json")) == json.loads(c.to_json())
   # Evaluated at epoch 2 (the cadence) and 3 (the last), not at epoch 1.
   assert rows[0][3:] == ["", ""] and all(r[3] and r[4] for r in rows[1:])
   assert float(rows[-1][4]) < 75.0                     # better than chance (4 classes)
   # A second run of the same process (fine-tuning after pretraining) decodes nothing again.
   assert sorted(decoded) == [(f"{toy_dir}/toy_id.zip", "test"), (f"{toy_dir}/toy_id.zip", "train")]
   outliers = f"{toy_dir}/toy_outliers.npy"
-  train.load_datasets(tiny_config("finetune", in_train=c.in_train, in_test=c.in_test,
-                                  outliers=outliers), cache)
+  data.load_run_data(tiny_config("finetune", in_train=c.in_train, in_test=c.in_test,
+                                 outliers=outliers), True, cache)
   assert len(decoded) == 3 and decoded[-1] == (outliers, None)
   with pytest.raises(ValueError, match="eval_every_epochs must be >= 1, got 0"):
     train.train_and_evaluate(_with(c, eval_every_epochs=0), str(tmp_path / "bad"))
@@ -124,7 +125,8 @@ def test_tiny_wrn_loss_falls(toy_dir, tmp_path, monkeypatch):
 
 def test_energy_finetuning_separates_energies():
   """Toy problem: ID and outlier logits from one linear map; the energy loss opens the gap."""
-  from energy_jax import losses, scores
+  from energy_jax import losses
+  from energy_jax.ood import scores
   rng = np.random.default_rng(0)
   x_in = rng.normal(0.5, 1, size=(64, 8)).astype(np.float32)
   x_out = rng.normal(-0.5, 1, size=(64, 8)).astype(np.float32)
@@ -208,10 +210,15 @@ def test_bad_inputs(toy_dir, tmp_path):
     train.train_and_evaluate(_with(c, num_classes=10), str(tmp_path / "d"))
   # A checkpoint of another architecture is refused with both shapes named.
   pre = tmp_path / "pre"
-  train.train_and_evaluate(_with(c, score="ce", pretrained="", epochs=1), str(pre),
+  train.train_and_evaluate(_with(c, objective="ce", pretrained="", epochs=1), str(pre),
                            log=lambda s: None)
+  wide = _with(c)
+  wide.model.widen_factor = 2
   with pytest.raises(ValueError, match="widen_factor: checkpoint 1 vs config 2"):
-    checkpoints.load_variables(str(pre), _with(c, widen_factor=2))
+    checkpoints.load_variables(str(pre), wide)
+  # Keys of 0.1 are refused with their new names.
+  with pytest.raises(ValueError, match="score -> objective, dtype -> model.dtype"):
+    train.train_and_evaluate(_with(c, score="energy", dtype="bfloat16"), str(tmp_path / "old"))
   # NaN loss stops with a clear message and keeps the last good checkpoint.
   with pytest.raises(FloatingPointError, match="last good checkpoint"):
     train.train_and_evaluate(_with(c, pretrained=str(pre), learning_rate=1e30, epochs=1),
@@ -226,77 +233,24 @@ def _with(c, **kw):
 
 
 def test_bf16_step_close_to_fp32_and_keeps_fp32_state():
-  c32 = tiny_config("finetune", dropout_rate=0.0)
-  c16 = _with(c32, dtype="bfloat16")
-  tx = train.make_optimizer(c32, 100)
+  c32 = tiny_config("finetune")
+  c32.model.dropout_rate = 0.0
+  c16 = _with(c32)
+  c16.model.dtype = "bfloat16"
+  tx = train.make_optimizer(c32, 100).tx
   state = train.create_train_state(c32, jax.random.PRNGKey(0), 100)
   batch = _batch(np.random.default_rng(1), 16, 32)
   out = {}
   for c in (c32, c16):
     step = jax.jit(lambda s, b, c=c: train.train_step(s, b, config=c, tx=tx, axis_name=None))
-    out[c.dtype] = step(state, batch)
+    out[c.model.dtype] = step(state, batch)
   (_, m32), (s16, m16) = out["float32"], out["bfloat16"]
   assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=2e-2)
   assert float(m16["ce"]) == pytest.approx(float(m32["ce"]), rel=5e-2, abs=2e-2)
   for leaf in jax.tree_util.tree_leaves((s16.params, s16.batch_stats, s16.opt_state)):
     assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
-  logits = train.make_model(c16).apply(s16.variables, jnp.asarray(batch["image"]))
+  logits = models.from_config(c16).apply(s16.variables, jnp.asarray(batch["image"])).logits
   assert logits.dtype == jnp.float32
-
-
-def test_compiled_ahead_is_what_the_run_calls(toy_dir, tmp_path):
-  """State creation, epoch and evaluation compiled ahead (pretraining from scratch, then
-  fine-tuning around its weights) are the executables the runs call: nothing heavy is traced or
-  compiled again, and no persistent cache is needed for that."""
-  script = f"""
-import logging
-import jax
-jax.config.update("jax_log_compiles", True)
-HEAVY = ("_create_train_state", "eval_step", "per_device")
-compiled = []
-class Compiled(logging.Handler):
-  def emit(self, record):
-    msg = record.getMessage()
-    if msg.startswith("Finished XLA compilation of jit(") and msg.split("(")[1].split(")")[0] in HEAVY:
-      compiled.append(msg.split("(")[1].split(")")[0])
-logging.getLogger("jax").addHandler(Compiled())
-from energy_jax import configs, train
-for stage in ("pretrain", "finetune"):
-  c = configs.apply_preset(configs.base_config(), "test", stage)
-  c.in_train = c.in_test = {f'{toy_dir}/toy_id.zip'!r}
-  c.outliers = {f'{toy_dir}/toy_outliers.npy'!r}
-  c.num_devices, c.epochs, c.train_subset, c.steps_per_call = 1, 1, 80, 4   # 5 steps: calls of 4 + 1
-  if stage == "finetune":
-    c.pretrained = {str(tmp_path / 'pretrain')!r}
-  sizes = train.dataset_sizes(c)
-  train_set, test_set, outliers = train.load_datasets(c)
-  assert sizes == (len(train_set), len(test_set), len(outliers or ())), sizes
-  compiled.clear()
-  train.compile_ahead(c, sizes[0], sizes[2])
-  train.compile_evaluation(c, sizes[1])
-  print(stage, "AHEAD", sorted(compiled))
-  compiled.clear()
-  train.train_and_evaluate(c, {str(tmp_path)!r} + "/" + stage, log=lambda s: None)
-  print(stage, "RUN", sorted(compiled))
-"""
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
-  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                       timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  # Two epoch call lengths (4 and 1 steps), the state's creation (fresh, then around the
-  # pretrained weights) and the evaluation (the same model: compiled once for both stages) ...
-  assert ("pretrain AHEAD ['_create_train_state', 'eval_step', 'per_device', 'per_device']"
-          in out.stdout), out.stdout + out.stderr[-2000:]
-  assert ("finetune AHEAD ['_create_train_state', 'per_device', 'per_device']"
-          in out.stdout), out.stdout + out.stderr[-2000:]
-  # ... and none of them again in the runs.
-  for stage in ("pretrain", "finetune"):
-    assert f"{stage} RUN []" in out.stdout, out.stdout + out.stderr[-2000:]
-  from energy_jax import configs as cfgs
-  with pytest.raises(ValueError, match="device-resident input path only"):
-    c = cfgs.apply_preset(cfgs.base_config(), "test", "pretrain")
-    c.input_pipeline = "tfdata"
-    train.compile_ahead(c, num_train=48)
 
 
 def test_resume_drops_log_rows_after_the_checkpoint_and_cut_rows(tmp_path):
@@ -304,32 +258,17 @@ def test_resume_drops_log_rows_after_the_checkpoint_and_cut_rows(tmp_path):
   csv.write_text("epoch,time(s),train_loss,test_loss,test_error(%)\n001,00001,0.5,,\n"
                  "002,00001,0.4,0.3,10.00\n003,00001,0.3,,\n00")          # a kill cut the last row
   jsonl.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)) + '{"epo')
-  train._drop_log_rows_after(str(csv), str(jsonl), epochs_done=2)
+  writer.drop_rows_after(str(csv), str(jsonl), epochs_done=2)
   assert csv.read_text() == ("epoch,time(s),train_loss,test_loss,test_error(%)\n"
                              "001,00001,0.5,,\n002,00001,0.4,0.3,10.00\n")
   assert [json.loads(l)["epoch"] for l in jsonl.read_text().splitlines()] == [1, 2]
 
 
 def test_tensorboard_without_tensorflow_is_said_not_silent(tmp_path, monkeypatch):
-  from energy_jax import summary_writer
   said = []
   monkeypatch.setitem(sys.modules, "tensorflow", None)      # import tensorflow -> ImportError
-  assert summary_writer.open_for_run(tiny_config(tensorboard=True), str(tmp_path),
-                                     said.append) is None
+  assert writer.open_scalar_writer(tiny_config(tensorboard=True), str(tmp_path),
+                                   said.append) is None
   assert len(said) == 1 and "TensorFlow cannot be imported" in said[0]
-  assert summary_writer.open_for_run(tiny_config(tensorboard=False), str(tmp_path),
-                                     said.append) is None and len(said) == 1
-
-
-def test_background_compile_runs_jobs_in_order_and_reraises():
-  order = []
-  jobs = train.BackgroundCompile([lambda: order.append(1), lambda: order.append(2)])
-  assert jobs.wait(0) >= 0 and jobs.wait(1) >= 0 and order == [1, 2]
-  failing = train.BackgroundCompile([lambda: order.append(3), lambda: 1 / 0,
-                                     lambda: order.append(4)])
-  with pytest.raises(RuntimeError, match=r"failed \(job 1, before job 2\)") as e:
-    failing.wait()
-  assert isinstance(e.value.__cause__, ZeroDivisionError)
-  with pytest.raises(RuntimeError, match=r"failed \(job 1\)"):
-    failing.wait(1)
-  assert failing.wait(0) >= 0 and order == [1, 2, 3]     # the job before the failure counts
+  assert writer.open_scalar_writer(tiny_config(tensorboard=False), str(tmp_path),
+                                   said.append) is None and len(said) == 1

@@ -1,14 +1,17 @@
-"""Energy-bounded fine-tuning (or Outlier Exposure with ``--config.score=oe``):
+"""Energy-bounded fine-tuning (or Outlier Exposure with ``--config.objective=oe``):
 ``--config=experiments/configs/finetune.py:PRESET``.
 
-PRESET: cifar10 (default) | cifar100 | offline | demo | test. The paper's recipe:
-10 epochs from the pretrained model, lr 0.001, 128 ID + 256 outliers in one forward
-pass, loss CE + 0.1 * (relu(E_in - m_in)^2 + relu(m_out - E_out)^2), m_in / m_out
-= -23 / -5 (CIFAR-10) or -27 / -5 (CIFAR-100).
+PRESET: as for pretrain.py. The paper's recipe: 10 epochs from the pretrained model, lr 0.001,
+128 ID + 256 outliers in one forward pass, loss CE + 0.1 * (relu(E_in - m_in)^2 +
+relu(m_out - E_out)^2), m_in / m_out = -23 / -5 (CIFAR-10) or -27 / -5 (CIFAR-100).
 """
 
-from energy_jax import configs
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pretrain  # noqa: E402
 
 
 def get_config(preset: str = "cifar10"):
-  return configs.apply_preset(configs.base_config(), preset or "cifar10", "finetune")
+  return pretrain.get_config(preset, "finetune")

@@ -1,4 +1,5 @@
-"""Flax WideResNet, layer for layer the reference network of Liu et al. (2020).
+"""Flax WideResNet, layer for layer the reference network of Liu et al. (2020), registered as
+``"wrn"``.
 
 The reference is ``CIFAR/models/wrn.py`` of github wetliu/energy_ood (itself the
 Outlier Exposure WRN): pre-activation basic blocks, dropout between the two 3x3
@@ -12,13 +13,15 @@ Parameter names follow the PyTorch module tree (``block1/layer_0/conv1`` for
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from energy_jax.models import wrn_convert
+from energy_jax.models.base import ModelOutput, register
 
 Array = jax.Array
 Dtype = Any
@@ -104,7 +107,8 @@ class BasicBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-  """WRN-``depth``-``widen_factor`` for 32x32 inputs (NHWC, normalised).
+  """WRN-``depth``-``widen_factor`` on NHWC normalised images (32x32 in the paper; the global
+  average pool equals the reference's ``avg_pool2d(8)`` there and accepts other sizes).
 
   Attributes:
     depth: total layers, ``(depth - 4) % 6 == 0`` (40 for WRN-40-2).
@@ -138,65 +142,43 @@ class WideResNet(nn.Module):
     return (16, 16 * k, 32 * k, 64 * k)
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False,
-               return_features: bool = False):
-    """Returns logits ``[..., num_classes]`` (float32), or ``(logits, features)``.
+  def __call__(self, x: Array, *, train: bool = False) -> ModelOutput:
+    """``ModelOutput(logits [N, num_classes], features [N, 64k], blocks)``, all float32.
 
-    ``features`` are the penultimate activations ``avgpool(relu(bn(h)))``,
-    ``[..., 64 * widen_factor]``, as the reference's ``intermediate_forward``
-    averaged over space (what Mahalanobis fits its Gaussians on).
+    ``features`` are the penultimate activations ``avgpool(relu(bn(h)))``, as the reference's
+    ``intermediate_forward`` averaged over space (what Mahalanobis fits its Gaussians on);
+    ``blocks`` the spatial means of the stem and of the first two groups, then ``features``.
     """
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"WideResNet expects NHWC images with 3 channels, got shape {x.shape}")
     n = (self.depth - 4) // 6
     c = self.channels
+    pooled = lambda h: jnp.mean(h.astype(jnp.float32), axis=(1, 2))
     out = nn.Conv(c[0], (3, 3), padding=[(1, 1), (1, 1)], use_bias=False,
                   kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32,
                   name="conv1")(x.astype(self.dtype))
+    blocks = [pooled(out)]
     for group, (channels, stride) in enumerate(zip(c[1:], (1, 2, 2)), start=1):
       for i in range(n):
         out = BasicBlock(channels, stride if i == 0 else 1, self.dropout_rate,
                          axis_name=self.axis_name, dtype=self.dtype,
                          name=f"block{group}_layer_{i}")(out, train=train)
+      if group < 3:
+        blocks.append(pooled(out))
     out = nn.relu(BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name="bn1")(
         out, train=train))
-    features = jnp.mean(out.astype(jnp.float32), axis=(1, 2))
+    features = pooled(out)
     logits = nn.Dense(self.num_classes, kernel_init=dense_init,
                       bias_init=nn.initializers.zeros, dtype=jnp.float32,
                       param_dtype=jnp.float32, name="fc")(features)
-    if return_features:
-      return logits, features
-    return logits
+    return ModelOutput(logits, features, (*blocks, features))
 
 
-def count_params(params) -> int:
-  """Number of scalars in a parameter tree (BatchNorm running stats excluded)."""
-  return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))
-
-
-def init_variables(model: WideResNet, rng: Array, image_shape: Sequence[int] = (32, 32, 3)):
-  """Initialises ``{'params', 'batch_stats'}`` for ``model``.
-
-  A jitted ``lazy_init``: only the initialisers run, in one compiled program (eager
-  ``model.init`` compiled every operation of a forward pass on its own: 7.7 s against 3.4 s
-  for WRN-10-1 on 2 CPU cores).
-  """
-  return _init_variables(model, rng, tuple(image_shape))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _init_variables(model: WideResNet, rng: Array, image_shape: Tuple[int, ...]):
-  dummy = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  variables = model.lazy_init({"params": rng}, dummy, train=False)
-  return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-
-
-def from_config(config, axis_name: Optional[str] = None) -> WideResNet:
-  """The WideResNet a ConfigDict describes (``depth``, ``widen_factor``, ``num_classes``,
-  ``dropout_rate``, ``dtype`` = "float32" | "bfloat16")."""
-  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-  if config.dtype not in dtypes:
-    raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {sorted(dtypes)}")
-  return WideResNet(depth=config.depth, widen_factor=config.widen_factor,
-                    num_classes=config.num_classes, dropout_rate=config.dropout_rate,
-                    axis_name=axis_name, dtype=dtypes[config.dtype])
+@register("wrn", shape_fields=("depth", "widen_factor"), head="fc",
+          from_torch=wrn_convert.state_dict_to_variables)
+def build(*, num_classes: int, dtype=jnp.float32, axis_name: Optional[str] = None,
+          depth: int = 40, widen_factor: int = 2, dropout_rate: float = 0.3) -> WideResNet:
+  """WRN-``depth``-``widen_factor`` (``config.model``: ``depth``, ``widen_factor``,
+  ``dropout_rate``)."""
+  return WideResNet(depth=depth, widen_factor=widen_factor, num_classes=num_classes,
+                    dropout_rate=dropout_rate, axis_name=axis_name, dtype=dtype)

@@ -1,7 +1,10 @@
 """On-device augmentation and normalisation (no TensorFlow): the device-resident input path.
 
+``MEAN`` / ``STD`` are the reference's per-channel normalisation (CIFAR statistics, used for
+every data set, as the reference does), on the 0..1 scale.
+
 ``random_crop_flip`` is the reference's ``RandomCrop(32, padding=4)`` (zero padding,
-offsets 0..8 in each direction) followed by ``RandomHorizontalFlip()``; the order of
+offsets 0..8 in each direction; any image size) followed by ``RandomHorizontalFlip()``; the order of
 the two does not change the distribution. Images stay uint8 until the crop, so a
 data set held on the device costs one byte per pixel.
 """
@@ -11,21 +14,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from energy_jax.scores import CIFAR_MEAN, CIFAR_STD
-
 Array = jax.Array
 PAD = 4
+MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 
 
 def normalize(images: Array, dtype=jnp.float32) -> Array:
   """uint8 ``[..., H, W, 3]`` -> ``(x / 255 - mean) / std`` in ``dtype``."""
   x = images.astype(jnp.float32) / 255.0
-  x = (x - jnp.asarray(CIFAR_MEAN)) / jnp.asarray(CIFAR_STD)
+  x = (x - jnp.asarray(MEAN)) / jnp.asarray(STD)
   return x.astype(dtype)
 
 
 def crop_flip_params(rng: Array, batch: int):
-  """Per-example crop offsets ``[B, 2]`` in ``0..8`` and flip flags ``[B]``."""
+  """Per-example crop offsets ``[B, 2]`` in ``0..2*PAD`` and flip flags ``[B]``."""
   k_off, k_flip = jax.random.split(rng)
   offsets = jax.random.randint(k_off, (batch, 2), 0, 2 * PAD + 1)
   flips = jax.random.bernoulli(k_flip, 0.5, (batch,))
@@ -33,7 +36,7 @@ def crop_flip_params(rng: Array, batch: int):
 
 
 def apply_crop_flip(images: Array, offsets: Array, flips: Array) -> Array:
-  """Zero-pads by 4, crops ``[H, W]`` at ``offsets`` and mirrors where ``flips``."""
+  """Zero-pads by ``PAD``, crops ``[H, W]`` at ``offsets`` and mirrors where ``flips``."""
   b, h, w, c = images.shape
   padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
 

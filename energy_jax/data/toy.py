@@ -4,7 +4,7 @@
 ``num_classes`` classes, each a stripe orientation (jittered so that classes
 overlap a little) in a random colour with noise;
 ``toy_outliers.npy`` holds uint8 ``[N, 32, 32, 3]`` blobs and checkerboards that
-belong to no class. Usage: ``python -m energy_jax.toy_data DIR``.
+belong to no class. Usage: ``python -m energy_jax.data.toy DIR``.
 """
 
 from __future__ import annotations

@@ -15,11 +15,11 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from energy_jax.datasets import ImageSet
-from energy_jax.scores import CIFAR_MEAN, CIFAR_STD
+from energy_jax.data.augment import MEAN, STD
+from energy_jax.data.image_set import ImageSet
 
-_MEAN = np.asarray(CIFAR_MEAN, np.float64)
-_STD = np.asarray(CIFAR_STD, np.float64)
+_MEAN = np.asarray(MEAN, np.float64)
+_STD = np.asarray(STD, np.float64)
 
 
 def _to_uint8(x01: np.ndarray) -> np.ndarray:
@@ -32,14 +32,14 @@ def _other_index(rng: np.random.Generator, n: int) -> np.ndarray:
   return j + (j >= np.arange(n))
 
 
-def uniform_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+def uniform_noise(n: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
   """``n`` images of U[-1, 1] noise in normalised units."""
-  return _to_uint8(_MEAN + _STD * rng.uniform(-1.0, 1.0, size=(n, 32, 32, 3)))
+  return _to_uint8(_MEAN + _STD * rng.uniform(-1.0, 1.0, size=(n, size, size, 3)))
 
 
-def gaussian_noise(n: int, rng: np.random.Generator) -> np.ndarray:
+def gaussian_noise(n: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
   """``n`` images of clip(N(0, 0.5^2), -1, 1) noise in normalised units."""
-  z = np.clip(rng.normal(0.0, 0.5, size=(n, 32, 32, 3)), -1.0, 1.0)
+  z = np.clip(rng.normal(0.0, 0.5, size=(n, size, size, 3)), -1.0, 1.0)
   return _to_uint8(_MEAN + _STD * z)
 
 
@@ -56,12 +56,14 @@ def geometric_mean(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def jigsaw(images: np.ndarray, rng: Optional[np.random.Generator] = None) -> np.ndarray:
-  """The reference's fixed jigsaw: quadrants moved and halves of two swapped."""
+  """The reference's fixed jigsaw: quadrants moved and halves of two swapped (at 32x32: rows
+  8..16 above 0..8 of the top-left quadrant, and so on)."""
   x = images
-  top_left = np.concatenate([x[:, 8:16, :16], x[:, :8, :16]], axis=1)
-  top = np.concatenate([top_left, x[:, 16:, :16]], axis=2)
-  top_right = np.concatenate([x[:, :16, 24:], x[:, :16, 16:24]], axis=2)
-  bottom = np.concatenate([x[:, 16:, 16:], top_right], axis=2)
+  h, q = x.shape[1] // 2, x.shape[1] // 4
+  top_left = np.concatenate([x[:, q:h, :h], x[:, :q, :h]], axis=1)
+  top = np.concatenate([top_left, x[:, h:, :h]], axis=2)
+  top_right = np.concatenate([x[:, :h, h + q:], x[:, :h, h:h + q]], axis=2)
+  bottom = np.concatenate([x[:, h:, h:], top_right], axis=2)
   return np.ascontiguousarray(np.concatenate([top, bottom], axis=1))
 
 
@@ -72,12 +74,13 @@ def speckle(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def pixelate(images: np.ndarray, rng: Optional[np.random.Generator] = None) -> np.ndarray:
-  """BOX-downsample to 6x6 and back to 32x32 (PIL), as the reference."""
+  """BOX-downsample to 6x6 and back to the image size (PIL), as the reference."""
   from PIL import Image
   out = np.empty_like(images)
+  size = images.shape[2], images.shape[1]
   for i, img in enumerate(images):
     small = Image.fromarray(img).resize((6, 6), Image.BOX)
-    out[i] = np.asarray(small.resize((32, 32), Image.BOX))
+    out[i] = np.asarray(small.resize(size, Image.BOX))
   return out
 
 
@@ -94,7 +97,7 @@ def invert(images: np.ndarray, rng: Optional[np.random.Generator] = None) -> np.
   return out
 
 
-NOISE_SETS: Dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
+NOISE_SETS: Dict[str, Callable[..., np.ndarray]] = {
     "uniform_noise": uniform_noise,
     "gaussian_noise": gaussian_noise,
 }
@@ -110,16 +113,16 @@ CORRUPTIONS: Dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] 
 VALIDATION_SETS = tuple(NOISE_SETS) + tuple(CORRUPTIONS)
 
 
-def make_ood_set(name: str, num_images: int, seed: int = 0,
-                 base: Optional[ImageSet] = None) -> ImageSet:
+def make_ood_set(name: str, num_images: int, seed: int = 0, base: Optional[ImageSet] = None,
+                 image_size: int = 32) -> ImageSet:
   """Builds the synthetic OOD set ``name`` (one of ``VALIDATION_SETS``) of ``num_images``.
 
-  Corruptions need ``base`` images; the first ``num_images`` of a seeded
-  permutation of ``base`` are transformed.
+  Noise sets are ``image_size`` square (the base's size when a base is given); corruptions need
+  ``base`` images: the first ``num_images`` of a seeded permutation of ``base`` are transformed.
   """
   rng = np.random.default_rng(seed)
   if name in NOISE_SETS:
-    images = NOISE_SETS[name](num_images, rng)
+    images = NOISE_SETS[name](num_images, rng, base.image_size if base is not None else image_size)
   elif name in CORRUPTIONS:
     if base is None or len(base) < 2:
       raise ValueError(f"synthetic set {name!r} needs a base image set of at least 2 images")

@@ -1,20 +1,18 @@
-"""Import of the authors' PyTorch WideResNet checkpoints into Flax variables.
+"""The authors' PyTorch WideResNet ``state_dict``s as Flax variables of :mod:`energy_jax.models.wrn`.
 
-The reference publishes ``state_dict``s such as ``cifar10_wrn_pretrained_epoch_99.pt``.
-``torch`` is an optional dependency (``pip install energy_jax[torch]``) and is
-imported only when a ``.pt`` file is read.
+The reference publishes ``state_dict``s such as ``cifar10_wrn_pretrained_epoch_99.pt``; reading
+the file (``torch`` needed) is :func:`energy_jax.checkpoints.read_torch_state_dict`.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 from flax import traverse_util
 
-from energy_jax import models
+from energy_jax.models.base import init_variables
 
 _BLOCK_RE = re.compile(r"^block(\d+)\.layer\.(\d+)\.(.+)$")
 _RUNNING = {"running_mean": "mean", "running_var": "var"}
@@ -37,8 +35,7 @@ def _flax_path(torch_key: str, is_bn: bool) -> Tuple[str, ...]:
   return ("params", *prefix, module, leaf)
 
 
-def state_dict_to_variables(state_dict: Mapping[str, Any], model: models.WideResNet
-                            ) -> Dict[str, Any]:
+def state_dict_to_variables(state_dict: Mapping[str, Any], model) -> Dict[str, Any]:
   """Converts a reference ``WideResNet.state_dict()`` to ``{'params', 'batch_stats'}``.
 
   Conv kernels go from OIHW to HWIO and the Linear weight is transposed. A
@@ -51,7 +48,7 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], model: models.WideRes
   """
   import jax  # local: keeps the module importable for docs without a backend
 
-  template = models.init_variables(model, jax.random.PRNGKey(0))
+  template = init_variables(model, jax.random.PRNGKey(0))
   expected = traverse_util.flatten_dict(jax.tree_util.tree_map(np.shape, template))
   arch = (f"WRN-{model.depth}-{model.widen_factor} with {model.num_classes} classes")
 
@@ -89,26 +86,3 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], model: models.WideRes
         f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all), unexpected "
         f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
   return traverse_util.unflatten_dict(converted)
-
-
-def load_torch_checkpoint(path: str, model: models.WideResNet) -> Dict[str, Any]:
-  """Reads a reference ``.pt`` ``state_dict`` safely and converts it for ``model``.
-
-  Loads with ``torch.load(path, map_location="cpu", weights_only=True)``: no
-  pickled code runs.
-  """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
-  try:
-    import torch
-  except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("reading .pt checkpoints needs torch: pip install 'energy_jax[torch]'") from e
-  try:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises several types for truncated / foreign files
-    raise ValueError(f"cannot read PyTorch checkpoint {path}: {type(e).__name__}: {e}") from e
-  if isinstance(state_dict, Mapping) and "state_dict" in state_dict:
-    state_dict = state_dict["state_dict"]
-  if not isinstance(state_dict, Mapping):
-    raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state_dict")
-  return state_dict_to_variables(state_dict, model)

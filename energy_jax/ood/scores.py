@@ -9,7 +9,7 @@ ODIN (Liang et al., 2018) and the Mahalanobis detector (Lee et al., 2018).
 All logit scores take ``logits`` of shape ``[..., num_classes]`` (numpy or jax,
 any leading shape) and return ``[...]`` float32. Shapes and dtypes are checked at
 trace time; a row holding NaN or +-inf gets a NaN score (documented, so that a
-single bad row does not hide behind a finite number; :func:`energy_jax.metrics.ood_metrics`
+single bad row does not hide behind a finite number; :func:`energy_jax.ood.metrics.ood_metrics`
 refuses NaN scores).
 """
 
@@ -23,12 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from energy_jax import losses
+from energy_jax.data.augment import STD
 
 Array = jax.Array
-
-# Per-channel std of CIFAR images (the reference's normalisation), on the 0..1 scale.
-CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
-CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 
 
 def _check_logits(logits: Array, name: str = "logits") -> Array:
@@ -103,7 +100,7 @@ def _sign_step(grad: Array, input_std: Sequence[float]) -> Array:
 @functools.partial(jax.jit, static_argnames=("apply_fn", "temperature", "epsilon", "input_std"))
 def odin_score(apply_fn: Callable[[Any, Array], Array], variables: Any, images: Array, *,
                temperature: float = 1000.0, epsilon: float = 0.0014,
-               input_std: Tuple[float, float, float] = CIFAR_STD) -> Array:
+               input_std: Tuple[float, float, float] = STD) -> Array:
   """ODIN: temperature-scaled MSP after a small input perturbation (Liang et al., 2018).
 
   ``x' = x - epsilon * sign(-grad_x log S_yhat(x; T)) / std`` with
@@ -196,7 +193,7 @@ def mahalanobis_from_features(features: Array, params: MahalanobisParams) -> Arr
 @functools.partial(jax.jit, static_argnames=("features_fn", "epsilon", "input_std"))
 def mahalanobis_score(features_fn: Callable[[Any, Array], Array], variables: Any,
                       images: Array, params: MahalanobisParams, *, epsilon: float = 0.0,
-                      input_std: Tuple[float, float, float] = CIFAR_STD) -> Array:
+                      input_std: Tuple[float, float, float] = STD) -> Array:
   """Mahalanobis score (Lee et al., 2018) on penultimate features, with input pre-processing.
 
   With ``epsilon > 0`` the input first moves against the gradient of the

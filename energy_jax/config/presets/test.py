@@ -1,0 +1,13 @@
+"""The demo's model and data for the tests: seconds per run."""
+
+from energy_jax.config.presets import demo
+
+
+def override(c, stage: str) -> None:
+  demo.override(c, stage)
+  c.in_train = c.in_test = "DATA/toy_id.zip"
+  c.outliers = "DATA/toy_outliers.npy"
+  c.batch_size, c.outlier_batch_size = 16, 32
+  c.epochs = 2
+  c.progress_bar = False
+  c.tensorboard = False       # importing TensorFlow costs each test process seconds

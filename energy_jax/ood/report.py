@@ -1,0 +1,84 @@
+"""Tables, result files and plots of the OOD evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Mapping, Optional, Sequence
+
+import numpy as np
+
+from energy_jax.ood import metrics
+
+
+def markdown_table(results, ood_names: Sequence[str]) -> str:
+  """The paper's layout: one row per OOD set (and the mean), FPR95 / AUROC / AUPR per detector (%)."""
+  labels = list(results)
+  head = "| OOD set | " + " | ".join(f"{l} FPR95 ↓ | AUROC ↑ | AUPR ↑" for l in labels) + " |"
+  sep = "|---|" + "---|---|---|" * len(labels)
+  rows = [head, sep]
+  for name in list(ood_names) + ["mean"]:
+    cells = []
+    for l in labels:
+      m = results[l][name]
+      cells += [f"{100 * m['fpr']:.2f}", f"{100 * m['auroc']:.2f}", f"{100 * m['aupr_in']:.2f}"]
+    rows.append(f"| {'**mean**' if name == 'mean' else name} | " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
+def save_results(results, workdir: str, extra: Optional[Dict] = None):
+  """Writes ``ood_results.json`` and ``ood_results.csv`` into ``workdir``."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "ood_results.json"), "w") as f:
+    json.dump({"results": results, **(extra or {})}, f, indent=1)
+  with open(os.path.join(workdir, "ood_results.csv"), "w") as f:
+    f.write("detector,ood_set,fpr95,auroc,aupr_in,aupr_out,detection_error\n")
+    for label, per_set in results.items():
+      for name, m in per_set.items():
+        f.write(f"\"{label}\",{name},{m['fpr']:.6f},{m['auroc']:.6f},{m['aupr_in']:.6f},"
+                f"{m['aupr_out']:.6f},{m['detection_error']:.6f}\n")
+
+
+def plot_energy_histograms(scores_in: np.ndarray, scores_out: Mapping[str, np.ndarray],
+                           path: str, title: str = "negative energy -E(x)"):
+  """Histogram of ``-E(x)`` for ID vs each OOD set, with the 95%-TPR threshold marked."""
+  plt = _pyplot()
+  n = len(scores_out)
+  fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.2), squeeze=False)
+  threshold = np.quantile(scores_in, 0.05)      # 95% of ID scores lie above it
+  for ax, (name, s_out) in zip(axes[0], scores_out.items()):
+    bins = np.histogram_bin_edges(np.r_[scores_in, s_out], bins=60)
+    ax.hist(scores_in, bins=bins, alpha=0.6, density=True, label="in-distribution")
+    ax.hist(s_out, bins=bins, alpha=0.6, density=True, label=name)
+    ax.axvline(threshold, color="k", ls="--", lw=1, label="TPR 95% threshold")
+    ax.set_xlabel(title)
+    ax.legend(fontsize=7)
+  _save_figure(plt, fig, path)
+
+
+def plot_roc_curves(scores_in: np.ndarray, scores_out: Mapping[str, np.ndarray], path: str):
+  """ROC curves (ID positive) of one score against each OOD set, saved as PNG."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(4.5, 4))
+  for name, s_out in scores_out.items():
+    roc = metrics.roc_points(np.asarray(scores_in, np.float64), np.asarray(s_out, np.float64))
+    ax.plot(np.r_[0, roc.fps / len(s_out)], np.r_[0, roc.tps / len(scores_in)],
+            label=f"{name} (AUROC {100 * metrics.auroc(scores_in, s_out):.1f})")
+  ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+  ax.set_xlabel("FPR (OOD accepted)")
+  ax.set_ylabel("TPR (ID accepted)")
+  ax.legend(fontsize=7)
+  _save_figure(plt, fig, path)
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")                   # files only: no display on servers and in CI
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save_figure(plt, fig, path: str):
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,139 @@
+"""The training step and the compiled functions that run it over a mesh.
+
+``train_step(state, batch) -> (state, metrics)`` is the per-device step, written pmap-style:
+gradients and metrics are averaged with ``lax.pmean`` over ``parallel.AXIS``. In-distribution and
+outlier images go through the network in ONE forward pass, so BatchNorm sees all ``128 + 256``
+images, as in the reference. Two ways to feed it:
+
+* device-resident (``config.input_pipeline = "device"``): the data sets live on the devices as
+  uint8, augmentation runs inside the compiled step, and ``steps_per_call`` steps are fused into
+  one ``lax.scan`` (:func:`device_epoch_fn`);
+* host batches (``"tfdata"``): augmented batches from :mod:`energy_jax.data.host_stream`, one
+  compiled step per call (:func:`host_step_fn`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from energy_jax import models, parallel
+from energy_jax.data import augment
+from energy_jax.train import objectives
+from energy_jax.train.optim import make_optimizer
+from energy_jax.train.state import TrainState, frozen
+
+Array = jax.Array
+
+
+def train_step(state: TrainState, batch: Mapping[str, Array], *, config,
+               tx: optax.GradientTransformation, axis_name: Optional[str] = parallel.AXIS
+               ) -> Tuple[TrainState, Dict[str, Array]]:
+  """One SGD step on this device's shard; ``batch`` has ``image``, ``label`` and, for the
+  objectives that use outliers, ``outlier`` (normalised NHWC float images)."""
+  model = models.from_config(config, axis_name=axis_name)
+  num_in = batch["image"].shape[0]
+  images = batch["image"]
+  if objectives.get(config.objective).uses_outliers:
+    images = jnp.concatenate([images, batch["outlier"].astype(images.dtype)], axis=0)
+  rng = jax.random.fold_in(state.rng, state.step)
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+
+  def loss_fn(params):
+    out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                                train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+    loss, metrics = objectives.objective_loss(config, out.logits, batch["label"], num_in)
+    return loss, (new_vars["batch_stats"], metrics)
+
+  grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads, metrics = lax.pmean((grads, metrics), axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state), metrics
+
+
+def device_batch(rng: Array, data: Mapping[str, Array], in_idx: Array,
+                 out_idx: Optional[Array], dtype) -> Dict[str, Array]:
+  """Gathers this device's indices from the device-resident data and augments them."""
+  k_in, k_out = jax.random.split(rng)
+  batch = {"image": augment.normalize(augment.random_crop_flip(k_in, data["image"][in_idx]),
+                                      dtype),
+           "label": data["label"][in_idx]}
+  if out_idx is not None:
+    batch["outlier"] = augment.normalize(
+        augment.random_crop_flip(k_out, data["outlier"][out_idx]), dtype)
+  return batch
+
+
+def device_data(images, labels, outliers=None) -> Dict[str, Any]:
+  """The device-resident pools :func:`device_epoch_fn` gathers from (arrays or shapes)."""
+  data = {"image": images, "label": labels}
+  if outliers is not None:
+    data["outlier"] = outliers
+  return data
+
+
+def _scan_unroll(config):
+  # XLA:CPU runs convolutions inside a while loop ~30x slower: unroll the fused steps there.
+  return config.scan_unroll or jax.default_backend() == "cpu"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_epoch_fn(config, total_steps: int, mesh) -> Callable:
+  tx = make_optimizer(config, total_steps).tx
+  dtype = models.from_config(config).dtype
+  uses_outliers = objectives.get(config.objective).uses_outliers
+
+  def per_device(state, data, in_idx, out_idx):
+    def body(state, idx):
+      i_in, i_out = idx
+      rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                               lax.axis_index(parallel.AXIS) + 7919)
+      batch = device_batch(rng, data, i_in, i_out if uses_outliers else None, dtype)
+      return train_step(state, batch, config=config, tx=tx)
+    return lax.scan(body, state, (in_idx, out_idx), unroll=_scan_unroll(config))
+
+  spec_idx = P(None, parallel.AXIS)
+  return parallel.data_parallel(per_device, mesh, in_specs=(P(), P(), spec_idx, spec_idx),
+                                out_specs=(P(), P()), donate_argnums=(0,))
+
+
+def device_epoch_fn(config, total_steps: int, mesh) -> Callable:
+  """``fn(state, data, in_idx [S, B], out_idx [S, B_out]) -> (state, metrics [S])``: ``S``
+  steps fused into one compiled call. ``data`` (replicated) holds the uint8 ``image`` / ``label``
+  (and ``outlier``) pools; the index arrays are split over devices along their batch axis.
+
+  Built once per ``(config, total_steps, mesh)``: every call of a run, and anything compiled
+  ahead for it (``fn.lower(...).compile()``), is the same executable.
+  """
+  return _device_epoch_fn(frozen(config), total_steps, mesh)
+
+
+def host_step_fn(config, total_steps: int, mesh) -> Callable:
+  """``fn(state, batch) -> (state, metrics)`` for batches already sharded over the mesh."""
+  step = functools.partial(train_step, config=config, tx=make_optimizer(config, total_steps).tx)
+  return parallel.data_parallel(step, mesh, in_specs=(P(), P(parallel.AXIS)),
+                                out_specs=(P(), P()), donate_argnums=(0,))
+
+
+def fused_steps(steps: int, steps_per_call: int) -> int:
+  """Steps per compiled call: a divisor of the epoch near ``steps_per_call`` when there is
+  one (every call then has the same shape and the loop compiles once), else ``steps_per_call``."""
+  limit = max(1, min(steps_per_call, steps))
+  divisor = max(d for d in range(1, limit + 1) if steps % d == 0)
+  return divisor if 2 * divisor >= limit else limit
+
+
+def epoch_calls(steps: int, steps_per_call: int) -> List[slice]:
+  """The step ranges of one epoch's compiled calls (see :func:`fused_steps`)."""
+  chunk = fused_steps(steps, steps_per_call)
+  return [slice(s0, min(s0 + chunk, steps)) for s0 in range(0, steps, chunk)]

@@ -1,0 +1,151 @@
+"""One writer for a run's epochs: each row goes to stdout, ``training_results.csv`` (the
+reference's format), ``results.jsonl`` and TensorBoard event files (``tensorboard --logdir
+WORKDIR``).
+
+TensorBoard scalars are written with TensorFlow's summary op, tagged for the scalars plugin as
+``tensorboard.summary.scalar`` tags them (viewing needs ``pip install tensorboard``, writing does
+not). Where TensorFlow cannot be imported the run says so once and goes on: the CSV and JSONL
+hold the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, Mapping, Optional
+
+CSV = "training_results.csv"
+JSONL = "results.jsonl"
+CONFIG = "config.json"
+TENSORBOARD = "tensorboard"
+CSV_HEADER = "epoch,time(s),train_loss,test_loss,test_error(%)\n"
+
+
+class ScalarWriter:
+  """Writes ``{name: value}`` scalars at a step into ``logdir``; flushed after every write."""
+
+  def __init__(self, logdir: str):
+    from energy_jax.tf_support import import_tensorflow
+    tf = import_tensorflow()
+    from tensorflow.core.framework import summary_pb2
+    self._tf = tf
+    self._metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    self.logdir = logdir
+    self._writer = tf.summary.create_file_writer(logdir)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    tf = self._tf
+    with self._writer.as_default():
+      for name, value in scalars.items():
+        tf.summary.write(name, tf.constant(float(value), tf.float32), step=int(step),
+                         metadata=self._metadata)
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def open_scalar_writer(config, workdir: str, log: Callable[[str], None]) -> Optional[ScalarWriter]:
+  """The run's TensorBoard writer when ``config.tensorboard`` is on, else None; also None, said
+  through ``log``, when TensorFlow cannot be imported."""
+  if not config.tensorboard:
+    return None
+  try:
+    import tensorflow  # noqa: F401
+  except ImportError as e:
+    log(f"TensorBoard scalars off: TensorFlow cannot be imported ({e}); the epoch rows still go "
+        f"to {CSV} and {JSONL}")
+    return None
+  return ScalarWriter(os.path.join(workdir, TENSORBOARD))
+
+
+def read_scalars(logdir: str) -> Dict[str, Dict[int, float]]:
+  """``{name: {step: value}}`` from the event files in ``logdir`` (for tests and notebooks)."""
+  from energy_jax.tf_support import import_tensorflow
+  tf = import_tensorflow()
+  out: Dict[str, Dict[int, float]] = {}
+  for name in sorted(os.listdir(logdir)):
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+      for value in event.summary.value:
+        out.setdefault(value.tag, {})[int(event.step)] = float(tf.make_ndarray(value.tensor))
+  return out
+
+
+class RunWriter:
+  """Writes the run's resolved config (``config.json``) and its epoch rows; on a resumed run, rows
+  of epochs after the restored checkpoint (and a row a kill cut short) are dropped first, since
+  those epochs run again."""
+
+  def __init__(self, config, workdir: str, start_epoch: int, log: Callable[[str], None] = print):
+    self.log = log
+    with open(os.path.join(workdir, CONFIG), "w") as f:
+      f.write(config.to_json(indent=1, sort_keys=True) + "\n")
+    self.csv_path = os.path.join(workdir, CSV)
+    self.jsonl_path = os.path.join(workdir, JSONL)
+    if start_epoch == 0 or not os.path.exists(self.csv_path):
+      with open(self.csv_path, "w") as f:
+        f.write(CSV_HEADER)
+      open(self.jsonl_path, "w").close()
+    else:
+      drop_rows_after(self.csv_path, self.jsonl_path, start_epoch)
+    self.scalars = open_scalar_writer(config, workdir, log)
+
+  def __enter__(self) -> "RunWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def write(self, row: Mapping[str, Any]) -> None:
+    """Writes one epoch's ``row`` (``epoch``, ``train_loss``, ``time_s``, ``mean_*``,
+    ``learning_rate`` and, when evaluated, ``test_loss`` / ``test_error``) everywhere."""
+    epoch = row["epoch"]
+    with open(self.csv_path, "a") as f:
+      f.write("%03d,%05d,%0.6f,%s,%s\n" % (
+          epoch, row["time_s"], row["train_loss"],
+          "%0.5f" % row["test_loss"] if "test_loss" in row else "",
+          "%0.2f" % row["test_error"] if "test_error" in row else ""))
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self.scalars is not None:
+      # Step = epoch, as the CSV; the rate is that of the epoch's last update.
+      self.scalars.write(epoch, {
+          "train/loss": row["train_loss"],
+          **{f"train/{k}": v for k, v in row.items() if k.startswith("mean_")},
+          **{f"test/{k[5:]}": row[k] for k in ("test_loss", "test_error") if k in row},
+          "learning_rate": row["learning_rate"], "epoch_seconds": row["time_s"]})
+    line = "Epoch {:3d} | Time {:5d} | Train Loss {:.4f}".format(epoch, int(row["time_s"]),
+                                                                  row["train_loss"])
+    if "test_loss" in row:
+      line += " | Test Loss {:.3f} | Test Error {:.2f}".format(row["test_loss"], row["test_error"])
+    self.log(line)
+
+  def close(self) -> None:
+    if self.scalars is not None:
+      self.scalars.close()
+      self.scalars = None
+
+
+def drop_rows_after(csv_path: str, jsonl_path: str, epochs_done: int) -> None:
+  """Keeps the log rows of epochs ``1..epochs_done`` that parse (a kill may cut the last one)."""
+  def epoch_of_csv(line):
+    fields = line.split(",")
+    return int(fields[0]) if len(fields) == 5 and fields[0].isdigit() else None
+
+  def epoch_of_json(line):
+    try:
+      return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+      return None
+
+  for path, epoch_of, header in ((csv_path, epoch_of_csv, 1), (jsonl_path, epoch_of_json, 0)):
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      lines = f.read().splitlines()
+    epochs = [epoch_of(l) for l in lines[header:]]
+    keep = lines[:header] + [l for l, e in zip(lines[header:], epochs)
+                             if e is not None and e <= epochs_done]
+    with open(path, "w") as f:
+      f.write("".join(l + "\n" for l in keep))
