@@ -100,7 +100,8 @@ def compile_run(config, num_train: int, num_outliers: int) -> None:
   image counts (device input): the state's creation and every fused call length of an epoch.
   The run then reuses the executables in this process."""
   mesh = parallel.make_mesh(config.num_devices or None)
-  steps = sampling.steps_per_epoch(num_train, config.batch_size)
+  steps = sampling.steps_per_epoch(num_train, config.batch_size, config.drop_remainder)
+  padded = sampling.has_partial_batch(num_train, config.batch_size, config.drop_remainder)
   total_steps = steps * config.epochs
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
   create = train.lower_create_train_state(
@@ -115,7 +116,7 @@ def compile_run(config, num_train: int, num_outliers: int) -> None:
       jax.ShapeDtypeStruct((num_outliers, size, size, 3), jnp.uint8) if uses_outliers else None),
       rep)
   out_batch = config.outlier_batch_size if uses_outliers else 0
-  fn = train.device_epoch_fn(config, total_steps, mesh)
+  fn = train.device_epoch_fn(config, total_steps, mesh, padded)
   create.compile()
   for length in sorted({sl.stop - sl.start for sl in epoch_calls(steps, config.steps_per_call)}):
     fn.lower(state, pools, jax.ShapeDtypeStruct((length, config.batch_size), jnp.int32),

@@ -2,7 +2,7 @@
 on both input paths, and summarise what came out (per-epoch losses, hashes of the final
 variables, the evaluation table). ``tests/test_golden.py`` compares a fresh run against the
 summary stored in ``tests/data/golden_tiny_run.json``; ``python tests/golden_run.py`` rewrites it
-(only when a change is meant to alter the numbers: say which in the commit)."""
+(only when a change is meant to alter the numbers; the commit says which)."""
 
 import hashlib
 import json
@@ -34,7 +34,7 @@ def golden_run(workdir: str) -> dict:
   from energy_jax import checkpoints, config as config_lib, data, detectors, train
   from energy_jax.data import synthetic, toy
   from energy_jax.ood import evaluation
-  toy_id, toy_out = toy.make_toy_dataset(os.path.join(workdir, "data"), train_per_class=24,
+  toy_id, toy_out = toy.make_toy_dataset(os.path.join(workdir, "data"), train_per_class=25,
                                               test_per_class=16, num_outliers=96, seed=3)
 
   def config(stage, pipeline, **kw):

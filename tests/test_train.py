@@ -70,8 +70,8 @@ def test_optimizer_matches_torch_sgd_nesterov_weight_decay():
   params, opt = jnp.asarray(w0), tx.init(jnp.asarray(w0))
   p = torch.nn.Parameter(torch.tensor(w0))
   sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-  sched = torch.optim.lr_scheduler.LambdaLR(
-      sgd, lambda k: 1e-6 + (1 - 1e-6) * 0.5 * (1 + np.cos(k / 10 * np.pi)))
+  sched = torch.optim.lr_scheduler.LambdaLR(      # the reference's: its factor ends at 1e-6 / lr
+      sgd, lambda k: 1e-6 / 0.1 + (1 - 1e-6 / 0.1) * 0.5 * (1 + np.cos(k / 10 * np.pi)))
   for g in grads:
     updates, opt = tx.update(jnp.asarray(g), opt, params)
     params = params + updates
@@ -102,7 +102,7 @@ def test_tiny_wrn_loss_falls(toy_dir, tmp_path, monkeypatch):
   assert tb["train/mean_accuracy"][3] == pytest.approx(jsonl[2]["mean_accuracy"], rel=1e-6)
   assert tb["learning_rate"] == pytest.approx({r["epoch"]: r["learning_rate"] for r in jsonl})
   steps = len(data.load_run_data(c, False, cache).train) // c.batch_size
-  lr_min = c.learning_rate * c.min_lr_ratio            # cosine at update 3 * steps (the last)
+  lr_min = c.min_learning_rate                         # cosine at update 3 * steps (the last)
   assert tb["learning_rate"][3] == pytest.approx(lr_min, rel=1e-3)
   assert tb["learning_rate"][1] == pytest.approx(
       lr_min + (c.learning_rate - lr_min) * 0.5 * (1 + np.cos(np.pi * steps / (3 * steps))),

@@ -30,10 +30,16 @@ FIELDS: Tuple[Tuple[str, Any, str], ...] = (
     ("outliers", "", "auxiliary outliers of the energy / OE objectives, a source as in_train"),
     ("outliers_split", "", "split (subfolder) of outliers ('' = none)"),
     ("train_subset", 0, "train on this many images drawn with the seed (0 = all)"),
+    ("drop_remainder", False, "drop the last partial batch of an epoch (False: kept and padded, "
+     "as the reference's DataLoader; BatchNorm and the loss see its real images only)"),
+    ("outlier_sampling", "window", "window: a contiguous window of the outliers from a random "
+     "offset each epoch (the reference) | shuffle: fresh permutations"),
     ("model.name", "wrn", "registered model (energy_jax.models.names())"),
     ("model.depth", 40, "WRN depth, 6n+4"),
     ("model.widen_factor", 2, "WRN channel multiplier k"),
     ("model.dropout_rate", 0.3, "dropout inside each WRN block"),
+    ("model.pooling", "mean", "WRN final pooling: mean (global) | reference (avg_pool2d(8): the "
+     "top-left 8x8 of a larger map)"),
     ("model.dtype", "float32", "compute dtype: float32 | bfloat16 (parameters, optimiser and "
      "BatchNorm statistics stay float32)"),
     ("objective", "ce", "training objective: ce | energy | oe (energy_jax.train.objectives)"),
@@ -44,7 +50,8 @@ FIELDS: Tuple[Tuple[str, Any, str], ...] = (
     ("momentum", 0.9, "SGD momentum"),
     ("nesterov", True, "Nesterov momentum, as torch.optim.SGD(nesterov=True)"),
     ("weight_decay", 5e-4, "L2 decay added to the gradient of every parameter"),
-    ("min_lr_ratio", 1e-6, "the cosine ends at learning_rate * min_lr_ratio"),
+    ("min_learning_rate", 1e-6, "the cosine ends at this rate (absolute, as the reference's "
+     "LambdaLR floor 1e-6 / learning_rate)"),
     ("m_in", -23.0, "energy objective: in-distribution energies are pushed below m_in"),
     ("m_out", -5.0, "energy objective: outlier energies are pushed above m_out"),
     ("energy_weight", 0.1, "weight of the energy-bounded term"),
@@ -65,7 +72,8 @@ FIELDS: Tuple[Tuple[str, Any, str], ...] = (
 
 # Keys of energy-jax 0.1 and where they went.
 RENAMED = {"score": "objective", "depth": "model.depth", "widen_factor": "model.widen_factor",
-           "dropout_rate": "model.dropout_rate", "dtype": "model.dtype"}
+           "dropout_rate": "model.dropout_rate", "dtype": "model.dtype",
+           "min_lr_ratio": "min_learning_rate (absolute: learning_rate * min_lr_ratio)"}
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -41,23 +41,28 @@ def augment(image, seed):
 def _augmented(images: np.ndarray, idx: np.ndarray, batch: int, seed: int) -> tf.data.Dataset:
   ds = tf.data.Dataset.from_tensor_slices(idx.reshape(-1))
   ds = ds.enumerate().map(
-      lambda i, j: normalize(augment(tf.gather(images, j), tf.stack([seed, tf.cast(i, tf.int32)]))),
+      lambda i, j: normalize(augment(tf.gather(images, tf.maximum(j, 0)),
+                                     tf.stack([seed, tf.cast(i, tf.int32)]))),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(batch, drop_remainder=True)
 
 
 def epoch_stream(train: ImageSet, outliers: Optional[ImageSet], in_idx: np.ndarray,
-                 out_idx: np.ndarray, seed: int, epoch: int) -> Iterator[Dict[str, np.ndarray]]:
+                 out_idx: np.ndarray, seed: int, epoch: int,
+                 padded: bool = False) -> Iterator[Dict[str, np.ndarray]]:
   """One epoch of augmented ``[in; outlier]`` batches for the indices of
   :func:`energy_jax.data.sampling.epoch_indices` (ID batch 128 and outlier batch 256 by default),
-  split by ``jax.process_index()`` on multi-host setups."""
+  split by ``jax.process_index()`` on multi-host setups. With ``padded`` every batch carries a
+  ``mask`` (False for the padding, index -1, of the last partial batch)."""
   import jax
   steps, batch = in_idx.shape
   host, hosts = jax.process_index(), jax.process_count()
   sl = slice(host * batch // hosts, (host + 1) * batch // hosts)
   ds = _augmented(tf.constant(train.images), in_idx[:, sl], sl.stop - sl.start, seed * 1000 + epoch)
-  labels = tf.data.Dataset.from_tensor_slices(train.labels[in_idx[:, sl]])
+  labels = tf.data.Dataset.from_tensor_slices(train.labels[np.maximum(in_idx[:, sl], 0)])
   parts = {"image": ds, "label": labels}
+  if padded:
+    parts["mask"] = tf.data.Dataset.from_tensor_slices(in_idx[:, sl] >= 0)
   if outliers is not None:
     ob = out_idx.shape[1] // hosts
     parts["outlier"] = _augmented(tf.constant(outliers.images), out_idx[:, host * ob:(host + 1) * ob],
@@ -68,12 +73,12 @@ def epoch_stream(train: ImageSet, outliers: Optional[ImageSet], in_idx: np.ndarr
 
 def train_stream(train: ImageSet, outliers: Optional[ImageSet] = None, batch_size: int = 128,
                  outlier_batch_size: int = 256, seed: int = 0) -> Iterator[Dict[str, np.ndarray]]:
-  """Endless shuffled, augmented ID (+ outlier) batches, reshuffled each epoch."""
+  """Endless shuffled, augmented ID (+ outlier) batches, reshuffled each epoch (full batches)."""
   epoch = 0
   while True:
     in_idx, out_idx = epoch_indices(seed, epoch, len(train), batch_size,
                                     len(outliers) if outliers is not None else 0,
-                                    outlier_batch_size)
+                                    outlier_batch_size, drop_remainder=True)
     yield from epoch_stream(train, outliers, in_idx, out_idx, seed, epoch)
     epoch += 1
 

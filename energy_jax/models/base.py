@@ -7,7 +7,9 @@ A model is a ``flax.linen.Module`` built by a registered factory
 * ``model.apply(variables, images, train=...)`` with ``images`` normalised NHWC floats
   ``[N, H, W, 3]`` of any size the architecture accepts; ``variables`` is
   ``{'params', 'batch_stats'}`` (``batch_stats`` may be empty); with ``train=True`` a dropout rng
-  (``rngs={'dropout': key}``) and ``mutable=['batch_stats']``.
+  (``rngs={'dropout': key}``) and ``mutable=['batch_stats']``. Training passes ``mask=[N] bool``
+  when a batch holds padding (the last partial batch of an epoch): batch statistics must then
+  cover the True examples only (a model without batch statistics ignores it).
 * It returns a :class:`ModelOutput`: float32 ``logits [N, C]``, the penultimate ``features
   [N, D]`` the classifier head reads, and ``blocks``: the spatial means of each stage's output,
   shallow to deep (the last is ``features``), which multi-layer detectors fit on.

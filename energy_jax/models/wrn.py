@@ -25,6 +25,7 @@ from energy_jax.models.base import ModelOutput, register
 
 Array = jax.Array
 Dtype = Any
+POOLINGS = ("mean", "reference")
 
 # He-normal on fan-out, untruncated: N(0, sqrt(2 / (k * k * out_channels))).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -39,8 +40,11 @@ class BatchNorm(nn.Module):
   with the unbiased one, ``running = (1 - momentum) * running + momentum * batch``
   (PyTorch's ``momentum=0.1`` convention). Statistics are always computed in
   float32, whatever ``dtype`` the activations have. With ``axis_name`` set, the
-  batch moments are averaged over that mapped axis, so N devices normalise
-  exactly as one device would on the global batch (equal per-device batches).
+  batch moments come from sums and counts summed over that mapped axis, so N devices normalise
+  exactly as one device would on the global batch. With a ``mask`` (``[N]``, True for real
+  examples), the moments are those of the real examples only: the padded last batch of an
+  epoch normalises as the reference's smaller batch does, however its examples fall on the
+  devices.
   """
 
   momentum: float = 0.1
@@ -49,7 +53,7 @@ class BatchNorm(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
+  def __call__(self, x: Array, *, train: bool, mask: Optional[Array] = None) -> Array:
     features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
@@ -59,13 +63,21 @@ class BatchNorm(nn.Module):
                            lambda: jnp.ones((features,), jnp.float32))
     reduce_axes = tuple(range(x.ndim - 1))
     if train:
+      # Sums and counts, summed over the devices: the moments of the real examples of the
+      # global batch, however they fall on the devices.
       x32 = x.astype(jnp.float32)
-      mean = jnp.mean(x32, axis=reduce_axes)
-      mean_sq = jnp.mean(jnp.square(x32), axis=reduce_axes)
-      count = x.size // features
+      if mask is None:
+        sums = (jnp.sum(x32, axis=reduce_axes), jnp.sum(jnp.square(x32), axis=reduce_axes),
+                jnp.float32(x.size // features))
+      else:
+        w = mask.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+        sums = (jnp.sum(x32 * w, axis=reduce_axes),
+                jnp.sum(jnp.square(x32) * w, axis=reduce_axes),
+                jnp.sum(w) * (x.size // (features * x.shape[0])))
       if self.axis_name is not None and not self.is_initializing():
-        mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
-        count = count * lax.psum(1, self.axis_name)
+        sums = lax.psum(sums, self.axis_name)
+      count = jnp.maximum(sums[2], 1.0)
+      mean, mean_sq = sums[0] / count, sums[1] / count
       var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
       if not self.is_initializing():
         unbiased = var * count / jnp.maximum(count - 1, 1)
@@ -88,15 +100,15 @@ class BasicBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool) -> Array:
+  def __call__(self, x: Array, *, train: bool, mask: Optional[Array] = None) -> Array:
     conv = lambda c, k, s, name: nn.Conv(
         c, (k, k), strides=(s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False,
         kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32, name=name)
     bn = lambda name: BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name=name)
     equal_in_out = x.shape[-1] == self.out_channels
-    preact = nn.relu(bn("bn1")(x, train=train))
+    preact = nn.relu(bn("bn1")(x, train=train, mask=mask))
     out = conv(self.out_channels, 3, self.stride, "conv1")(preact)
-    out = nn.relu(bn("bn2")(out, train=train))
+    out = nn.relu(bn("bn2")(out, train=train, mask=mask))
     if self.dropout_rate > 0:
       out = nn.Dropout(self.dropout_rate, deterministic=not train)(out)
     out = conv(self.out_channels, 3, 1, "conv2")(out)
@@ -107,8 +119,12 @@ class BasicBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-  """WRN-``depth``-``widen_factor`` on NHWC normalised images (32x32 in the paper; the global
-  average pool equals the reference's ``avg_pool2d(8)`` there and accepts other sizes).
+  """WRN-``depth``-``widen_factor`` on NHWC normalised images of any size.
+
+  The final pooling is a global mean (``pooling="mean"``), which equals the reference's
+  ``avg_pool2d(8)`` at 32x32. ``pooling="reference"`` is that 8x8 window itself: on the 9x9 map of
+  a 36x36 image it pools the top-left 8x8 only, as the reference network does when it is fed
+  larger images unresized.
 
   Attributes:
     depth: total layers, ``(depth - 4) % 6 == 0`` (40 for WRN-40-2).
@@ -118,6 +134,7 @@ class WideResNet(nn.Module):
     axis_name: mapped axis over which BatchNorm statistics are synchronised.
     dtype: compute dtype (``jnp.bfloat16`` for mixed precision); parameters and
       BatchNorm statistics stay float32.
+    pooling: ``"mean"`` or ``"reference"`` (see above).
   """
 
   depth: int = 40
@@ -126,6 +143,7 @@ class WideResNet(nn.Module):
   dropout_rate: float = 0.3
   axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
+  pooling: str = "mean"
 
   def setup(self):
     """Validates the architecture before any layer is built."""
@@ -134,6 +152,8 @@ class WideResNet(nn.Module):
     if self.widen_factor < 1 or self.num_classes < 1:
       raise ValueError(f"widen_factor and num_classes must be >= 1, got "
                        f"{self.widen_factor}, {self.num_classes}")
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"WideResNet pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
   @property
   def channels(self) -> Tuple[int, int, int, int]:
@@ -142,12 +162,14 @@ class WideResNet(nn.Module):
     return (16, 16 * k, 32 * k, 64 * k)
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False) -> ModelOutput:
+  def __call__(self, x: Array, *, train: bool = False,
+               mask: Optional[Array] = None) -> ModelOutput:
     """``ModelOutput(logits [N, num_classes], features [N, 64k], blocks)``, all float32.
 
     ``features`` are the penultimate activations ``avgpool(relu(bn(h)))``, as the reference's
     ``intermediate_forward`` averaged over space (what Mahalanobis fits its Gaussians on);
     ``blocks`` the spatial means of the stem and of the first two groups, then ``features``.
+    ``mask`` (``[N]`` bool, training only): BatchNorm statistics over the True examples only.
     """
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"WideResNet expects NHWC images with 3 channels, got shape {x.shape}")
@@ -162,11 +184,16 @@ class WideResNet(nn.Module):
       for i in range(n):
         out = BasicBlock(channels, stride if i == 0 else 1, self.dropout_rate,
                          axis_name=self.axis_name, dtype=self.dtype,
-                         name=f"block{group}_layer_{i}")(out, train=train)
+                         name=f"block{group}_layer_{i}")(out, train=train, mask=mask)
       if group < 3:
         blocks.append(pooled(out))
     out = nn.relu(BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name="bn1")(
-        out, train=train))
+        out, train=train, mask=mask))
+    if self.pooling == "reference":
+      if out.shape[1] // 8 != 1 or out.shape[2] // 8 != 1:
+        raise ValueError(f"pooling='reference' (avg_pool2d(8)) needs a final map of 8 to 15 "
+                         f"pixels a side, got {out.shape[1:3]} from images {x.shape[1:3]}")
+      out = out[:, :8, :8]
     features = pooled(out)
     logits = nn.Dense(self.num_classes, kernel_init=dense_init,
                       bias_init=nn.initializers.zeros, dtype=jnp.float32,
@@ -177,8 +204,9 @@ class WideResNet(nn.Module):
 @register("wrn", shape_fields=("depth", "widen_factor"), head="fc",
           from_torch=wrn_convert.state_dict_to_variables)
 def build(*, num_classes: int, dtype=jnp.float32, axis_name: Optional[str] = None,
-          depth: int = 40, widen_factor: int = 2, dropout_rate: float = 0.3) -> WideResNet:
+          depth: int = 40, widen_factor: int = 2, dropout_rate: float = 0.3,
+          pooling: str = "mean") -> WideResNet:
   """WRN-``depth``-``widen_factor`` (``config.model``: ``depth``, ``widen_factor``,
-  ``dropout_rate``)."""
+  ``dropout_rate``, ``pooling``)."""
   return WideResNet(depth=depth, widen_factor=widen_factor, num_classes=num_classes,
-                    dropout_rate=dropout_rate, axis_name=axis_name, dtype=dtype)
+                    dropout_rate=dropout_rate, axis_name=axis_name, dtype=dtype, pooling=pooling)

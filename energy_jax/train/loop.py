@@ -36,7 +36,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   log(f"config of {workdir}:\n{config}")
   t0 = time.time()
   data = load_run_data(config, objective.uses_outliers, data_cache)
-  steps = sampling.steps_per_epoch(len(data.train), config.batch_size, data.train.source)
+  steps = sampling.steps_per_epoch(len(data.train), config.batch_size, config.drop_remainder,
+                                   data.train.source)
   total_steps = steps * config.epochs
   learning_rate = make_optimizer(config, total_steps).learning_rate
   times = {"data": time.time() - t0}
@@ -128,13 +129,16 @@ def epoch_runner(config, data: RunData, mesh, total_steps: int, steps: int) -> E
   """``run(state, epoch) -> (state, {metric: [steps] values})``: one epoch on either input path,
   the images of each step drawn by :func:`energy_jax.data.sampling.epoch_indices`."""
   num_out = len(data.outliers) if data.outliers is not None else 0
+  padded = sampling.has_partial_batch(len(data.train), config.batch_size, config.drop_remainder)
 
   def indices(epoch):
     return sampling.epoch_indices(config.seed, epoch, len(data.train), config.batch_size,
-                                  num_out, config.outlier_batch_size)
+                                  num_out, config.outlier_batch_size,
+                                  drop_remainder=config.drop_remainder,
+                                  outlier_sampling=config.outlier_sampling)
 
   if config.input_pipeline == "device":
-    fn = device_epoch_fn(config, total_steps, mesh)
+    fn = device_epoch_fn(config, total_steps, mesh, padded)
     pools = jax.block_until_ready(parallel.put_replicated(device_data(
         data.train.images, data.train.labels,
         data.outliers.images if data.outliers is not None else None), mesh))
@@ -154,7 +158,7 @@ def epoch_runner(config, data: RunData, mesh, total_steps: int, steps: int) -> E
     def calls(state, epoch):
       in_idx, out_idx = indices(epoch)
       for batch in host_stream.epoch_stream(data.train, data.outliers, in_idx, out_idx,
-                                            seed=config.seed, epoch=epoch):
+                                            seed=config.seed, epoch=epoch, padded=padded):
         state, m = step(state, parallel.put_sharded(batch, mesh))
         yield state, jax.tree_util.tree_map(lambda v: np.asarray(v)[None], jax.device_get(m)), 1
 

@@ -1,9 +1,11 @@
 """The training step and the compiled functions that run it over a mesh.
 
-``train_step(state, batch) -> (state, metrics)`` is the per-device step, written pmap-style:
-gradients and metrics are averaged with ``lax.pmean`` over ``parallel.AXIS``. In-distribution and
-outlier images go through the network in ONE forward pass, so BatchNorm sees all ``128 + 256``
-images, as in the reference. Two ways to feed it:
+``train_step(state, batch) -> (state, metrics)`` is the per-device step, written pmap-style: each
+device computes its share of the global batch's mean loss (its sum over the global count of real
+examples), and gradients and metrics are summed with ``lax.psum`` over ``parallel.AXIS``, so
+any split of the batch over the devices, the padded last batch of an epoch included, computes
+what one device would. In-distribution and outlier images go through the network in ONE forward
+pass, so BatchNorm sees all ``128 + 256`` images, as in the reference. Two ways to feed it:
 
 * device-resident (``config.input_pipeline = "device"``): the data sets live on the devices as
   uint8, augmentation runs inside the compiled step, and ``steps_per_call`` steps are fused into
@@ -35,26 +37,35 @@ Array = jax.Array
 def train_step(state: TrainState, batch: Mapping[str, Array], *, config,
                tx: optax.GradientTransformation, axis_name: Optional[str] = parallel.AXIS
                ) -> Tuple[TrainState, Dict[str, Array]]:
-  """One SGD step on this device's shard; ``batch`` has ``image``, ``label`` and, for the
-  objectives that use outliers, ``outlier`` (normalised NHWC float images)."""
+  """One SGD step on this device's shard; ``batch`` has ``image``, ``label``, for the objectives
+  that use outliers ``outlier`` (normalised NHWC float images), and in a padded batch ``mask``
+  (``[B]`` bool, True for the real in-distribution images)."""
   model = models.from_config(config, axis_name=axis_name)
   num_in = batch["image"].shape[0]
   images = batch["image"]
+  mask_in = batch.get("mask")
+  mask = mask_in
   if objectives.get(config.objective).uses_outliers:
     images = jnp.concatenate([images, batch["outlier"].astype(images.dtype)], axis=0)
+    if mask is not None:
+      mask = jnp.concatenate([mask, jnp.ones(batch["outlier"].shape[:1], bool)])
   rng = jax.random.fold_in(state.rng, state.step)
   if axis_name is not None:
     rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
 
+  kwargs = {} if mask is None else {"mask": mask}
+
   def loss_fn(params):
     out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                                train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-    loss, metrics = objectives.objective_loss(config, out.logits, batch["label"], num_in)
+                                train=True, rngs={"dropout": rng}, mutable=["batch_stats"],
+                                **kwargs)
+    loss, metrics = objectives.objective_loss(config, out.logits, batch["label"], num_in,
+                                              mask_in, axis_name)
     return loss, (new_vars["batch_stats"], metrics)
 
   grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
   if axis_name is not None:
-    grads, metrics = lax.pmean((grads, metrics), axis_name)
+    grads, metrics = lax.psum((grads, metrics), axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -62,12 +73,17 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, config,
 
 
 def device_batch(rng: Array, data: Mapping[str, Array], in_idx: Array,
-                 out_idx: Optional[Array], dtype) -> Dict[str, Array]:
-  """Gathers this device's indices from the device-resident data and augments them."""
+                 out_idx: Optional[Array], dtype, padded: bool = False) -> Dict[str, Array]:
+  """Gathers this device's indices from the device-resident data and augments them; with
+  ``padded``, negative indices are padding (``mask`` False, image 0 in their place)."""
   k_in, k_out = jax.random.split(rng)
+  if padded:
+    mask, in_idx = in_idx >= 0, jnp.maximum(in_idx, 0)
   batch = {"image": augment.normalize(augment.random_crop_flip(k_in, data["image"][in_idx]),
                                       dtype),
            "label": data["label"][in_idx]}
+  if padded:
+    batch["mask"] = mask
   if out_idx is not None:
     batch["outlier"] = augment.normalize(
         augment.random_crop_flip(k_out, data["outlier"][out_idx]), dtype)
@@ -88,7 +104,7 @@ def _scan_unroll(config):
 
 
 @functools.lru_cache(maxsize=None)
-def _device_epoch_fn(config, total_steps: int, mesh) -> Callable:
+def _device_epoch_fn(config, total_steps: int, mesh, padded: bool) -> Callable:
   tx = make_optimizer(config, total_steps).tx
   dtype = models.from_config(config).dtype
   uses_outliers = objectives.get(config.objective).uses_outliers
@@ -98,7 +114,7 @@ def _device_epoch_fn(config, total_steps: int, mesh) -> Callable:
       i_in, i_out = idx
       rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                lax.axis_index(parallel.AXIS) + 7919)
-      batch = device_batch(rng, data, i_in, i_out if uses_outliers else None, dtype)
+      batch = device_batch(rng, data, i_in, i_out if uses_outliers else None, dtype, padded)
       return train_step(state, batch, config=config, tx=tx)
     return lax.scan(body, state, (in_idx, out_idx), unroll=_scan_unroll(config))
 
@@ -107,15 +123,16 @@ def _device_epoch_fn(config, total_steps: int, mesh) -> Callable:
                                 out_specs=(P(), P()), donate_argnums=(0,))
 
 
-def device_epoch_fn(config, total_steps: int, mesh) -> Callable:
+def device_epoch_fn(config, total_steps: int, mesh, padded: bool = False) -> Callable:
   """``fn(state, data, in_idx [S, B], out_idx [S, B_out]) -> (state, metrics [S])``: ``S``
   steps fused into one compiled call. ``data`` (replicated) holds the uint8 ``image`` / ``label``
-  (and ``outlier``) pools; the index arrays are split over devices along their batch axis.
+  (and ``outlier``) pools; the index arrays are split over devices along their batch axis. With
+  ``padded``, negative ID indices are padding (an epoch's last partial batch).
 
-  Built once per ``(config, total_steps, mesh)``: every call of a run, and anything compiled
-  ahead for it (``fn.lower(...).compile()``), is the same executable.
+  Built once per ``(config, total_steps, mesh, padded)``: every call of a run, and anything
+  compiled ahead for it (``fn.lower(...).compile()``), is the same executable.
   """
-  return _device_epoch_fn(frozen(config), total_steps, mesh)
+  return _device_epoch_fn(frozen(config), total_steps, mesh, padded)
 
 
 def host_step_fn(config, total_steps: int, mesh) -> Callable:
