@@ -33,7 +33,7 @@ from energy_jax import (checkpoints, config as config_lib, data, detectors,  # n
 from energy_jax.data import sampling, synthetic  # noqa: E402
 from energy_jax.ood import evaluation, report  # noqa: E402
 from energy_jax.train import objectives  # noqa: E402
-from energy_jax.train.step import device_data, epoch_calls  # noqa: E402
+from energy_jax.train.step import device_data, epoch_calls, step_indices_spec  # noqa: E402
 
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 # Convolutions in XLA's CUDA graphs: on an H200 the pretraining step ran at 32.6k images/s
@@ -117,10 +117,12 @@ def compile_run(config, num_train: int, num_outliers: int) -> None:
       rep)
   out_batch = config.outlier_batch_size if uses_outliers else 0
   fn = train.device_epoch_fn(config, total_steps, mesh, padded)
+  idx = jax.sharding.NamedSharding(mesh, step_indices_spec())
   create.compile()
   for length in sorted({sl.stop - sl.start for sl in epoch_calls(steps, config.steps_per_call)}):
-    fn.lower(state, pools, jax.ShapeDtypeStruct((length, config.batch_size), jnp.int32),
-             jax.ShapeDtypeStruct((length, out_batch), jnp.int32)).compile()
+    fn.lower(state, pools,
+             jax.ShapeDtypeStruct((length, config.batch_size), jnp.int32, sharding=idx),
+             jax.ShapeDtypeStruct((length, out_batch), jnp.int32, sharding=idx)).compile()
 
 
 def compile_evaluation(config, num_test: int) -> None:

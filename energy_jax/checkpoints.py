@@ -67,10 +67,14 @@ class RunCheckpoints:
     return self.manager.save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
-  def restore(self, target_state, epoch: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
-    """``(state, meta)`` of ``epoch`` (default: latest), shaped like ``target_state``."""
+  def restore(self, target_state, epoch: Optional[int] = None,
+              sharding=None) -> Tuple[Any, Dict[str, Any]]:
+    """``(state, meta)`` of ``epoch`` (default: latest), shaped like ``target_state`` and placed
+    with ``sharding`` (e.g. replicated over a global mesh) when given."""
     epoch = self.latest_epoch() if epoch is None else epoch
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target_state)
+    abstract = jax.tree_util.tree_map(
+        lambda x: (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) if sharding
+                   else ocp.utils.to_shape_dtype_struct(x)), target_state)
     out = self.manager.restore(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]

@@ -2,7 +2,8 @@
 image set.
 
 Every example is kept exactly once: the last batch is padded and the padding dropped. Batches
-are split over the devices of the mesh (GSPMD partitions the jitted forward pass).
+are split over the devices of the mesh (GSPMD partitions the jitted forward pass); with several
+processes each scores its share and every process receives all the outputs.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def predict(model, variables, images: np.ndarray, batch_size: int = 1000,
     pad = padded_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.uint8)])
-    out = eval_step(model, variables, parallel.put_sharded(chunk, mesh), blocks)
-    parts.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:stop - start], out))
+    # Each process supplies its devices' rows of the batch and receives all the outputs.
+    rows = parallel.process_rows(len(chunk), mesh)
+    out = parallel.to_host(eval_step(model, variables, parallel.put_sharded(chunk[rows], mesh),
+                                     blocks))
+    parts.append(jax.tree_util.tree_map(lambda a: a[:stop - start], out))
   return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)

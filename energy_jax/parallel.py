@@ -1,10 +1,12 @@
-"""Data parallelism over all local devices: pmapped-style steps compiled with shard_map.
+"""Data parallelism over every device of every process: pmapped-style steps compiled with
+shard_map over one global mesh.
 
-The per-device step is written as imagenet-style pmapped code: it sees its own
-shard of the batch, averages gradients and metrics with ``lax.pmean`` over
-``AXIS``, and BatchNorm synchronises its moments over the same axis. It is
-compiled once with ``jax.jit(jax.shard_map(...))`` over a 1-D mesh (``jax.pmap``
-is in maintenance mode).
+The per-device step is written as imagenet-style pmapped code: it sees its own shard of the
+batch, reduces gradients and metrics with ``lax.psum`` over ``AXIS``, and BatchNorm synchronises
+its moments over the same axis. It is compiled once with ``jax.jit(jax.shard_map(...))`` over a
+1-D mesh of all devices (``jax.pmap`` is in maintenance mode). With several processes
+(:mod:`energy_jax.distributed`), each process holds the devices of one contiguous slice of the
+mesh, and with them one contiguous slice of every global batch (:func:`process_rows`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,26 @@ AXIS = "batch"
 
 def make_mesh(num_devices: Optional[int] = None,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A 1-D mesh named ``AXIS`` over the first ``num_devices`` local devices (default: all)."""
-  devices = list(devices or jax.local_devices())
+  """A 1-D mesh named ``AXIS`` over the first ``num_devices`` devices of all processes (default:
+  all; with several processes, all of them)."""
+  devices = list(devices or jax.devices())
   if num_devices:
     if num_devices > len(devices):
       raise ValueError(f"asked for {num_devices} devices, only {len(devices)} are available")
+    if jax.process_count() > 1 and num_devices != len(devices):
+      raise ValueError(f"a run of {jax.process_count()} processes uses all their "
+                       f"{len(devices)} devices; num_devices={num_devices} would leave some out")
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (AXIS,))
+
+
+def process_rows(global_rows: int, mesh: Mesh) -> slice:
+  """The rows of a global batch (split over ``mesh`` along its first axis) that this process
+  supplies: those of its devices, which are contiguous in the mesh."""
+  devices = list(mesh.devices.flat)
+  mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+  per_device = global_rows // len(devices)
+  return slice(mine[0] * per_device, (mine[-1] + 1) * per_device)
 
 
 def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> int:
@@ -70,10 +85,36 @@ def abstract(tree, sharding: NamedSharding):
 
 
 def put_replicated(tree, mesh: Mesh):
-  """Copies every leaf of ``tree`` to all devices of ``mesh`` (no copy if already there)."""
+  """Copies every leaf of ``tree`` to all devices of ``mesh`` (no copy if already there). With
+  several processes every process passes the same values, which go to its own devices only
+  (arrays on one device of this process pass through the host: no cross-process transfer)."""
+  if jax.process_count() > 1:
+    tree = jax.tree_util.tree_map(
+        lambda x: np.asarray(x) if isinstance(x, jax.Array) and not (
+            x.sharding == replicated(mesh)) else x, tree)
   return jax.device_put(tree, replicated(mesh))
 
 
 def put_sharded(tree, mesh: Mesh):
-  """Host arrays -> global arrays split along their first axis over the mesh."""
-  return jax.device_put(tree, batch_sharded(mesh))
+  """This process's rows (all rows with one process) -> global arrays split along their first
+  axis over the mesh."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, batch_sharded(mesh))
+  sharding = batch_sharded(mesh)
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def put_global(tree, mesh: Mesh, spec: P):
+  """Host arrays that every process holds whole -> global arrays placed by ``spec``."""
+  return jax.device_put(tree, NamedSharding(mesh, spec))
+
+
+def to_host(tree):
+  """Global arrays -> numpy on every process (gathered across processes where needed)."""
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree_util.tree_map(one, tree)

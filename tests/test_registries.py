@@ -22,7 +22,7 @@ class TinyCNN(nn.Module):
   dtype: object = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False, mask=None):   # no batch statistics to mask
+  def __call__(self, x, *, train: bool = False, mask=None, example_ids=None):   # no BN, no dropout
     h = nn.relu(nn.Conv(self.width, (3, 3), dtype=self.dtype, name="conv")(x))
     features = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
     logits = nn.Dense(self.num_classes, name="head")(features)

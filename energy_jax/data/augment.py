@@ -27,12 +27,16 @@ def normalize(images: Array, dtype=jnp.float32) -> Array:
   return x.astype(dtype)
 
 
-def crop_flip_params(rng: Array, batch: int):
-  """Per-example crop offsets ``[B, 2]`` in ``0..2*PAD`` and flip flags ``[B]``."""
-  k_off, k_flip = jax.random.split(rng)
-  offsets = jax.random.randint(k_off, (batch, 2), 0, 2 * PAD + 1)
-  flips = jax.random.bernoulli(k_flip, 0.5, (batch,))
-  return offsets, flips
+def crop_flip_params(rng: Array, positions: Array):
+  """Crop offsets ``[B, 2]`` in ``0..2*PAD`` and flip flags ``[B]``, example ``i``'s drawn from
+  ``fold_in(rng, positions[i])``: an example's augmentation depends on its position in the global
+  batch, not on which device holds it."""
+  def one(key):
+    k_off, k_flip = jax.random.split(key)
+    return (jax.random.randint(k_off, (2,), 0, 2 * PAD + 1),
+            jax.random.bernoulli(k_flip, 0.5))
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, positions)
+  return jax.vmap(one)(keys)
 
 
 def apply_crop_flip(images: Array, offsets: Array, flips: Array) -> Array:
@@ -47,7 +51,10 @@ def apply_crop_flip(images: Array, offsets: Array, flips: Array) -> Array:
   return jax.vmap(one)(padded, offsets, flips)
 
 
-def random_crop_flip(rng: Array, images: Array) -> Array:
-  """The training augmentation on a uint8 or float batch ``[B, H, W, C]``."""
-  offsets, flips = crop_flip_params(rng, images.shape[0])
+def random_crop_flip(rng: Array, images: Array, positions: Array = None) -> Array:
+  """The training augmentation on a uint8 or float batch ``[B, H, W, C]`` whose examples sit at
+  ``positions`` of the global batch (default ``0..B-1``)."""
+  if positions is None:
+    positions = jnp.arange(images.shape[0])
+  offsets, flips = crop_flip_params(rng, positions)
   return apply_crop_flip(images, offsets, flips)

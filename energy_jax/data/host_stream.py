@@ -38,13 +38,18 @@ def augment(image, seed):
   return tf.cond(flip > 0, lambda: tf.reverse(crop, [1]), lambda: crop)
 
 
-def _augmented(images: np.ndarray, idx: np.ndarray, batch: int, seed: int) -> tf.data.Dataset:
-  ds = tf.data.Dataset.from_tensor_slices(idx.reshape(-1))
-  ds = ds.enumerate().map(
-      lambda i, j: normalize(augment(tf.gather(images, tf.maximum(j, 0)),
-                                     tf.stack([seed, tf.cast(i, tf.int32)]))),
+def _augmented(images: np.ndarray, idx: np.ndarray, columns: slice,
+               seed: int) -> tf.data.Dataset:
+  """Batches of ``idx[:, columns]`` (``idx [steps, B]``), example ``[s, c]`` augmented with the
+  seed ``(seed, s * B + c)``: its position in the epoch, whichever process reads it."""
+  steps, width = idx.shape
+  position = np.arange(steps * width, dtype=np.int64).reshape(steps, width)[:, columns]
+  ds = tf.data.Dataset.from_tensor_slices((idx[:, columns].reshape(-1),
+                                           position.reshape(-1).astype(np.int32)))
+  ds = ds.map(
+      lambda j, p: normalize(augment(tf.gather(images, tf.maximum(j, 0)), tf.stack([seed, p]))),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.batch(batch, drop_remainder=True)
+  return ds.batch(columns.stop - columns.start, drop_remainder=True)
 
 
 def epoch_stream(train: ImageSet, outliers: Optional[ImageSet], in_idx: np.ndarray,
@@ -52,21 +57,22 @@ def epoch_stream(train: ImageSet, outliers: Optional[ImageSet], in_idx: np.ndarr
                  padded: bool = False) -> Iterator[Dict[str, np.ndarray]]:
   """One epoch of augmented ``[in; outlier]`` batches for the indices of
   :func:`energy_jax.data.sampling.epoch_indices` (ID batch 128 and outlier batch 256 by default),
-  split by ``jax.process_index()`` on multi-host setups. With ``padded`` every batch carries a
-  ``mask`` (False for the padding, index -1, of the last partial batch)."""
+  each process reading its own columns of every batch (those of its devices) on multi-host
+  setups. With ``padded`` every batch carries a ``mask`` (False for the padding, index -1, of
+  the last partial batch)."""
   import jax
   steps, batch = in_idx.shape
   host, hosts = jax.process_index(), jax.process_count()
   sl = slice(host * batch // hosts, (host + 1) * batch // hosts)
-  ds = _augmented(tf.constant(train.images), in_idx[:, sl], sl.stop - sl.start, seed * 1000 + epoch)
+  ds = _augmented(tf.constant(train.images), in_idx, sl, seed * 1000 + epoch)
   labels = tf.data.Dataset.from_tensor_slices(train.labels[np.maximum(in_idx[:, sl], 0)])
   parts = {"image": ds, "label": labels}
   if padded:
     parts["mask"] = tf.data.Dataset.from_tensor_slices(in_idx[:, sl] >= 0)
   if outliers is not None:
     ob = out_idx.shape[1] // hosts
-    parts["outlier"] = _augmented(tf.constant(outliers.images), out_idx[:, host * ob:(host + 1) * ob],
-                                  ob, seed * 1000 + epoch + 500_000)
+    parts["outlier"] = _augmented(tf.constant(outliers.images), out_idx,
+                                  slice(host * ob, (host + 1) * ob), seed * 1000 + epoch + 500_000)
   ds = tf.data.Dataset.zip(parts).prefetch(tf.data.AUTOTUNE)
   yield from ds.as_numpy_iterator()
 

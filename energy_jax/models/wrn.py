@@ -90,6 +90,17 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+def per_example_dropout(rng: Array, x: Array, rate: float,
+                        example_ids: Optional[Array] = None) -> Array:
+  """Inverted dropout whose mask for example ``i`` comes from ``fold_in(rng, example_ids[i])``:
+  given global positions as ids, the masks do not depend on how a batch is split over devices."""
+  if example_ids is None:
+    example_ids = jnp.arange(x.shape[0])
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, example_ids)
+  keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(keys)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 class BasicBlock(nn.Module):
   """Pre-activation block: bn-relu-conv3x3-bn-relu-dropout-conv3x3 + shortcut."""
 
@@ -100,7 +111,8 @@ class BasicBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool, mask: Optional[Array] = None) -> Array:
+  def __call__(self, x: Array, *, train: bool, mask: Optional[Array] = None,
+               example_ids: Optional[Array] = None) -> Array:
     conv = lambda c, k, s, name: nn.Conv(
         c, (k, k), strides=(s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False,
         kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32, name=name)
@@ -109,8 +121,8 @@ class BasicBlock(nn.Module):
     preact = nn.relu(bn("bn1")(x, train=train, mask=mask))
     out = conv(self.out_channels, 3, self.stride, "conv1")(preact)
     out = nn.relu(bn("bn2")(out, train=train, mask=mask))
-    if self.dropout_rate > 0:
-      out = nn.Dropout(self.dropout_rate, deterministic=not train)(out)
+    if self.dropout_rate > 0 and train:
+      out = per_example_dropout(self.make_rng("dropout"), out, self.dropout_rate, example_ids)
     out = conv(self.out_channels, 3, 1, "conv2")(out)
     if equal_in_out:
       return x + out
@@ -162,14 +174,16 @@ class WideResNet(nn.Module):
     return (16, 16 * k, 32 * k, 64 * k)
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False,
-               mask: Optional[Array] = None) -> ModelOutput:
+  def __call__(self, x: Array, *, train: bool = False, mask: Optional[Array] = None,
+               example_ids: Optional[Array] = None) -> ModelOutput:
     """``ModelOutput(logits [N, num_classes], features [N, 64k], blocks)``, all float32.
 
     ``features`` are the penultimate activations ``avgpool(relu(bn(h)))``, as the reference's
     ``intermediate_forward`` averaged over space (what Mahalanobis fits its Gaussians on);
     ``blocks`` the spatial means of the stem and of the first two groups, then ``features``.
     ``mask`` (``[N]`` bool, training only): BatchNorm statistics over the True examples only.
+    ``example_ids`` (``[N]`` int, training only): each example's dropout is drawn from the
+    dropout rng folded with its id (default ``0..N-1``).
     """
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"WideResNet expects NHWC images with 3 channels, got shape {x.shape}")
@@ -184,7 +198,8 @@ class WideResNet(nn.Module):
       for i in range(n):
         out = BasicBlock(channels, stride if i == 0 else 1, self.dropout_rate,
                          axis_name=self.axis_name, dtype=self.dtype,
-                         name=f"block{group}_layer_{i}")(out, train=train, mask=mask)
+                         name=f"block{group}_layer_{i}")(out, train=train, mask=mask,
+                                                         example_ids=example_ids)
       if group < 3:
         blocks.append(pooled(out))
     out = nn.relu(BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name="bn1")(

@@ -9,15 +9,16 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import numpy as np
 
-from energy_jax import (checkpoints, config as config_lib, inference, losses, models, parallel,
-                        progress)
+from energy_jax import (checkpoints, config as config_lib, distributed, inference, losses, models,
+                        parallel, progress)
 from energy_jax.data import host_stream_available, load_run_data, sampling
 from energy_jax.data.run_data import RunData
 from energy_jax.train import objectives
 from energy_jax.train.optim import make_optimizer
 from energy_jax.train.state import TrainState, create_train_state
-from energy_jax.train.step import device_data, device_epoch_fn, epoch_calls, host_step_fn
-from energy_jax.train.writer import RunWriter
+from energy_jax.train.step import (device_data, device_epoch_fn, epoch_calls, host_step_fn,
+                                   step_indices_spec)
+from energy_jax.train.writer import open_run_writer
 
 INPUT_PIPELINES = ("device", "tfdata")
 
@@ -33,6 +34,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   :func:`energy_jax.data.load_run_data`.
   """
   objective, mesh = check_config(config)
+  log = distributed.main_process_only(log)
   log(f"config of {workdir}:\n{config}")
   t0 = time.time()
   data = load_run_data(config, objective.uses_outliers, data_cache)
@@ -44,7 +46,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   row: Dict[str, Any] = {}
   with checkpoints.RunCheckpoints(workdir, config.keep_checkpoints,
                                   config.checkpoint_every_epochs) as ckpts:
-    state, start_epoch = initial_state(config, workdir, ckpts, total_steps, log)
+    state, start_epoch = initial_state(config, workdir, ckpts, total_steps, log, mesh)
     state = parallel.put_replicated(state, mesh)
     run_epoch = epoch_runner(config, data, mesh, total_steps, steps)
     times["setup"] = time.time() - t0 - times["data"]
@@ -52,7 +54,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
         f"{f', {len(data.outliers)} outliers' if data.outliers is not None else ''}; {steps} "
         f"steps/epoch, {mesh.devices.size} device(s) x {config.batch_size // mesh.devices.size}, "
         f"input {config.input_pipeline}; data loaded in {times['data']:.1f} s")
-    with RunWriter(config, workdir, start_epoch, log) as writer:
+    with open_run_writer(config, workdir, start_epoch, log) as writer:
       for epoch in range(start_epoch, config.epochs):
         t_epoch = time.time()
         state, metrics = run_epoch(state, epoch)
@@ -92,9 +94,9 @@ def check_config(config):
 
 
 def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, total_steps: int,
-                  log: Callable[[str], None]) -> Tuple[TrainState, int]:
-  """``(state, first epoch)``: the run's own latest checkpoint, else the pretrained model, else
-  a fresh model (pretraining only)."""
+                  log: Callable[[str], None], mesh=None) -> Tuple[TrainState, int]:
+  """``(state, first epoch)``: the run's own latest checkpoint (restored onto ``mesh``,
+  replicated), else the pretrained model, else a fresh model (pretraining only)."""
   rng = jax.random.PRNGKey(config.seed)
   latest = ckpts.latest_epoch()
   if latest is not None:
@@ -109,7 +111,8 @@ def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, total
       raise FileExistsError(
           f"{workdir} holds a finished run (epoch {latest + 1} of {config.epochs}); choose "
           f"another --workdir, or delete {ckpts.directory} to start over")
-    state, _ = ckpts.restore(create_train_state(config, rng, total_steps), latest)
+    state, _ = ckpts.restore(create_train_state(config, rng, total_steps), latest,
+                             parallel.replicated(mesh) if mesh is not None else None)
     log(f"resuming {workdir} after epoch {latest + 1}")
     return state, latest + 1
   if config.pretrained:
@@ -146,7 +149,8 @@ def epoch_runner(config, data: RunData, mesh, total_steps: int, steps: int) -> E
     def calls(state, epoch):
       in_idx, out_idx = indices(epoch)
       for sl in epoch_calls(steps, config.steps_per_call):
-        state, m = fn(state, pools, in_idx[sl], out_idx[sl])
+        idx = parallel.put_global((in_idx[sl], out_idx[sl]), mesh, step_indices_spec())
+        state, m = fn(state, pools, *idx)
         yield state, jax.device_get(m), sl.stop - sl.start
   else:
     if not host_stream_available():

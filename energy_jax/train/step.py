@@ -32,6 +32,21 @@ from energy_jax.train.optim import make_optimizer
 from energy_jax.train.state import TrainState, frozen
 
 Array = jax.Array
+# The streams of one step's randomness, each folded into fold_in(state.rng, state.step) and then
+# into an example's position in the global batch: the same on every device and process.
+AUGMENT_IN, AUGMENT_OUT, DROPOUT = 1, 2, 3
+
+
+def global_positions(n_local: int, axis_name: Optional[str], offset=0) -> Array:
+  """Positions in the global batch of this device's ``n_local`` examples: devices hold
+  consecutive slices in mesh order (``offset``: where this part of the batch starts)."""
+  start = lax.axis_index(axis_name) * n_local if axis_name is not None else 0
+  return offset + start + jnp.arange(n_local)
+
+
+def global_size(n_local: int, axis_name: Optional[str]):
+  """Examples in the global batch when each device holds ``n_local``."""
+  return n_local * lax.psum(1, axis_name) if axis_name is not None else n_local
 
 
 def train_step(state: TrainState, batch: Mapping[str, Array], *, config,
@@ -39,21 +54,23 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, config,
                ) -> Tuple[TrainState, Dict[str, Array]]:
   """One SGD step on this device's shard; ``batch`` has ``image``, ``label``, for the objectives
   that use outliers ``outlier`` (normalised NHWC float images), and in a padded batch ``mask``
-  (``[B]`` bool, True for the real in-distribution images)."""
+  (``[B]`` bool, True for the real in-distribution images). Dropout is drawn per example from its
+  position in the global batch (outliers after all in-distribution images)."""
   model = models.from_config(config, axis_name=axis_name)
   num_in = batch["image"].shape[0]
   images = batch["image"]
   mask_in = batch.get("mask")
   mask = mask_in
+  ids = global_positions(num_in, axis_name)
   if objectives.get(config.objective).uses_outliers:
+    num_out = batch["outlier"].shape[0]
     images = jnp.concatenate([images, batch["outlier"].astype(images.dtype)], axis=0)
+    ids = jnp.concatenate([ids, global_positions(num_out, axis_name,
+                                                 global_size(num_in, axis_name))])
     if mask is not None:
-      mask = jnp.concatenate([mask, jnp.ones(batch["outlier"].shape[:1], bool)])
-  rng = jax.random.fold_in(state.rng, state.step)
-  if axis_name is not None:
-    rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
-
-  kwargs = {} if mask is None else {"mask": mask}
+      mask = jnp.concatenate([mask, jnp.ones((num_out,), bool)])
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), DROPOUT)
+  kwargs = {"example_ids": ids} if mask is None else {"example_ids": ids, "mask": mask}
 
   def loss_fn(params):
     out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
@@ -72,21 +89,24 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, config,
                        opt_state=opt_state), metrics
 
 
-def device_batch(rng: Array, data: Mapping[str, Array], in_idx: Array,
-                 out_idx: Optional[Array], dtype, padded: bool = False) -> Dict[str, Array]:
-  """Gathers this device's indices from the device-resident data and augments them; with
-  ``padded``, negative indices are padding (``mask`` False, image 0 in their place)."""
-  k_in, k_out = jax.random.split(rng)
+def device_batch(step_key: Array, data: Mapping[str, Array], in_idx: Array,
+                 out_idx: Optional[Array], dtype, padded: bool = False,
+                 axis_name: Optional[str] = None) -> Dict[str, Array]:
+  """Gathers this device's indices from the device-resident data and augments them, each
+  example from ``step_key`` and its position in the global batch; with ``padded``, negative
+  indices are padding (``mask`` False, image 0 in their place)."""
   if padded:
     mask, in_idx = in_idx >= 0, jnp.maximum(in_idx, 0)
-  batch = {"image": augment.normalize(augment.random_crop_flip(k_in, data["image"][in_idx]),
-                                      dtype),
+  at = global_positions(in_idx.shape[0], axis_name)
+  batch = {"image": augment.normalize(augment.random_crop_flip(
+               jax.random.fold_in(step_key, AUGMENT_IN), data["image"][in_idx], at), dtype),
            "label": data["label"][in_idx]}
   if padded:
     batch["mask"] = mask
   if out_idx is not None:
-    batch["outlier"] = augment.normalize(
-        augment.random_crop_flip(k_out, data["outlier"][out_idx]), dtype)
+    at = global_positions(out_idx.shape[0], axis_name)
+    batch["outlier"] = augment.normalize(augment.random_crop_flip(
+        jax.random.fold_in(step_key, AUGMENT_OUT), data["outlier"][out_idx], at), dtype)
   return batch
 
 
@@ -112,15 +132,20 @@ def _device_epoch_fn(config, total_steps: int, mesh, padded: bool) -> Callable:
   def per_device(state, data, in_idx, out_idx):
     def body(state, idx):
       i_in, i_out = idx
-      rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                               lax.axis_index(parallel.AXIS) + 7919)
-      batch = device_batch(rng, data, i_in, i_out if uses_outliers else None, dtype, padded)
+      batch = device_batch(jax.random.fold_in(state.rng, state.step), data, i_in,
+                           i_out if uses_outliers else None, dtype, padded, parallel.AXIS)
       return train_step(state, batch, config=config, tx=tx)
     return lax.scan(body, state, (in_idx, out_idx), unroll=_scan_unroll(config))
 
-  spec_idx = P(None, parallel.AXIS)
+  spec_idx = step_indices_spec()
   return parallel.data_parallel(per_device, mesh, in_specs=(P(), P(), spec_idx, spec_idx),
                                 out_specs=(P(), P()), donate_argnums=(0,))
+
+
+def step_indices_spec() -> P:
+  """How the index arrays ``[steps, batch]`` of a fused call lie on the mesh: each device holds
+  its columns of every step."""
+  return P(None, parallel.AXIS)
 
 
 def device_epoch_fn(config, total_steps: int, mesh, padded: bool = False) -> Callable:

@@ -127,6 +127,27 @@ class RunWriter:
       self.scalars = None
 
 
+class _NoWriter:
+  """What the processes other than process 0 write: nothing."""
+
+  def __enter__(self) -> "_NoWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    pass
+
+  def write(self, row: Mapping[str, Any]) -> None:
+    pass
+
+
+def open_run_writer(config, workdir: str, start_epoch: int, log: Callable[[str], None] = print):
+  """The run's :class:`RunWriter` on process 0; a writer of nothing on the other processes."""
+  import jax
+  if jax.process_index() != 0:
+    return _NoWriter()
+  return RunWriter(config, workdir, start_epoch, log)
+
+
 def drop_rows_after(csv_path: str, jsonl_path: str, epochs_done: int) -> None:
   """Keeps the log rows of epochs ``1..epochs_done`` that parse (a kill may cut the last one)."""
   def epoch_of_csv(line):

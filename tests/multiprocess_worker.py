@@ -1,0 +1,49 @@
+"""One process of a multi-process test run (tests/test_multiprocess.py): joins the run, trains
+the test preset on toy data, and (process 0) writes the final variables to ``<workdir>.npz``.
+
+  python tests/multiprocess_worker.py --coordinator 127.0.0.1:PORT --num_processes 2 \
+      --process_id 0 --workdir DIR --data DIR --pipeline device --epochs 2
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--coordinator", default="")
+  p.add_argument("--num_processes", type=int, default=1)
+  p.add_argument("--process_id", type=int, default=0)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--data", required=True)
+  p.add_argument("--pipeline", default="device")
+  p.add_argument("--epochs", type=int, default=2)
+  args = p.parse_args()
+  from energy_jax import distributed
+  distributed.initialize(args.coordinator or None, args.num_processes, args.process_id,
+                         timeout_s=120)
+  import jax
+  import numpy as np
+  from energy_jax import checkpoints, config as config_lib, train
+  c = config_lib.get_config("test", "pretrain")
+  c.in_train = c.in_test = os.path.join(args.data, "toy_id.zip")
+  c.model.dropout_rate = 0.3
+  c.input_pipeline = args.pipeline
+  c.epochs = args.epochs
+  c.steps_per_call = 3
+  c.batch_size = 16
+  c.learning_rate = 0.002
+  row = train.train_and_evaluate(c, args.workdir)
+  print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices: "
+        f"train_loss {row['train_loss']!r}", flush=True)
+  variables = checkpoints.load_variables(args.workdir, c)    # every process: Orbax syncs them
+  if jax.process_index() == 0:
+    leaves = jax.tree_util.tree_leaves_with_path(variables)
+    np.savez(args.workdir + ".npz", **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+
+
+if __name__ == "__main__":
+  main()

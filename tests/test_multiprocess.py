@@ -1,0 +1,109 @@
+"""One run over 2 local processes x 2 CPU devices (jax.distributed on 127.0.0.1) computes what one
+process with 4 devices computes, on both input paths; one writer; killed and rerun, it resumes."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.heavy
+WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
+TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(num_processes, devices_per_process, workdir, data, pipeline, epochs=2):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  port = _free_port()
+  procs = []
+  for pid in range(num_processes):
+    cmd = [sys.executable, WORKER, "--workdir", str(workdir), "--data", str(data),
+           "--pipeline", pipeline, "--epochs", str(epochs)]
+    if num_processes > 1:
+      cmd += ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
+              "--process_id", str(pid)]
+    procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def _finish(procs):
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=TIMEOUT_S)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+def _loss(out):
+  return float(out.split("train_loss ")[1].split()[0])
+
+
+def _compare_params(a_path, b_path, scale_tol):
+  a, b = np.load(a_path), np.load(b_path)
+  assert sorted(a.files) == sorted(b.files)
+  for k in a.files:
+    x, y = a[k].astype(np.float64), b[k].astype(np.float64)
+    assert np.max(np.abs(x - y)) <= scale_tol * np.max(np.abs(y)) + 1e-7, k
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+  from energy_jax.data import toy as toy_data
+  d = tmp_path_factory.mktemp("mp_data")
+  toy_data.make_toy_dataset(str(d), train_per_class=21, test_per_class=8, num_outliers=64)
+  return d                         # 84 training images at batch 16: 6 steps, the last of 4
+
+
+@pytest.mark.parametrize("pipeline", ["device", "tfdata"])
+def test_two_processes_of_two_devices_compute_what_one_of_four_computes(toy, tmp_path, pipeline):
+  one = _finish(_start(1, 4, tmp_path / "one", toy, pipeline))
+  two = _finish(_start(2, 2, tmp_path / "two", toy, pipeline))
+  assert "process 0 of 1, 4 devices" in one[0]
+  assert "process 0 of 2, 4 devices" in two[0] and "process 1 of 2, 4 devices" in two[1]
+  # Dropout is on: equal up to the devices' summation order (a crop, mask or batch drawn
+  # differently moves the loss by percents).
+  assert _loss(two[0]) == _loss(two[1]) == pytest.approx(_loss(one[0]), rel=1e-5)
+  _compare_params(tmp_path / "two.npz", tmp_path / "one.npz", scale_tol=1e-3)
+  # One writer: one row per epoch, one log.
+  rows = (tmp_path / "two" / "training_results.csv").read_text().splitlines()
+  assert [r.split(",")[0] for r in rows[1:]] == ["001", "002"]
+  assert "Epoch   1" in two[0] and "Epoch   1" not in two[1]
+
+
+def test_both_processes_killed_then_rerun_resume_and_end_as_an_uninterrupted_run(toy, tmp_path):
+  full = _finish(_start(2, 2, tmp_path / "full", toy, "device", epochs=3))
+  procs = _start(2, 2, tmp_path / "cut", toy, "device", epochs=3)
+  deadline = time.time() + TIMEOUT_S
+  while not (tmp_path / "cut" / "checkpoints" / "1").exists() and time.time() < deadline:
+    assert all(p.poll() is None for p in procs), "a process ended before the kill"
+    time.sleep(0.2)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+  assert (tmp_path / "cut" / "checkpoints" / "1").exists()
+  resumed = _finish(_start(2, 2, tmp_path / "cut", toy, "device", epochs=3))
+  assert "resuming" in resumed[0]
+  assert _loss(resumed[0]) == pytest.approx(_loss(full[0]), rel=1e-5)
+  _compare_params(tmp_path / "cut.npz", tmp_path / "full.npz", scale_tol=1e-5)
+  rows = (tmp_path / "cut" / "training_results.csv").read_text().splitlines()
+  assert [r.split(",")[0] for r in rows[1:]] == ["001", "002", "003"]
