@@ -119,3 +119,14 @@ def test_sklearn_photo_patches_outliers_and_ood_set_are_disjoint_halves():
     data.load("sklearn:digits", "validation")
   with pytest.raises(ValueError, match="unknown scikit-learn image set"):
     data.load("sklearn:faces")
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+  mine = tmp_path / "results"
+  mine.mkdir()
+  (mine / "keep.txt").write_text("not the demo's")
+  out = subprocess.run(["bash", "experiments/demo.sh"], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, DEMO_WORKDIR=str(mine)), timeout=60)
+  assert out.returncode == 1 and "was not made by this script" in out.stderr
+  assert (mine / "keep.txt").read_text() == "not the demo's"
+  assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"]

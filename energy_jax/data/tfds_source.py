@@ -58,10 +58,9 @@ def explain_failure(name: str, error: BaseException, data_dir: str) -> str:
   """Why preparing the TFDS data set ``name`` into ``data_dir`` failed, in words: a missing
   module, a wrong checksum, an unreachable server, a refused download, or else the error."""
   causes = _causes(error)
-  instead = (f"; or pass the images as an image folder, .zip or uint8 .npy instead "
-             f"(README: Data)")
   offline = (f"Prepare it once where there is internet (`tfds build {name} --data_dir DIR`) and "
-             f"copy DIR here as {data_dir}" + instead)
+             f"copy DIR to {data_dir} here (or point TFDS_DATA_DIR at it); or pass the images as "
+             f"an image folder, .zip or uint8 .npy instead (README: Data)")
   for e in causes:
     if isinstance(e, ModuleNotFoundError):
       return (f"TFDS dataset {name!r} could not be prepared: tensorflow-datasets needs the "
