@@ -54,6 +54,7 @@ def test_tpu_notebook_smoke_runs_on_any_device_count(devices, tmp_path, monkeypa
       "reproduce_cifar10_tpu.ipynb", NOTEBOOKS, monkeypatch, ENERGY_JAX_NOTEBOOK_SMOKE="1",
       ENERGY_JAX_NOTEBOOK_ROOT=str(tmp_path), JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  assert f"checkout: {REPO}\n" in text                  # found up from notebooks/
   assert f"energy_jax {__import__('energy_jax').__version__} from {REPO}" in text
   assert f"backend: cpu | devices: {devices} x" in text
   assert "per device: 4 images, 8 outliers" in text
