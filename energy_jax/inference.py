@@ -9,13 +9,13 @@ processes each scores its share and every process receives all the outputs.
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from energy_jax import parallel
+from energy_jax import parallel, progress
 from energy_jax.data import augment
 from energy_jax.models import ModelOutput
 
@@ -44,12 +44,19 @@ def padded_batch_size(num: int, batch_size: int, num_devices: int) -> Tuple[int,
   return step, step if num > step else -(-num // num_devices) * num_devices
 
 
+# Inference shows a progress bar from this many batches on.
+PROGRESS_MIN_BATCHES = 10
+
+
 def predict(model, variables, images: np.ndarray, batch_size: int = 1000,
-            mesh=None, blocks: bool = False) -> ModelOutput:
+            mesh=None, blocks: bool = False, progress_bar: Optional[bool] = None,
+            desc: str = "inference") -> ModelOutput:
   """:class:`ModelOutput` of numpy float32 arrays for uint8 images ``[N, H, W, 3]`` (with the
   per-stage ``blocks`` if asked for).
 
   ``variables`` may already live on the mesh's devices (then nothing is copied).
+  ``progress_bar``: a bar of the images done (None: when there are at least
+  ``PROGRESS_MIN_BATCHES`` batches).
   """
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4:
@@ -57,6 +64,10 @@ def predict(model, variables, images: np.ndarray, batch_size: int = 1000,
   mesh = mesh or parallel.make_mesh()
   batch_size, padded_size = padded_batch_size(len(images), batch_size, mesh.devices.size)
   variables = parallel.put_replicated(variables, mesh)
+  num_batches = -(-len(images) // batch_size)
+  if progress_bar is None:
+    progress_bar = num_batches >= PROGRESS_MIN_BATCHES
+  shown = progress.bar(len(images), desc, progress_bar, unit="img")
   parts = []
   for start, stop in batch_bounds(len(images), batch_size):
     chunk = images[start:stop]
@@ -68,4 +79,6 @@ def predict(model, variables, images: np.ndarray, batch_size: int = 1000,
     out = parallel.to_host(eval_step(model, variables, parallel.put_sharded(chunk[rows], mesh),
                                      blocks))
     parts.append(jax.tree_util.tree_map(lambda a: a[:stop - start], out))
+    shown.update(stop - start)
+  shown.close()
   return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *parts)

@@ -1,10 +1,18 @@
-"""Shared entry point of the training scripts: parse --config / --workdir, call the library."""
+"""Shared entry point of the training scripts: parse --config / --workdir, call the library.
 
+``--help`` lists every config field with the default of the chosen preset and its meaning.
+"""
+
+import importlib.util
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from energy_jax.tf_support import quiet_environment  # noqa: E402
+
+quiet_environment()
 
 
 def refuse_renamed_keys(argv):
@@ -17,13 +25,52 @@ def refuse_renamed_keys(argv):
                "(README: renamed config keys)")
 
 
+def config_spec(argv, default: str) -> str:
+  """The ``FILE.py:PRESET`` that ``--config`` names in ``argv`` (else ``default``, relative to
+  this folder)."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return os.path.join(HERE, default)
+
+
+def _load_config(spec: str):
+  """What ``--config=spec`` gives: the file's ``get_config(PRESET)``."""
+  path, _, preset = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_help_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset) if preset else module.get_config()
+
+
+def config_help(doc: str, spec: str) -> str:
+  """``doc`` followed by every config field: its value under ``spec`` and its meaning (a doc
+  string for absl's ``--help``, which treats ``%`` as a format character)."""
+  from energy_jax import config as config_lib
+  try:
+    values, source = _load_config(spec), f"--config={os.path.relpath(spec)}"
+  except Exception as e:           # a bad --config: absl reports it; list the base defaults
+    values, source = None, f"the base config ({type(e).__name__}: {e})"
+  text = (f"{doc.rstrip()}\n\nConfig fields, with their values under {source}. Set one with "
+          f"--config.NAME=VALUE; another preset with --config=FILE.py:PRESET (presets: "
+          f"{', '.join(config_lib.presets())}):\n{config_lib.describe(values)}\n")
+  return text.replace("%", "%%")
+
+
 def run(default_config: str, default_workdir: str):
   from absl import app, flags
   from ml_collections import config_flags
 
   refuse_renamed_keys(sys.argv)
-  here = os.path.dirname(os.path.abspath(__file__))
-  config_flags.DEFINE_config_file("config", os.path.join(here, default_config),
+  main_module = sys.modules["__main__"]
+  workdir = default_workdir.format(preset="PRESET")
+  doc = (f"{(main_module.__doc__ or '').rstrip()}\n\nFlags: --config=FILE.py:PRESET (default "
+         f"experiments/{default_config}), --workdir=DIR (default {workdir}; a run there "
+         f"resumes), --config.NAME=VALUE for any field below.")
+  main_module.__doc__ = config_help(doc, config_spec(sys.argv, default_config))
+  config_flags.DEFINE_config_file("config", os.path.join(HERE, default_config),
                                   "experiment config (file.py:preset)")
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, CSV); default per preset")
 

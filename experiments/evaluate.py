@@ -12,6 +12,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import _main  # noqa: E402  the scripts' shared --help
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -69,4 +70,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  __doc__ = _main.config_help(__doc__, _main.config_spec(sys.argv, "configs/finetune.py:cifar10"))
   app.run(main)

@@ -6,6 +6,7 @@ is used."""
 import importlib.util
 
 from energy_jax.data import augment, sampling, sources, synthetic
+from energy_jax.data import sklearn_images  # noqa: F401  registers "sklearn:"
 from energy_jax.data import tfds_source  # noqa: F401  registers "tfds:"
 from energy_jax.data.image_set import ImageSet
 from energy_jax.data.run_data import RunData, count_run_data, load_run_data, run_sources

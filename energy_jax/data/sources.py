@@ -28,10 +28,13 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from energy_jax import progress
 from energy_jax.data.image_set import ImageSet
 from energy_jax.registry import Registry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+# Decoding shows a progress bar from this many images on (CIFAR-10's test set: ~1 s).
+PROGRESS_MIN_IMAGES = 5000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,8 +253,14 @@ def load_image_folder(path: str, split: Optional[str] = None, image_size: int = 
   """
   tree, names, labels, class_names = _list_image_folder(path, split)
   images = np.empty((len(names), image_size, image_size, 3), np.uint8)
+  where = os.path.basename(path) + (f":{split}" if split else "")
+  shown = progress.bar(len(names), f"decoding {where}", len(names) >= PROGRESS_MIN_IMAGES,
+                       unit="img")
   for i, name in enumerate(names):
     images[i] = _decode(f"{path}:{name}", tree.read(name), image_size)
+    if i % 1000 == 999:
+      shown.update(1000)
+  shown.close()
   return ImageSet(images, labels, class_names, f"{path}{':' + split if split else ''}")
 
 

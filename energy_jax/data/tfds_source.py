@@ -2,59 +2,144 @@
 
 The whole split is decoded into memory as uint8, images brought to the configured size as the
 reference's OOD loaders do (Resize on the short side, then CenterCrop) unless they have it.
-Needs TensorFlow and tensorflow-datasets.
+Data sets are prepared in ``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``;
+one that is not is downloaded and prepared on first use, and a failure names its cause (a
+missing module, no network, a wrong checksum). Needs ``pip install 'energy_jax[train]'``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+import socket
+import sys
+import urllib.error
+from typing import List, Optional
 
 import numpy as np
 
+from energy_jax import progress
 from energy_jax.data.image_set import ImageSet
-from energy_jax.data.sources import register
-from energy_jax.tf_support import import_tensorflow
+from energy_jax.data.sources import PROGRESS_MIN_IMAGES, register
+from energy_jax.tf_support import INSTALL_HINT, import_tensorflow
+
+# Exceptions (by class name: requests and urllib3 are TFDS's dependencies, not ours) that mean
+# the download server could not be reached.
+_NETWORK_ERRORS = frozenset({"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout",
+                             "ProxyError", "SSLError", "MaxRetryError", "NameResolutionError",
+                             "NewConnectionError"})
+_NETWORK_OS_ERRORS = (socket.gaierror, socket.timeout, ConnectionError, urllib.error.URLError)
 
 
-def _builder(name: str, data_dir: Optional[str] = None):
+class TfdsUnavailable(RuntimeError):
+  """A TFDS data set is not prepared and could not be; the message names the cause."""
+
+
+def import_tfds():
+  """``tensorflow_datasets`` (TensorFlow imported first, quiet and off the accelerators)."""
   import_tensorflow()
-  import tensorflow_datasets as tfds
+  try:
+    import tensorflow_datasets as tfds
+  except ModuleNotFoundError as e:
+    raise ModuleNotFoundError(f"tfds: sources need tensorflow-datasets, which cannot be imported "
+                              f"(missing module {e.name!r}): {INSTALL_HINT}", name=e.name) from e
+  return tfds
+
+
+def _causes(error: BaseException) -> List[BaseException]:
+  """``error`` and the exceptions it was raised from or while handling, outermost first."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
+
+
+def explain_failure(name: str, error: BaseException, data_dir: str) -> str:
+  """Why preparing the TFDS data set ``name`` into ``data_dir`` failed, in words: a missing
+  module, a wrong checksum, an unreachable server, a refused download, or else the error."""
+  causes = _causes(error)
+  offline = (f"Prepare it once where there is internet (`tfds build {name} --data_dir DIR`) and "
+             f"copy DIR to {data_dir} here (or point TFDS_DATA_DIR at it); or pass the images as "
+             f"an image folder, .zip or uint8 .npy instead (README: Data)")
+  for e in causes:
+    if isinstance(e, ModuleNotFoundError):
+      return (f"TFDS dataset {name!r} could not be prepared: tensorflow-datasets needs the "
+              f"module {e.name!r}, which is not installed ({e}). {INSTALL_HINT} installs it")
+  for e in causes:
+    if type(e).__name__ == "NonMatchingChecksumError":
+      return (f"TFDS dataset {name!r}: a downloaded file has the wrong checksum (a truncated or "
+              f"altered download, or a proxy's error page), so it was not used. Delete it from "
+              f"{os.path.join(data_dir, 'downloads')} and run again. TFDS said: {e}")
+  for e in causes:
+    if type(e).__name__ in _NETWORK_ERRORS or isinstance(e, _NETWORK_OS_ERRORS):
+      return (f"TFDS dataset {name!r} could not be downloaded: the server cannot be reached (no "
+              f"network, or a proxy or firewall in the way): {type(e).__name__}: {e}. {offline}")
+  for e in causes:
+    if type(e).__name__ == "DownloadError":
+      return (f"TFDS dataset {name!r} could not be downloaded: the server refused it: {e}. "
+              f"{offline}")
+  return (f"TFDS dataset {name!r} could not be prepared in {data_dir}: "
+          f"{type(error).__name__}: {error}. {offline}")
+
+
+def _data_dir(data_dir: Optional[str]) -> Optional[str]:
+  """``data_dir``, else $TFDS_DATA_DIR read now (TFDS reads it once, at its import), else
+  TFDS's default (``~/tensorflow_datasets``)."""
+  return data_dir or os.environ.get("TFDS_DATA_DIR") or None
+
+
+def builder(name: str, data_dir: Optional[str] = None, download_config=None):
+  """The prepared TFDS builder of ``name``: downloaded and prepared on first use.
+
+  Raises:
+    ValueError: no TFDS data set has that name.
+    TfdsUnavailable: it is not prepared and preparing it failed; the message says why.
+  """
+  tfds = import_tfds()
   if name not in tfds.list_builders():
     raise ValueError(f"unknown TFDS dataset {name!r}")
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-      builder.download_and_prepare()
-  except Exception as e:
-    raise RuntimeError(f"TFDS dataset {name!r} is not downloaded and could not be prepared "
-                       f"(offline?): {type(e).__name__}: {e}. Download it once with "
-                       f"`tfds build {name}` or pass an image folder / zip / .npy") from e
-  return builder
+  b = tfds.builder(name, data_dir=_data_dir(data_dir))
+  if not b.is_prepared():
+    print(f"TFDS: downloading and preparing {name} into {b.data_dir} (once)", file=sys.stderr)
+    try:
+      b.download_and_prepare(download_config=download_config)
+    except Exception as e:
+      raise TfdsUnavailable(explain_failure(name, e, b.data_dir_root)) from e
+  return b
 
 
 def count_tfds(name: str, split: Optional[str] = None) -> int:
   """Examples of ``split`` (default ``test``), from the prepared data set's metadata."""
-  return int(_builder(name).info.splits[split or "test"].num_examples)
+  return int(builder(name).info.splits[split or "test"].num_examples)
 
 
 @register("tfds", count=count_tfds)
 def load_tfds_arrays(name: str, split: Optional[str] = None, image_size: int = 32,
                      data_dir: Optional[str] = None) -> ImageSet:
-  """A whole TFDS split (default ``test``) as uint8 arrays ``[N, image_size, image_size, 3]``."""
+  """A whole TFDS split (default ``test``) as uint8 arrays ``[N, image_size, image_size, 3]``;
+  a progress bar for large splits."""
   tf = import_tensorflow()
-  import tensorflow_datasets as tfds
+  tfds = import_tfds()
   split = split or "test"
-  builder = _builder(name, data_dir)
-  ds = builder.as_dataset(split=split, as_supervised=False)
-  label_key = "label" if "label" in builder.info.features else None
+  b = builder(name, data_dir)
+  ds = b.as_dataset(split=split, as_supervised=False)
+  label_key = "label" if "label" in b.info.features else None
+  try:
+    total = int(b.info.splits[split].num_examples)
+  except Exception:           # a split expression the metadata cannot count: no bar
+    total = 0
   images, labels = [], []
   to_size = lambda image: _resize_center_crop(tf, image, image_size)
+  shown = progress.bar(total, f"decoding tfds:{name}:{split}", total >= PROGRESS_MIN_IMAGES,
+                       unit="img")
   for ex in tfds.as_numpy(ds.map(lambda e: (to_size(e["image"]),
                                             e[label_key] if label_key else tf.constant(0)),
                                  num_parallel_calls=tf.data.AUTOTUNE).batch(1024)):
     images.append(ex[0])
     labels.append(ex[1])
-  names = tuple(builder.info.features[label_key].names) if label_key else ("",)
+    shown.update(len(ex[0]))
+  shown.close()
+  names = tuple(b.info.features[label_key].names) if label_key else ("",)
   return ImageSet(np.concatenate(images).astype(np.uint8),
                   np.concatenate(labels).astype(np.int32), names, f"tfds:{name}:{split}")
 
