@@ -178,6 +178,16 @@ def test_she(data):
   patterns = np.stack([z[correct & (y == k)].mean(0) for k in range(C)])
   want = np.sum(data["feats"] * patterns[data["logits"].argmax(1)], axis=1)
   np.testing.assert_allclose(_fit_score(detectors.create("she"), data)[0], want, rtol=1e-5)
+  # A class never classified correctly keeps the mean of all its examples.
+  wrong = dict(data, labels=np.where((y == 2) & correct, 3, y).astype(np.int32))
+  patterns[2] = z[wrong["labels"] == 2].mean(0)
+  now_correct = data["train_logits"].argmax(1) == wrong["labels"]
+  patterns[3] = z[now_correct & (wrong["labels"] == 3)].mean(0)
+  want = np.sum(data["feats"] * patterns[data["logits"].argmax(1)], axis=1)
+  np.testing.assert_allclose(_fit_score(detectors.create("she"), wrong)[0], want, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"classes \[5\] have none"):
+    detectors.create("she").fit(train_features=z, train_labels=np.minimum(y, 4),
+                                train_logits=data["train_logits"])
 
 
 def _vim_reference(d, dim):

@@ -67,7 +67,8 @@ class RelativeMahalanobis(Detector):
 class SHE(Detector):
   """Simplified Hopfield energy: ``<z, m_yhat>``, the inner product of the features with the
   stored pattern of the predicted class ``yhat = argmax f(x)``; ``m_k`` is the mean feature of
-  the training examples of class ``k`` that the model classifies correctly.
+  the training examples of class ``k`` that the model classifies correctly (all of class ``k``'s
+  examples if it classifies none of them correctly).
 
   Zhang et al., "Out-of-Distribution Detection based on In-Distribution Data Patterns
   Memorization with Modern Hopfield Energy", ICLR 2023 (OpenOOD v1.5: inner product).
@@ -79,13 +80,14 @@ class SHE(Detector):
     z = np.asarray(train_features, np.float64)
     y = np.asarray(train_labels)
     num_classes = np.shape(train_logits)[1]
+    missing = sorted(set(range(num_classes)) - set(y.tolist()))
+    if missing:
+      raise ValueError(f"SHE needs training examples of every class; classes {missing} have none")
     correct = np.asarray(train_logits).argmax(-1) == y
-    counts = np.bincount(y[correct], minlength=num_classes)
-    if np.any(counts == 0):
-      raise ValueError(f"SHE stores the mean feature of each class's correctly classified "
-                       f"training examples; classes {np.flatnonzero(counts == 0).tolist()} have "
-                       "none")
-    patterns = np.stack([z[correct & (y == k)].mean(0) for k in range(num_classes)])
+    # A class the model never gets right keeps the mean of all its examples (OpenOOD's mean of
+    # an empty set would be NaN).
+    patterns = np.stack([z[(correct if np.any(correct & (y == k)) else True) & (y == k)].mean(0)
+                         for k in range(num_classes)])
     return {"patterns": jnp.asarray(patterns, jnp.float32)}
 
   def check(self, params, inputs):
