@@ -200,7 +200,8 @@ def _jitted(detector: Detector, apply_fn) -> Callable:
 # ----- input checks: a clear error naming the input before any work ---------------------------
 
 def _float_array(name: str, x, ndim: int, what: str):
-  shape, dtype = np.shape(x), getattr(x, "dtype", np.asarray(x).dtype)
+  shape = np.shape(x)
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
   if len(shape) != ndim:
     raise ValueError(f"{name} must be {what}, got shape {tuple(shape)}")
   if not jnp.issubdtype(dtype, jnp.floating):
