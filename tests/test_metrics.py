@@ -2,8 +2,12 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+import os
+
 from energy_jax.ood.metrics import (auroc, average_precision, fpr_at_tpr, ood_metrics,
-                                    threshold_at_tpr)
+                                    suggest_margins, threshold_at_tpr)
+
+ENERGIES = os.path.join(os.path.dirname(__file__), "data", "toy_pretrained_energies.npz")
 
 
 def _sk(scores_in, scores_out):
@@ -143,3 +147,26 @@ def test_threshold_at_tpr_keeps_the_asked_share_of_held_out_id():
     threshold_at_tpr(s, 0.0)
   with pytest.raises(ValueError, match="scores_in holds 1 non-finite"):
     threshold_at_tpr([1.0, np.inf], 0.95)
+
+
+def test_suggest_margins_on_stored_energies_of_a_pretrained_model():
+  """Free energies of the toy WRN-10-1 that ``python benchmarks/detectors.py --small
+  --save-energies`` pretrains: its 512 training images and 512 toy outliers."""
+  stored = np.load(ENERGIES)
+  e_in, e_out = stored["id_train"].astype(np.float64), stored["outliers"].astype(np.float64)
+  # The stated rule: the 5% quantile of the ID energies, the 95% quantile of the outliers'.
+  want = (np.quantile(e_in, 0.05), np.quantile(e_out, 0.95))
+  assert suggest_margins(e_in, e_out) == pytest.approx(want, abs=1e-12)
+  assert suggest_margins(e_in, e_out) == pytest.approx((-7.908, -1.379), abs=1e-3)
+  # The demo preset chose m_in -8, m_out -2 by hand for such a model; the rule lands beside it,
+  # below 95% of the ID energies and above 95% of the outliers'.
+  m_in, m_out = suggest_margins(e_in, e_out)
+  assert np.mean(e_in <= m_in) == pytest.approx(0.05, abs=0.01)
+  assert np.mean(e_out >= m_out) == pytest.approx(0.05, abs=0.01)
+  assert suggest_margins(e_in, e_out, quantiles=(0.5, 0.5)) == pytest.approx(
+      (np.median(e_in), np.median(e_out)), abs=1e-12)
+  with pytest.raises(ValueError, match=r"median -3.99\) must lie above the ID energies \(median "
+                                       r"-1.52\).*in that order"):
+    suggest_margins(e_out, e_in)                                    # the arrays swapped
+  with pytest.raises(ValueError, match=r"quantiles must lie in \[0, 1\]"):
+    suggest_margins(e_in, e_out, quantiles=(5, 95))

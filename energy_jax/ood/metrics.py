@@ -181,22 +181,23 @@ def suggest_margins(energies_in, energies_out,
   energy scale, beyond the two distributions but not far from them (the authors' advice for new
   data: take them from the pretrained model's energies and do not move them far, wetliu/energy_ood
   issues #13 and #21). They are a starting point for the validation of ``m_in`` / ``m_out``.
-  ``m_in < m_out`` is required: otherwise the outliers already look more in-distribution than
-  the ID images, and the energies say nothing about where to put the margins.
+  The outliers' median energy must lie above the ID images' and ``m_in`` below ``m_out``:
+  otherwise the outliers already look as in-distribution as the ID images (or the arrays are
+  swapped), and the energies say nothing about where to put the margins.
 
   Returns:
-    ``(m_in, m_out)`` rounded to 0.1.
+    ``(m_in, m_out)``.
   """
   e_in = _as_scores(energies_in, "energies_in")
   e_out = _as_scores(energies_out, "energies_out")
   q_in, q_out = quantiles
   if not (0.0 <= q_in <= 1.0 and 0.0 <= q_out <= 1.0):
     raise ValueError(f"quantiles must lie in [0, 1], got {quantiles}")
-  m_in = float(np.round(np.quantile(e_in, q_in), 1))
-  m_out = float(np.round(np.quantile(e_out, q_out), 1))
-  if m_in >= m_out:
-    raise ValueError(f"m_in {m_in} >= m_out {m_out}: the outliers' energies "
-                     f"(median {np.median(e_out):.2f}) are not above the ID energies' (median "
-                     f"{np.median(e_in):.2f}); check that energies_in and energies_out are free "
-                     "energies (-logsumexp) of the ID and outlier images, in that order")
+  m_in = float(np.quantile(e_in, q_in))
+  m_out = float(np.quantile(e_out, q_out))
+  if np.median(e_in) >= np.median(e_out) or m_in >= m_out:
+    raise ValueError(f"the outliers' energies (median {np.median(e_out):.2f}) must lie above the "
+                     f"ID energies (median {np.median(e_in):.2f}) and m_in {m_in:.2f} below m_out "
+                     f"{m_out:.2f}; check that energies_in and energies_out are free energies "
+                     "(-logsumexp) of the ID and outlier images, in that order")
   return m_in, m_out
