@@ -497,3 +497,13 @@ def test_odin_grid_of_temperature_and_noise_traces_once(tiny):
   assert len({o.tobytes() for o in outs}) == 6                     # six different score vectors
   with pytest.raises(AssertionError, match="traced > 1 times"):
     det.score({}, images=tiny["test"][:2], model=tiny["model"])
+
+
+def test_mahalanobis_noise_grid_traces_once(tiny):
+  chex.clear_trace_counter()
+  det = _counted(detectors.create("mahalanobis"), max_traces=1)
+  params = det.fit(train_features=np.asarray(tiny["out"].features), train_labels=tiny["labels"],
+                   head=tiny["head"])
+  outs = [np.asarray(p.score(params, images=tiny["test"], model=tiny["model"]))
+          for p in det.grid_points(source="reference")]                  # 7 noise magnitudes
+  assert len(outs) == 7 and len({o.tobytes() for o in outs}) == 7
