@@ -138,7 +138,7 @@ def benchmark_model(config, run_dir, ood_real, outliers, batch_size, log, decode
       scorer.model, scorer.variables, outliers.images[pick], batch_size, scorer.mesh).logits, -1))
   e_in = -np.asarray(jax.nn.logsumexp(train_out.logits, -1))
   try:
-    margins = metrics.suggest_margins(e_in, e_out)
+    margins = [round(m, 2) for m in metrics.suggest_margins(e_in, e_out)]
   except ValueError as e:
     margins = str(e)
   return {"test_error": error, "num_images": int(len(every)),

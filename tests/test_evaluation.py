@@ -174,7 +174,7 @@ def test_small_ood_set_is_used_whole_and_said():
 
 
 def test_bad_evaluation_inputs():
-  with pytest.raises(ValueError, match="unknown detector 'knm'; registered: .*energy.*knn"):
+  with pytest.raises(ValueError, match="unknown detector 'knm'; registered: msp, max_logit, energy, .*knn"):
     detectors.create("knm")
   with pytest.raises(ValueError, match=r"no hyper-parameter\(s\) \['T'\]; it has \['temperature'\]"):
     detectors.create("energy", T=2.0)

@@ -10,26 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from energy_jax.detectors.base import Detector, check_feature_size, hparam, register
-from energy_jax.ood import scores
+from energy_jax.detectors.gaussians import fit_class_gaussians, gaussian_params, squared_distances
 
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def gaussian_params(means, precision) -> dict:
-  """Class means ``[C, D]`` and a shared precision ``[D, D]`` as fitted params (float32)."""
-  return {"means": jnp.asarray(means, jnp.float32), "precision": jnp.asarray(precision, jnp.float32)}
-
-
-def fit_class_gaussians(features, labels, num_classes: int) -> dict:
-  """:func:`energy_jax.ood.scores.fit_mahalanobis` as fitted params."""
-  fitted = scores.fit_mahalanobis(features, labels, num_classes)
-  return gaussian_params(fitted.means, fitted.precision)
-
-
-def squared_distances(features, params: dict):
-  """``[N, C]`` squared Mahalanobis distances to each mean of ``params``."""
-  return scores.squared_distances(features, scores.MahalanobisParams(params["means"],
-                                                                     params["precision"]))
 
 
 @register("relative_mahalanobis")

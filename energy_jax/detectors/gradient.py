@@ -14,7 +14,7 @@ import numpy as np
 
 from energy_jax.detectors.base import Detector, check_range, hparam, register
 from energy_jax.detectors.batching import map_batches
-from energy_jax.detectors.feature_space import fit_class_gaussians
+from energy_jax.detectors.gaussians import as_mahalanobis_params, fit_class_gaussians
 from energy_jax.ood import logistic, scores
 
 # Images per batch when ``fit`` scores the validation sets.
@@ -42,10 +42,6 @@ def _check_epsilon(value):
 
 def _num_classes(head, labels) -> int:
   return int(np.shape(head[0])[-1]) if head is not None else int(np.max(labels)) + 1
-
-
-def _as_gaussian(params: dict) -> scores.MahalanobisParams:
-  return scores.MahalanobisParams(params["means"], params["precision"])
 
 
 @register("odin")
@@ -105,14 +101,14 @@ class Mahalanobis(Detector):
   def compute(self, params, hp, *, images, model, **unused):
     apply_fn, variables = model
     return scores.gaussian_score_with_noise(_features_fn(apply_fn), variables, images,
-                                            _as_gaussian(params), hp["epsilon"])
+                                            as_mahalanobis_params(params), hp["epsilon"])
 
 
 def layer_scores(apply_fn, variables, images, gaussians, epsilon):
   """``[N, L]``: each block's noisy Gaussian score (:func:`scores.gaussian_score_with_noise`)."""
   return jnp.stack([
       scores.gaussian_score_with_noise(_block_fn(apply_fn, i), variables, images,
-                                       _as_gaussian(gaussians[str(i)]), epsilon)
+                                       as_mahalanobis_params(gaussians[str(i)]), epsilon)
       for i in range(len(gaussians))], axis=-1)
 
 
