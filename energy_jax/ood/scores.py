@@ -10,7 +10,8 @@ All logit scores take ``logits`` of shape ``[..., num_classes]`` (numpy or jax,
 any leading shape) and return ``[...]`` float32. Shapes and dtypes are checked at
 trace time; a row holding NaN or +-inf gets a NaN score (documented, so that a
 single bad row does not hide behind a finite number; :func:`energy_jax.ood.metrics.ood_metrics`
-refuses NaN scores).
+refuses NaN scores). Temperatures and noise magnitudes are traced, not static: a grid of values
+compiles once per input shape; their values are checked on the caller's side before the call.
 """
 
 from __future__ import annotations
