@@ -4,6 +4,10 @@
       --config=experiments/configs/finetune.py:cifar10 --ood textures,svhn,places365,lsun_c,lsun_r,isun
   python experiments/evaluate.py --checkpoint cifar10_wrn_pretrained_epoch_99.pt --ood svhn=/data/svhn.npy \
       --detectors=energy,odin --hparam=odin.temperature=1000 --hparam=odin.epsilon=0.0014
+  python experiments/evaluate.py --checkpoint RUN --detectors=all --validate --grid=openood \
+      --ood_positive      # every detector, tuned on OpenOOD's grids, FPR95 as OpenOOD reads it
+
+Any registered model and input size: --config.model.name=..., --config.image_size=....
 """
 
 import os
@@ -28,7 +32,13 @@ flags.DEFINE_multi_string("hparam", [], "a detector's hyper-parameter, DETECTOR.
                           "(e.g. odin.temperature=1000); validation overrides the tuned ones")
 flags.DEFINE_integer("num_to_avg", 1, "draws of len(test)//5 OOD images per set")
 flags.DEFINE_integer("seed", 0, "seed of the draws")
-flags.DEFINE_bool("validate", False, "choose ODIN / Mahalanobis noise on synthetic sets")
+flags.DEFINE_bool("validate", False, "tune every detector on its grid, on the synthetic "
+                  "validation sets (never the test sets)")
+flags.DEFINE_enum("grid", "reference", ["reference", "openood"], "which grids --validate walks: "
+                  "the reference's where it has one (else OpenOOD v1.5's), or OpenOOD v1.5's")
+flags.DEFINE_bool("ood_positive", False, "FPR95 with OOD as the positive class (OpenOOD, "
+                  "pytorch-ood) instead of the reference's ID-positive convention")
+flags.DEFINE_bool("progress", True, "progress bars for the long steps")
 flags.DEFINE_bool("temperature_ablation", False, "energy score at T = 1 ... 1000")
 flags.DEFINE_string("workdir", None, "where results go (default: the checkpoint's folder/eval)")
 
@@ -58,15 +68,41 @@ def main(argv):
     det, _, name = key.partition(".")
     if det not in hparams or not name or not value:
       raise app.UsageError(f"--hparam {item!r}: expected DETECTOR.NAME=VALUE for one of {names}")
-    hparams[det][name] = float(value)
+    hparams[det][name] = value
   try:
-    chosen = [detectors.create(d, **hparams[d]) for d in names]
+    chosen = [detectors.create(d, **_typed(d, hparams[d])) for d in names]
   except ValueError as e:
     raise app.UsageError(str(e))
   workdir = F.workdir or os.path.join(
       F.checkpoint if os.path.isdir(F.checkpoint) else os.path.dirname(F.checkpoint) or ".", "eval")
   evaluation.run(F.config, F.checkpoint, sources, workdir, chosen, F.num_to_avg, F.seed,
-                 F.validate, F.temperature_ablation)
+                 F.validate, F.temperature_ablation, grid_source=F.grid,
+                 ood_positive=F.ood_positive, progress_bar=F.progress)
+
+
+def _typed(name, values):
+  """``--hparam`` strings as the type of each field's default (int, float, bool)."""
+  import dataclasses
+  from energy_jax import detectors
+  fields = {f.name: f for f in dataclasses.fields(detectors.DETECTORS.get(name))}
+  out = {}
+  for key, text in values.items():
+    if key not in fields or not fields[key].metadata.get("saved", True):
+      raise ValueError(f"detector {name!r} has no hyper-parameter {key!r}; it has "
+                       f"{sorted(k for k, f in fields.items() if f.metadata.get('saved', True))}")
+    kind = type(fields[key].default)
+    try:
+      if kind is bool:
+        out[key] = text.lower() in ("1", "true", "yes")
+      elif kind is int:
+        if not float(text).is_integer():
+          raise ValueError(text)
+        out[key] = int(float(text))
+      else:
+        out[key] = kind(text)
+    except ValueError:
+      raise ValueError(f"--hparam {name}.{key}={text}: expected a {kind.__name__}") from None
+  return out
 
 
 if __name__ == "__main__":

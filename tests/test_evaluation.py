@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
+import chex
 from energy_jax import config as config_lib, data, detectors, models, train
 from energy_jax.data import augment, toy
 from energy_jax.ood import evaluation, metrics, report
 from conftest import REPO, shared_pack
+from test_detectors import _counted
 
 
 def _set(images, labels=None):
@@ -52,6 +54,81 @@ def test_stub_model_gives_hand_computed_fpr_and_auroc():
   # ID > OOD pairs: 20 + 10 + 1 + 20 = 51 of 80.
   assert m["auroc"] == pytest.approx(51 / 80)
   assert res["energy (T=1)"]["mean"]["auroc"] == pytest.approx(51 / 80)
+
+
+def test_ood_positive_fpr_hand_computed():
+  # Same scores as above. OOD positive: detecting all 4 OOD (>= 95%) needs the threshold at the
+  # highest OOD score, 19.5, which also rejects ID 1..19: FPR 19/20, where ID positive gives 2/4.
+  scorer = StubScorer(np.r_[np.arange(1, 21), [0.5, 10.5, 19.5, -3.0]])
+  test = _set(_indexed_images(0, 20), np.arange(20) % 2)
+  ood = {"stub": _set(_indexed_images(20, 4))}
+  both = {flag: evaluation.evaluate(scorer, test, ood, [detectors.create("energy")],
+                                    ood_positive=flag)["energy (T=1)"]["stub"]
+          for flag in (False, True)}
+  assert both[False]["fpr"] == pytest.approx(0.5) and both[True]["fpr"] == pytest.approx(0.95)
+  assert both[False]["auroc"] == both[True]["auroc"] == pytest.approx(51 / 80)
+
+
+def _tiny_scorer(batch_size):
+  model = models.WideResNet(10, 1, 3, 0.0)
+  variables = models.init_variables(model, jax.random.PRNGKey(0))
+  return evaluation.Scorer(model, variables, batch_size=batch_size,
+                           head=models.head("wrn", variables["params"]))
+
+
+def test_scorer_batches_equal_one_call_for_every_detector():
+  """Every detector through the Scorer (fixed batches, the last padded) against the detector
+  called once on the model's outputs of the whole set."""
+  rng = np.random.default_rng(4)
+  scorer = _tiny_scorer(batch_size=16)
+  train_images = rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+  # Centre the random head's logits, then label the training set as predicted: every class has
+  # correctly classified examples (SHE's patterns) and examples (the Gaussians).
+  logits = scorer.outputs(train_images).logits
+  scorer.variables["params"]["fc"]["bias"] -= logits.mean(0)
+  scorer.head = models.head("wrn", scorer.variables["params"])
+  scorer._outputs.clear()
+  train = _set(train_images, scorer.outputs(train_images).logits.argmax(1).astype(np.int32))
+  assert len(np.unique(train.labels)) == 3
+  val = {"v": _set(rng.integers(0, 90, (18, 32, 32, 3), dtype=np.uint8))}
+  images = rng.integers(0, 256, (37, 32, 32, 3), dtype=np.uint8)        # 16 + 16 + 5 (padded)
+  chosen = [detectors.create(n, **({"k": 5} if n == "knn" else {})) for n in detectors.names()]
+  scorer.fit(chosen, train, (train, val))
+  assert set(scorer.fit_seconds) == {d for d in chosen if d.fit_needs}
+  out = scorer.outputs(images, blocks=True)
+  model = (models.inference_fn(scorer.model), scorer.variables)
+  for det in chosen:
+    params = scorer._fitted.get(det, {})
+    whole = det.score(params, logits=out.logits, features=out.features, blocks=out.blocks,
+                      images=augment.normalize(images), model=model)
+    # float32 sums in another batch order: within a few ulps of the set's largest score.
+    np.testing.assert_allclose(scorer.score(det, images), whole, rtol=2e-5,
+                               atol=1e-6 * np.max(np.abs(whole)), err_msg=det.label)
+  with pytest.raises(ValueError, match="fitted on validation sets: pass validation"):
+    _tiny_scorer(16).fit([detectors.create("mahalanobis_ensemble")], train)
+
+
+def test_tune_walks_a_grid_with_one_compile_and_takes_the_lowest_validation_fpr():
+  rng = np.random.default_rng(5)
+  scorer = _tiny_scorer(batch_size=8)
+  test = _set(rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), np.arange(40) % 3)
+  val = {"dark": _set(rng.integers(0, 60, (16, 32, 32, 3), dtype=np.uint8)),
+         "bright": _set(rng.integers(180, 256, (8, 32, 32, 3), dtype=np.uint8))}
+  chex.clear_trace_counter()
+  odin = _counted(detectors.create("odin"), max_traces=1)      # every batch holds 8 images
+  said = []
+  best = evaluation.tune(scorer, test, val, odin, log=said.append, grid_source="openood")
+  grid = list(odin.grid_points())
+  res = evaluation.evaluate(scorer, test, val, grid, log=lambda s: None)
+  fprs = {g.label: res[g.label]["mean"]["fpr"] for g in grid}
+  assert len(grid) == 8 and best.label == min(fprs, key=fprs.get)
+  assert said[-1] == f"validation chose {best.label} among 8 points of its openood grid"
+  # KNN's grid goes past a 120-image bank: K=200, 500, 1000 are skipped, and said.
+  bank = _set(rng.integers(0, 256, (120, 32, 32, 3), dtype=np.uint8))
+  knn = evaluation.tune(scorer, test, val, detectors.create("knn"), train=bank, log=said.append)
+  assert knn.k in (50, 100)
+  assert [s.split(":")[0] for s in said if "skips" in s] == [
+      f"validation skips knn (K={k})" for k in (200, 500, 1000)]
 
 
 def test_table_equals_metrics_on_the_same_scores():
@@ -97,8 +174,8 @@ def test_small_ood_set_is_used_whole_and_said():
 
 
 def test_bad_evaluation_inputs():
-  with pytest.raises(ValueError, match="unknown detector 'knn'; registered: .*energy"):
-    detectors.create("knn")
+  with pytest.raises(ValueError, match="unknown detector 'knm'; registered: msp, max_logit, energy, .*knn"):
+    detectors.create("knm")
   with pytest.raises(ValueError, match=r"no hyper-parameter\(s\) \['T'\]; it has \['temperature'\]"):
     detectors.create("energy", T=2.0)
   with pytest.raises(ValueError, match="single class"):
@@ -142,9 +219,26 @@ def test_evaluate_script_end_to_end_on_tin32_ood(tiny_checkpoint, tmp_path):
     assert (tmp_path / name).stat().st_size > 0
 
 
+def test_evaluate_script_every_detector_tuned_on_openood_grids(tiny_checkpoint, tmp_path):
+  toy, ckpt = tiny_checkpoint
+  out = _evaluate(toy, ckpt, tmp_path, "--ood=noise=synthetic:uniform_noise", "--detectors=all",
+                  "--validate", "--grid=openood", "--ood_positive", "--hparam=knn.k=5",
+                  "--noprogress")
+  assert out.returncode == 0, out.stdout + out.stderr
+  saved = json.load(open(tmp_path / "ood_results.json"))
+  assert saved["ood_positive"] is True
+  assert {v["name"] for v in saved["detectors"].values()} == set(detectors.names())
+  assert "validation chose odin" in out.stdout and "validation skips knn (K=200)" in out.stdout
+  for label, per_set in saved["results"].items():
+    assert 0.0 <= per_set["mean"]["auroc"] <= 1.0, label
+
+
 def test_evaluate_script_rejects_unknown_names(tiny_checkpoint, tmp_path):
   toy, ckpt = tiny_checkpoint
   out = _evaluate(toy, ckpt, tmp_path, "--ood=cifar11")
   assert out.returncode != 0 and "unknown OOD set 'cifar11'" in out.stderr
-  out = _evaluate(toy, ckpt, tmp_path, "--ood=n=synthetic:uniform_noise", "--detectors=knn")
-  assert out.returncode != 0 and "unknown detector(s) ['knn']" in out.stderr
+  out = _evaluate(toy, ckpt, tmp_path, "--ood=n=synthetic:uniform_noise", "--detectors=knm")
+  assert out.returncode != 0 and "unknown detector(s) ['knm']" in out.stderr
+  out = _evaluate(toy, ckpt, tmp_path, "--ood=n=synthetic:uniform_noise", "--detectors=knn",
+                  "--hparam=knn.k=2.5")
+  assert out.returncode != 0 and "--hparam knn.k=2.5: expected a int" in out.stderr

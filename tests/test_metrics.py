@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from energy_jax.ood.metrics import auroc, average_precision, fpr_at_tpr, ood_metrics
+import os
+
+from energy_jax.ood.metrics import (auroc, average_precision, fpr_at_tpr, ood_metrics,
+                                    suggest_margins, threshold_at_tpr)
+
+ENERGIES = os.path.join(os.path.dirname(__file__), "data", "toy_pretrained_energies.npz")
 
 
 def _sk(scores_in, scores_out):
@@ -90,3 +95,78 @@ def test_metric_input_errors():
     ood_metrics(np.ones((2, 2)), [0.0])
   with pytest.raises(ValueError, match="unknown FPR method"):
     ood_metrics([1.0], [0.0], fpr_method="best")
+
+
+def _openood_fpr95(scores_in, scores_out):
+  """OpenOOD v1.5's FPR95, written from its description: OOD is the positive class, the score is
+  negated, and the FPR is read at the first ROC point whose TPR reaches 0.95."""
+  is_ood = np.r_[np.zeros(len(scores_in)), np.ones(len(scores_out))]
+  fpr, tpr, _ = skm.roc_curve(is_ood, -np.r_[scores_in, scores_out])
+  return fpr[np.argmax(tpr >= 0.95)]
+
+
+@pytest.mark.parametrize("seed,n_in,n_out,rounding", [(0, 500, 300, None), (1, 50, 80, 1),
+                                                      (2, 7, 40, 0), (3, 1000, 20, 2)])
+def test_ood_positive_fpr_is_openoods(seed, n_in, n_out, rounding):
+  rng = np.random.default_rng(seed)
+  s_in, s_out = rng.normal(1, 1, n_in), rng.normal(0, 1.5, n_out)
+  if rounding is not None:
+    s_in, s_out = np.round(s_in, rounding), np.round(s_out, rounding)
+  m = ood_metrics(s_in, s_out, ood_positive=True)
+  assert m["fpr"] == pytest.approx(_openood_fpr95(s_in, s_out), abs=1e-12)
+  ref = ood_metrics(s_in, s_out)
+  for key in ("auroc", "aupr_in", "aupr_out", "detection_error"):    # the FPR alone differs
+    assert m[key] == ref[key]
+
+
+def test_the_two_fpr95_conventions_differ_on_this_example():
+  # The example of docs/detectors.md. ID scores 1..100, OOD scores 0.5, 1.5, ..., 19.5 (20).
+  # ID positive: keep 95% of ID (ID 6 ... 100). The reference's rule takes the lowest threshold
+  # with that TPR, just above ID 5: OOD 5.5 ... 19.5 pass -> 15 / 20 = 0.75.
+  # OOD positive: catch 95% of OOD (19 of 20, threshold below 18.5): ID 1 ... 18 are flagged
+  # too -> 18 / 100 = 0.18.
+  s_in = np.arange(1, 101, dtype=float)
+  s_out = np.arange(20) + 0.5
+  assert ood_metrics(s_in, s_out)["fpr"] == pytest.approx(0.75)
+  assert ood_metrics(s_in, s_out, ood_positive=True)["fpr"] == pytest.approx(0.18)
+  assert _openood_fpr95(s_in, s_out) == pytest.approx(0.18)
+
+
+def test_threshold_at_tpr_keeps_the_asked_share_of_held_out_id():
+  s = np.arange(1, 21, dtype=float)                  # 20 held-out ID scores
+  assert threshold_at_tpr(s, 0.95) == 2.0            # 19 of 20 at or above 2
+  assert threshold_at_tpr(s, 0.9) == 3.0
+  assert threshold_at_tpr(s, 1.0) == 1.0
+  assert threshold_at_tpr(s, 0.01) == 20.0
+  rng = np.random.default_rng(0)
+  for tpr in (0.5, 0.95, 0.99):
+    s = np.round(rng.normal(size=997), 1)            # ties
+    t = threshold_at_tpr(s, tpr)
+    assert np.mean(s >= t) >= tpr and np.mean(s >= np.min(s[s > t])) < tpr
+  with pytest.raises(ValueError, match=r"tpr must lie in \(0, 1\]"):
+    threshold_at_tpr(s, 0.0)
+  with pytest.raises(ValueError, match="scores_in holds 1 non-finite"):
+    threshold_at_tpr([1.0, np.inf], 0.95)
+
+
+def test_suggest_margins_on_stored_energies_of_a_pretrained_model():
+  """Free energies of the toy WRN-10-1 that ``python benchmarks/detectors.py --small
+  --save-energies`` pretrains: its 512 training images and 512 toy outliers."""
+  stored = np.load(ENERGIES)
+  e_in, e_out = stored["id_train"].astype(np.float64), stored["outliers"].astype(np.float64)
+  # The stated rule: the 5% quantile of the ID energies, the 95% quantile of the outliers'.
+  want = (np.quantile(e_in, 0.05), np.quantile(e_out, 0.95))
+  assert suggest_margins(e_in, e_out) == pytest.approx(want, abs=1e-12)
+  assert suggest_margins(e_in, e_out) == pytest.approx((-7.908, -1.379), abs=1e-3)
+  # The demo preset chose m_in -8, m_out -2 by hand for such a model; the rule lands beside it,
+  # below 95% of the ID energies and above 95% of the outliers'.
+  m_in, m_out = suggest_margins(e_in, e_out)
+  assert np.mean(e_in <= m_in) == pytest.approx(0.05, abs=0.01)
+  assert np.mean(e_out >= m_out) == pytest.approx(0.05, abs=0.01)
+  assert suggest_margins(e_in, e_out, quantiles=(0.5, 0.5)) == pytest.approx(
+      (np.median(e_in), np.median(e_out)), abs=1e-12)
+  with pytest.raises(ValueError, match=r"median -3.99\) must lie above the ID energies \(median "
+                                       r"-1.52\).*in that order"):
+    suggest_margins(e_out, e_in)                                    # the arrays swapped
+  with pytest.raises(ValueError, match=r"quantiles must lie in \[0, 1\]"):
+    suggest_margins(e_in, e_out, quantiles=(5, 95))

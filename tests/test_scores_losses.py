@@ -24,6 +24,25 @@ def test_energy_score_is_exported_jitted_and_matches_numpy():
     np.testing.assert_allclose(scores.free_energy(EXTREME, t), -want, rtol=1e-6)
 
 
+def test_hyper_parameters_are_traced_so_a_grid_compiles_once():
+  logits = np.random.default_rng(1).normal(size=(7, 5)).astype(np.float32)
+  scores.energy_score.clear_cache()
+  for t in (1.0, 2.0, 1000.0):
+    np.testing.assert_allclose(scores.energy_score(logits, t),
+                               t * np_logsumexp(logits.astype(np.float64) / t, -1), rtol=1e-5)
+  assert scores.energy_score._cache_size() == 1
+  _, variables = _tiny()
+  x = np.random.default_rng(2).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  scores.odin_score.clear_cache()
+  outs = [np.asarray(scores.odin_score(_apply, variables, x, temperature=t, epsilon=e))
+          for t in (1.0, 1000.0) for e in (0.0, 0.004)]
+  assert scores.odin_score._cache_size() == 1 and len({o.tobytes() for o in outs}) == 4
+  with pytest.raises(ValueError, match="epsilon must be a non-negative"):
+    scores.odin_score(_apply, variables, x, epsilon=-1.0)
+  with pytest.raises(ValueError, match="temperature must be a positive"):
+    scores.msp_score(logits, temperature=float("inf"))
+
+
 def test_scores_batch_over_leading_shape():
   logits = np.random.default_rng(0).normal(size=(2, 3, 5, 10)).astype(np.float32)
   out = scores.energy_score(logits)

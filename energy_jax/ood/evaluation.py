@@ -10,15 +10,18 @@ numbers, less compute). Draws are seeded: a run can be repeated exactly.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import jax
 import numpy as np
 
 from energy_jax import detectors as detector_registry
-from energy_jax import inference, models, parallel
+from energy_jax import inference, models, parallel, progress
 from energy_jax.data import augment
 from energy_jax.data.image_set import ImageSet
 from energy_jax.detectors import Detector
+from energy_jax.detectors.batching import map_batches
 from energy_jax.ood import metrics, report, scores
 
 TEMPERATURES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -26,28 +29,34 @@ TEMPERATURES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 PAPER_OOD_SETS = {"textures": "tfds:dtd", "svhn": "tfds:svhn_cropped",
                   "places365": "tfds:places365_small", "lsun_c": "data/LSUN",
                   "lsun_r": "data/LSUN_resize", "isun": "data/iSUN"}
-# What --validate tunes, and how: each detector's own grid.
-TUNED = ("odin", "mahalanobis")
 
 
 class Scorer:
-  """Scores uint8 image sets with one model and any registered detector, batched on the devices
-  of a mesh. ``head`` is the classifier's ``(W, b)`` (see :func:`energy_jax.models.head`)."""
+  """Scores uint8 image sets with one model and any registered detector. The model's outputs are
+  computed once per image array, batched on the devices of a mesh; detectors score fixed-shape
+  batches of ``batch_size`` (the last one padded), so each compiles once per detector (and once
+  for a whole grid of its traced hyper-parameters). ``head`` is the classifier's ``(W, b)`` (see
+  :func:`energy_jax.models.head`); ``progress_bar`` shows a bar per long step."""
 
-  def __init__(self, model, variables, batch_size: int = 500, mesh=None, head=None):
+  def __init__(self, model, variables, batch_size: int = 500, mesh=None, head=None,
+               progress_bar: bool = False):
     self.model = model
     self.variables = variables
     self.batch_size = batch_size
     self.mesh = mesh or parallel.make_mesh()
     self.head = head
+    self.progress_bar = progress_bar
+    self.fit_seconds: Dict[Detector, float] = {}
     self._outputs: List[Tuple[np.ndarray, models.ModelOutput]] = []
     self._fitted: Dict[Detector, Any] = {}
+    self._device_variables = None
 
   @classmethod
-  def from_config(cls, config, variables, batch_size: int = 500, mesh=None) -> "Scorer":
+  def from_config(cls, config, variables, batch_size: int = 500, mesh=None,
+                  progress_bar: bool = False) -> "Scorer":
     """The scorer of ``config``'s model around ``variables``."""
     return cls(models.from_config(config), variables, batch_size, mesh,
-               models.head(config, variables["params"]))
+               models.head(config, variables["params"]), progress_bar)
 
   def outputs(self, images: np.ndarray, blocks: bool = False) -> models.ModelOutput:
     """The model's outputs for uint8 ``images`` (``blocks`` too if asked for), computed once
@@ -64,43 +73,68 @@ class Scorer:
     self._outputs.append((images, out))
     return out
 
-  def fit(self, detectors: Sequence[Detector], train: ImageSet):
-    """Fits each detector that needs fitting on the training set's outputs."""
+  def model_fn(self):
+    """``(apply_fn, variables)`` for detectors that take images (variables on the device)."""
+    if self._device_variables is None:
+      self._device_variables = jax.device_put(self.variables)
+    return models.inference_fn(self.model), self._device_variables
+
+  def fit(self, detectors: Sequence[Detector], train: ImageSet,
+          validation: Optional[Tuple[ImageSet, Mapping[str, ImageSet]]] = None):
+    """Fits each detector that needs fitting on the training set's outputs (and, for those
+    fitted on validation data, on ``validation = (id_set, {name: ood_set})``)."""
     needing = [d for d in detectors if d.fit_needs and d not in self._fitted]
     if not needing:
       return
     out = self.outputs(train.images, any("train_blocks" in d.fit_needs for d in needing))
     inputs = {"train_logits": out.logits, "train_features": out.features,
               "train_blocks": out.blocks, "train_labels": train.labels, "head": self.head}
+    if any("validation" in d.fit_needs for d in needing):
+      if validation is None:
+        names = [d.label for d in needing if "validation" in d.fit_needs]
+        raise ValueError(f"{names} are fitted on validation sets: pass validation=(id_set, "
+                         "{name: ood_set})")
+      id_set, ood_sets = validation
+      inputs["validation"] = (
+          np.asarray(augment.normalize(id_set.images)),
+          np.asarray(augment.normalize(np.concatenate([o.images for o in ood_sets.values()]))))
+    if any("model" in d.fit_needs for d in needing):
+      inputs["model"] = self.model_fn()
+    bar = progress.bar(len(needing), "fit detectors", self.progress_bar)
     for d in needing:
-      self._fitted[d] = d.fit(**{k: inputs[k] for k in d.fit_needs})
+      bar.set_postfix(detector=d.label)
+      t0 = time.perf_counter()
+      self._fitted[d] = jax.block_until_ready(d.fit(**inputs))
+      self.fit_seconds[d] = time.perf_counter() - t0
+      bar.update()
+    bar.close()
 
   def score(self, detector: Detector, images: np.ndarray) -> np.ndarray:
     """``[N]`` float64 scores of ``detector`` for uint8 ``images`` (higher = more ID)."""
     if detector.fit_needs and detector not in self._fitted:
       raise RuntimeError(f"call fit([{detector.label}], train_set) before scoring with it")
     params = self._fitted.get(detector, {})
-    if "images" not in detector.needs:
-      out = self.outputs(images, "blocks" in detector.needs)
-      inputs = {"logits": out.logits, "features": out.features, "blocks": out.blocks}
-      return np.asarray(detector.score(params, **{k: inputs[k] for k in detector.needs}),
-                        np.float64)
-    model = (models.inference_fn(self.model), self.variables)
-    parts = []
-    for start, stop in inference.batch_bounds(len(images), self.batch_size):
-      x = augment.normalize(images[start:stop])
-      parts.append(np.asarray(detector.score(params, images=x, model=model), np.float64))
-    return np.concatenate(parts)
+    if "images" in detector.needs:
+      model = self.model_fn()
+      fn = lambda x: detector.score(params, images=augment.normalize(x), model=model)
+      return map_batches(fn, images, self.batch_size).astype(np.float64)
+    out = self.outputs(images, "blocks" in detector.needs)
+    available = {"logits": out.logits, "features": out.features, "blocks": tuple(out.blocks)}
+    inputs = {k: available[k] for k in detector.needs}
+    return map_batches(lambda batch: detector.score(params, **batch), inputs, self.batch_size,
+                       num=len(images)).astype(np.float64)
 
 
 def draw_metrics(scores_in: np.ndarray, scores_out: np.ndarray, num_draw: int, num_to_avg: int,
-                 seed: int, log: Callable[[str], None] = print, name: str = "") -> Dict[str, float]:
+                 seed: int, log: Callable[[str], None] = print, name: str = "",
+                 ood_positive: bool = False) -> Dict[str, float]:
   """Mean and std over ``num_to_avg`` seeded draws of ``num_draw`` OOD scores."""
   rng = np.random.default_rng(seed)
   if len(scores_out) < num_draw:
     log(f"note: OOD set {name} has {len(scores_out)} images, fewer than {num_draw}: using all")
     num_draw = len(scores_out)
-  runs = [metrics.ood_metrics(scores_in, scores_out[rng.permutation(len(scores_out))[:num_draw]])
+  runs = [metrics.ood_metrics(scores_in, scores_out[rng.permutation(len(scores_out))[:num_draw]],
+                              ood_positive=ood_positive)
           for _ in range(num_to_avg)]
   out = {}
   for key in runs[0]:
@@ -127,47 +161,74 @@ def classification_report(logits: np.ndarray, labels: np.ndarray) -> Dict[str, f
 
 def evaluate(scorer: Scorer, test: ImageSet, ood_sets: Mapping[str, ImageSet],
              detectors: Sequence[Detector], num_to_avg: int = 1, seed: int = 0,
-             log: Callable[[str], None] = print) -> Dict[str, Dict[str, Dict[str, float]]]:
-  """``results[detector.label][ood_name] = metrics`` plus ``results[label]["mean"]``."""
+             log: Callable[[str], None] = print, ood_positive: bool = False,
+             progress_bar: bool = False) -> Dict[str, Dict[str, Dict[str, float]]]:
+  """``results[detector.label][ood_name] = metrics`` plus ``results[label]["mean"]``
+  (``ood_positive``: the FPR95 with OOD as the positive class, see :func:`metrics.ood_metrics`)."""
   if not ood_sets:
     raise ValueError("no OOD sets to evaluate")
   num_draw = len(test) // 5
   results: Dict[str, Dict[str, Dict[str, float]]] = {}
+  bar = progress.bar(len(detectors) * (1 + len(ood_sets)), "score", progress_bar)
   for det in detectors:
+    bar.set_postfix(detector=det.label)
     s_in = scorer.score(det, test.images)
+    bar.update()
     per_set = {}
     for i, (name, ood) in enumerate(ood_sets.items()):
       s_out = scorer.score(det, ood.images)
-      per_set[name] = draw_metrics(s_in, s_out, num_draw, num_to_avg, seed + i, log, name)
+      bar.update()
+      per_set[name] = draw_metrics(s_in, s_out, num_draw, num_to_avg, seed + i, log, name,
+                                   ood_positive)
     keys = [k for k in next(iter(per_set.values())) if not k.endswith("_std") and k != "num_ood"]
     per_set["mean"] = {k: float(np.mean([per_set[n][k] for n in ood_sets])) for k in keys}
     results[det.label] = per_set
+  bar.close()
   return results
 
 
 def tune(scorer: Scorer, test: ImageSet, validation_sets: Mapping[str, ImageSet],
          detector: Detector, train: Optional[ImageSet] = None, seed: int = 0,
-         log: Callable[[str], None] = print) -> Detector:
-  """The point of ``detector``'s grid with the lowest mean FPR95 on ``validation_sets``
-  (``train``: what detectors that need fitting are fitted on)."""
-  grid = list(detector.grid_points())
-  if train is not None:
-    scorer.fit(grid, train)
-  res = evaluate(scorer, test, validation_sets, grid, 1, seed, log)
+         log: Callable[[str], None] = print, grid_source: str = "openood",
+         progress_bar: bool = False) -> Detector:
+  """The point of ``detector``'s grid (:meth:`Detector.grid_for` ``(grid_source)``) with the
+  lowest mean FPR95 on ``validation_sets``, never on the test OOD sets (``train``: what
+  detectors that need fitting are fitted on). Traced hyper-parameters make the whole grid one
+  compiled program per batch shape."""
+  grid = list(detector.grid_points(source=grid_source))
+  if len(grid) == 1:
+    return grid[0]
+  if train is not None and detector.fit_needs:
+    fitted = []
+    for point in grid:           # a point this training set cannot fit (KNN's K > N) is skipped
+      try:
+        scorer.fit([point], train, (test, validation_sets))
+        fitted.append(point)
+      except ValueError as e:
+        log(f"validation skips {point.label}: {e}")
+    if not fitted:
+      raise ValueError(f"no point of {detector.name}'s {grid_source} grid could be fitted")
+    grid = fitted
+  res = evaluate(scorer, test, validation_sets, grid, 1, seed, log, progress_bar=progress_bar)
   best = min(grid, key=lambda g: res[g.label]["mean"]["fpr"])
-  log(f"validation chose {best.label}")
+  log(f"validation chose {best.label} among {len(grid)} points of its {grid_source} grid")
   return best
 
 
 def run(config, checkpoint: str, ood_sources: Mapping[str, str], workdir: str,
         detectors: Sequence[Detector], num_to_avg: int = 1, seed: int = 0,
         validate: bool = False, temperature_ablation: bool = False,
-        log: Callable[[str], None] = print) -> Dict:
+        log: Callable[[str], None] = print, grid_source: str = "reference",
+        ood_positive: bool = False, progress_bar: bool = True) -> Dict:
   """Loads the model and data, prints the markdown tables, writes JSON/CSV/plots to ``workdir``.
 
-  ``ood_sources`` maps a name to a source (``tfds:NAME``, folder, zip, .npy) or
-  ``synthetic:NAME``. With ``validate``, the detectors named in ``TUNED`` take the point of their
-  grid with the lowest mean FPR95 on the synthetic validation sets, never the test sets.
+  Any registered model (``config.model``) at any input size (``config.image_size``). ``ood_sources``
+  maps a name to a source (``tfds:NAME``, folder, zip, .npy) or ``synthetic:NAME``. The
+  validation sets are the synthetic corruptions of the ID test set: with ``validate``, every
+  detector whose grid (``grid_source``: "reference" = the reference's grids where it has them,
+  OpenOOD v1.5's elsewhere; "openood") has several points takes the one with the lowest mean
+  FPR95 on them, never on the test sets; detectors fitted on validation data (the multi-layer
+  Mahalanobis) are fitted on them.
   """
   from energy_jax import checkpoints
   from energy_jax.data import sources, synthetic
@@ -181,30 +242,35 @@ def run(config, checkpoint: str, ood_sources: Mapping[str, str], workdir: str,
   for name, src in ood_sources.items():
     ood[name] = (synthetic.make_ood_set(src.split(":", 1)[1], 2 * (len(test) // 5), seed, test)
                  if src.startswith("synthetic:") else sources.load(at(src), None, size))
-  scorer = Scorer.from_config(config, variables)
+  scorer = Scorer.from_config(config, variables, progress_bar=progress_bar)
   logits = scorer.outputs(test.images).logits
   result = classification_report(logits, test.labels)
   log(f"ID test error {100 * result['error']:.2f}%; misclassification detection (MSP): "
       f"FPR95 {100 * result.get('misclassification_fpr', float('nan')):.2f}, AUROC "
       f"{100 * result.get('misclassification_auroc', float('nan')):.2f}")
   chosen = list(detectors)
+  val = None
+  if validate or any("validation" in d.fit_needs for d in chosen):
+    val = {n: synthetic.make_ood_set(n, len(test) // 5, seed, test)
+           for n in synthetic.VALIDATION_SETS}
   train = None
   if any(d.fit_needs for d in chosen):
     train = sources.load(at(config.in_train), config.in_train_split or None, size)
-    scorer.fit(chosen, train)
   if validate:
-    val = {n: synthetic.make_ood_set(n, len(test) // 5, seed, test)
-           for n in synthetic.VALIDATION_SETS}
-    chosen = [tune(scorer, test, val, d, train, seed, log) if d.name in TUNED else d
+    chosen = [tune(scorer, test, val, d, train, seed, log, grid_source, progress_bar)
               for d in chosen]
-  results = evaluate(scorer, test, ood, chosen, num_to_avg, seed, log)
+  if train is not None:
+    scorer.fit(chosen, train, (test, val) if val is not None else None)
+  results = evaluate(scorer, test, ood, chosen, num_to_avg, seed, log, ood_positive, progress_bar)
   log(report.markdown_table(results, list(ood)))
   extra = {"classification": result, "checkpoint": checkpoint, "num_to_avg": num_to_avg,
-           "seed": seed}
+           "seed": seed, "ood_positive": ood_positive,
+           "detectors": {d.label: {"name": d.name, **{k: v for k, v in d.hparams.items()
+                                                       if k != "mesh"}} for d in chosen}}
   if temperature_ablation:
     abl = evaluate(scorer, test, ood,
                    [detector_registry.create("energy", temperature=float(t)) for t in TEMPERATURES],
-                   num_to_avg, seed, log)
+                   num_to_avg, seed, log, ood_positive, progress_bar)
     log("| T | FPR95 | AUROC | AUPR |\n|---|---|---|---|")
     for t, (label, per_set) in zip(TEMPERATURES, abl.items()):
       m = per_set["mean"]

@@ -1,14 +1,16 @@
-"""OOD detection metrics with the in-distribution set as the positive class.
+"""OOD detection metrics, deployment thresholds and the energy margins of fine-tuning.
 
-Scores follow the convention "higher = more in-distribution". ``ood_metrics``
-reproduces the reference's ``utils/display_results.py`` (FPR at 95% TPR, AUROC,
-AUPR) and adds AUPR-Out and the detection error. Everything here is numpy
-(float64): metrics are computed once per table, on the host.
+Scores follow the convention "higher = more in-distribution". ``ood_metrics`` reproduces the
+reference's ``utils/display_results.py`` (FPR at 95% TPR, AUROC, AUPR, the in-distribution set as
+the positive class) and adds AUPR-Out and the detection error; ``ood_positive=True`` reads the
+FPR95 as OpenOOD v1.5 and pytorch-ood do, with OOD as the positive class (docs/detectors.md sets
+the two side by side). Everything here is numpy (float64): metrics are computed once per table,
+on the host.
 """
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -109,14 +111,28 @@ def detection_error(scores_in, scores_out) -> float:
 
 
 def ood_metrics(scores_in, scores_out, recall_level: float = 0.95,
-                fpr_method: str = "closest") -> Dict[str, float]:
-  """Detection metrics of ID (positive) against OOD scores, all as fractions in [0, 1].
+                fpr_method: Optional[str] = None, ood_positive: bool = False) -> Dict[str, float]:
+  """Detection metrics of ID against OOD scores, all as fractions in [0, 1].
+
+  Two conventions for the FPR95 (the other metrics do not depend on it):
+
+  * ``ood_positive=False`` (the reference's, the default): ID is the positive class; ``fpr`` is
+    the fraction of OOD examples accepted as ID at the threshold that keeps ``recall_level`` of
+    the ID examples, by the reference's "closest" rule.
+  * ``ood_positive=True`` (OpenOOD v1.5, pytorch-ood): OOD is the positive class; ``fpr`` is the
+    fraction of ID examples rejected as OOD at the first threshold that detects at least
+    ``recall_level`` of the OOD examples (``fpr[argmax(tpr >= 0.95)]`` of sklearn's
+    ``roc_curve(is_ood, -score)``, the "conservative" rule).
+
+  AUROC is the same number under both; ``aupr_in`` takes ID as positive and ``aupr_out`` OOD,
+  whatever the convention; the detection error is symmetric.
 
   Args:
     scores_in: ``[N_in]`` scores of in-distribution examples (higher = more ID).
     scores_out: ``[N_out]`` scores of OOD examples.
     recall_level: the TPR at which the FPR is read (0.95 for FPR95).
-    fpr_method: ``"closest"`` (the reference's) or ``"conservative"``.
+    fpr_method: ``"closest"`` or ``"conservative"``; default: the convention's own rule.
+    ood_positive: which class is positive for the FPR (see above).
 
   Returns:
     ``{"fpr": ..., "auroc": ..., "aupr_in": ..., "aupr_out": ..., "detection_error": ...}``;
@@ -124,10 +140,64 @@ def ood_metrics(scores_in, scores_out, recall_level: float = 0.95,
   """
   pos = _as_scores(scores_in, "scores_in")
   neg = _as_scores(scores_out, "scores_out")
+  method = fpr_method or ("conservative" if ood_positive else "closest")
+  fpr = (fpr_at_tpr(-neg, -pos, recall_level, method) if ood_positive
+         else fpr_at_tpr(pos, neg, recall_level, method))
   return {
-      "fpr": fpr_at_tpr(pos, neg, recall_level, fpr_method),
+      "fpr": fpr,
       "auroc": auroc(pos, neg),
       "aupr_in": average_precision(pos, neg),
       "aupr_out": average_precision(-neg, -pos),
       "detection_error": detection_error(pos, neg),
   }
+
+
+def threshold_at_tpr(scores_in, tpr: float = 0.95) -> float:
+  """The deployment threshold: the highest ``t`` with ``mean(scores_in >= t) >= tpr``.
+
+  Fit it on held-out in-distribution scores (never the test set), then flag ``score < t`` as
+  OOD: on data like the held-out set at least ``tpr`` of the ID inputs are accepted. It is the
+  ``ceil(tpr * N)``-th largest held-out score.
+  """
+  if not 0.0 < tpr <= 1.0:
+    raise ValueError(f"tpr must lie in (0, 1], got {tpr}")
+  s = np.sort(_as_scores(scores_in, "scores_in"))[::-1]
+  keep = int(np.ceil(tpr * s.size - 1e-9))
+  return float(s[max(keep, 1) - 1])
+
+
+MARGIN_QUANTILES = (0.05, 0.95)
+
+
+def suggest_margins(energies_in, energies_out,
+                    quantiles: Tuple[float, float] = MARGIN_QUANTILES) -> Tuple[float, float]:
+  """``(m_in, m_out)`` for the energy-bounded fine-tuning loss, from a pretrained model's free
+  energies ``E(x) = -logsumexp f(x)`` on ID training images and on the auxiliary outliers.
+
+  The rule: ``m_in`` is the ``quantiles[0]`` quantile of the ID energies and ``m_out`` the
+  ``quantiles[1]`` quantile of the outlier energies (defaults 5% and 95%). Fine-tuning then pulls
+  every ID energy down to where only the most confident 5% of ID images are now, and pushes every
+  outlier up to where only the least confident 5% of outliers are now: margins in the model's own
+  energy scale, beyond the two distributions but not far from them (the authors' advice for new
+  data: take them from the pretrained model's energies and do not move them far, wetliu/energy_ood
+  issues #13 and #21). They are a starting point for the validation of ``m_in`` / ``m_out``.
+  The outliers' median energy must lie above the ID images' and ``m_in`` below ``m_out``:
+  otherwise the outliers already look as in-distribution as the ID images (or the arrays are
+  swapped), and the energies say nothing about where to put the margins.
+
+  Returns:
+    ``(m_in, m_out)``.
+  """
+  e_in = _as_scores(energies_in, "energies_in")
+  e_out = _as_scores(energies_out, "energies_out")
+  q_in, q_out = quantiles
+  if not (0.0 <= q_in <= 1.0 and 0.0 <= q_out <= 1.0):
+    raise ValueError(f"quantiles must lie in [0, 1], got {quantiles}")
+  m_in = float(np.quantile(e_in, q_in))
+  m_out = float(np.quantile(e_out, q_out))
+  if np.median(e_in) >= np.median(e_out) or m_in >= m_out:
+    raise ValueError(f"the outliers' energies (median {np.median(e_out):.2f}) must lie above the "
+                     f"ID energies (median {np.median(e_in):.2f}) and m_in {m_in:.2f} below m_out "
+                     f"{m_out:.2f}; check that energies_in and energies_out are free energies "
+                     "(-logsumexp) of the ID and outlier images, in that order")
+  return m_in, m_out

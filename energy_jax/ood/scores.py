@@ -10,13 +10,15 @@ All logit scores take ``logits`` of shape ``[..., num_classes]`` (numpy or jax,
 any leading shape) and return ``[...]`` float32. Shapes and dtypes are checked at
 trace time; a row holding NaN or +-inf gets a NaN score (documented, so that a
 single bad row does not hide behind a finite number; :func:`energy_jax.ood.metrics.ood_metrics`
-refuses NaN scores).
+refuses NaN scores). Temperatures and noise magnitudes are traced, not static: a grid of values
+compiles once per input shape; their values are checked on the caller's side before the call.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence, Tuple
+import inspect
+from typing import Any, Callable, Dict, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +40,57 @@ def _check_logits(logits: Array, name: str = "logits") -> Array:
   return logits.astype(jnp.float32) if logits.dtype != jnp.float64 else logits
 
 
-def _check_temperature(temperature: float) -> float:
+def _check_temperature(temperature) -> None:
+  if isinstance(temperature, jax.core.Tracer):   # traced by an enclosing jit: checked there
+    return
   t = float(temperature)
   if not np.isfinite(t) or t <= 0:
     raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-  return t
+
+
+def _check_epsilon(epsilon) -> None:
+  if isinstance(epsilon, jax.core.Tracer):
+    return
+  e = float(epsilon)
+  if not np.isfinite(e) or e < 0:
+    raise ValueError(f"epsilon must be a non-negative finite number, got {epsilon!r}")
+
+
+class _CheckedJit:
+  """A jitted function whose hyper-parameter checks run on the caller's Python values first.
+
+  Hyper-parameters are traced (a new temperature does not recompile), so they cannot be checked
+  inside the trace; ``check(bound_arguments)`` runs before each call instead. Everything a jitted
+  function has (``lower``, ``trace``, ``eval_shape``, ...) is the jitted function's.
+  """
+
+  def __init__(self, fn: Callable, check: Callable[[Dict[str, Any]], None], **jit_kwargs):
+    self._jitted = jax.jit(fn, **jit_kwargs)
+    self._signature = inspect.signature(fn)
+    self._check = check
+    functools.update_wrapper(self, fn)
+
+  def __call__(self, *args, **kwargs):
+    bound = self._signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    self._check(bound.arguments)
+    return self._jitted(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._jitted, name)
+
+
+def _checks_temperature(arguments) -> None:
+  _check_temperature(arguments["temperature"])
+
+
+def _checks_temperature_epsilon(arguments) -> None:
+  _check_temperature(arguments["temperature"])
+  _check_epsilon(arguments["epsilon"])
+
+
+def _checks_epsilon(arguments) -> None:
+  _check_epsilon(arguments["epsilon"])
 
 
 def _nan_where_nonfinite(logits: Array, score: Array) -> Array:
@@ -50,13 +98,17 @@ def _nan_where_nonfinite(logits: Array, score: Array) -> Array:
   return jnp.where(finite, score, jnp.nan)
 
 
-@functools.partial(jax.jit, static_argnames=("temperature",))
-def energy_score(logits: Array, temperature: float = 1.0) -> Array:
+def energy(logits: Array, temperature: Array | float = 1.0) -> Array:
+  """``T * logsumexp(logits / T)`` over the last axis, unchecked (for use inside traced code)."""
+  return temperature * jax.nn.logsumexp(logits / temperature, axis=-1)
+
+
+def _energy_score(logits: Array, temperature: float = 1.0) -> Array:
   """Negative free energy ``-E(x) = T * logsumexp(logits / T)`` (higher = in-dist).
 
   Args:
     logits: ``[..., num_classes]`` floating-point logits f(x).
-    temperature: T > 0 (static: each value compiles once). The paper uses T=1.
+    temperature: T > 0, traced (a new value does not recompile). The paper uses T=1.
 
   Returns:
     ``[...]`` float32 scores; NaN for rows with non-finite logits.
@@ -64,24 +116,29 @@ def energy_score(logits: Array, temperature: float = 1.0) -> Array:
   Reference: Liu et al., NeurIPS 2020, Eq. (6)-(7).
   """
   logits = _check_logits(logits)
-  t = _check_temperature(temperature)
-  score = t * jax.nn.logsumexp(logits / t, axis=-1)
-  return _nan_where_nonfinite(logits, score)
+  return _nan_where_nonfinite(logits, energy(logits, temperature))
 
 
-@functools.partial(jax.jit, static_argnames=("temperature",))
-def free_energy(logits: Array, temperature: float = 1.0) -> Array:
+energy_score = _CheckedJit(_energy_score, _checks_temperature)
+
+
+def _free_energy(logits: Array, temperature: float = 1.0) -> Array:
   """Free energy ``E(x) = -T * logsumexp(logits / T)`` (lower = in-distribution)."""
-  return -energy_score(logits, temperature)
+  return -_energy_score(logits, temperature)
 
 
-@functools.partial(jax.jit, static_argnames=("temperature",))
-def msp_score(logits: Array, temperature: float = 1.0) -> Array:
-  """Maximum softmax probability ``max_y softmax(logits / T)_y`` (Hendrycks & Gimpel, 2017)."""
+free_energy = _CheckedJit(_free_energy, _checks_temperature)
+
+
+def _msp_score(logits: Array, temperature: float = 1.0) -> Array:
+  """Maximum softmax probability ``max_y softmax(logits / T)_y`` (Hendrycks & Gimpel, 2017);
+  ``temperature`` traced."""
   logits = _check_logits(logits)
-  t = _check_temperature(temperature)
-  score = jnp.max(jax.nn.softmax(logits / t, axis=-1), axis=-1)
+  score = jnp.max(jax.nn.softmax(logits / temperature, axis=-1), axis=-1)
   return _nan_where_nonfinite(logits, score)
+
+
+msp_score = _CheckedJit(_msp_score, _checks_temperature)
 
 
 @jax.jit
@@ -97,16 +154,35 @@ def _sign_step(grad: Array, input_std: Sequence[float]) -> Array:
   return sign / jnp.asarray(input_std, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "temperature", "epsilon", "input_std"))
-def odin_score(apply_fn: Callable[[Any, Array], Array], variables: Any, images: Array, *,
-               temperature: float = 1000.0, epsilon: float = 0.0014,
-               input_std: Tuple[float, float, float] = STD) -> Array:
+def odin(apply_fn: Callable[[Any, Array], Any], variables: Any, images: Array,
+         temperature: Array | float, epsilon: Array | float,
+         input_std: Sequence[float] = STD) -> Array:
+  """ODIN's score, unchecked and traceable (see :func:`odin_score`); ``apply_fn`` returns logits."""
+  images = jnp.asarray(images, jnp.float32)
+
+  def nll(x):
+    logits = apply_fn(variables, x).astype(jnp.float32)
+    labels = jnp.argmax(logits, axis=-1)
+    # Sum, not mean: only the sign of each example's own gradient is used.
+    return jnp.sum(losses.softmax_cross_entropy(logits=logits / temperature, labels=labels))
+
+  grad = jax.grad(nll)(images)
+  perturbed = images - epsilon * _sign_step(grad, input_std)
+  logits = apply_fn(variables, perturbed).astype(jnp.float32)
+  return _msp_score(logits, temperature)
+
+
+def _odin_score(apply_fn: Callable[[Any, Array], Array], variables: Any, images: Array, *,
+                temperature: float = 1000.0, epsilon: float = 0.0014,
+                input_std: Tuple[float, float, float] = STD) -> Array:
   """ODIN: temperature-scaled MSP after a small input perturbation (Liang et al., 2018).
 
   ``x' = x - epsilon * sign(-grad_x log S_yhat(x; T)) / std`` with
   ``yhat = argmax f(x)``; the score is ``max_y softmax(f(x') / T)_y``. The sign is
   divided by the normalisation std per channel because ``x`` is already
   normalised, exactly as the reference (``utils/score_calculation.py``) does.
+  ``temperature`` and ``epsilon`` are traced: a grid over both compiles once per input shape
+  (``epsilon=0`` runs the gradient too and leaves the input unchanged).
 
   Args:
     apply_fn: ``apply_fn(variables, images) -> logits`` in inference mode; must be
@@ -120,19 +196,11 @@ def odin_score(apply_fn: Callable[[Any, Array], Array], variables: Any, images: 
   Returns:
     ``[N]`` scores.
   """
-  t = _check_temperature(temperature)
-  images = jnp.asarray(images, jnp.float32)
+  return odin(apply_fn, variables, images, temperature, epsilon, input_std)
 
-  def nll(x):
-    logits = apply_fn(variables, x).astype(jnp.float32)
-    labels = jnp.argmax(logits, axis=-1)
-    # Sum, not mean: only the sign of each example's own gradient is used.
-    return jnp.sum(losses.softmax_cross_entropy(logits=logits / t, labels=labels))
 
-  grad = jax.grad(nll)(images)
-  perturbed = images - epsilon * _sign_step(grad, input_std)
-  logits = apply_fn(variables, perturbed).astype(jnp.float32)
-  return msp_score(logits, t)
+odin_score = _CheckedJit(_odin_score, _checks_temperature_epsilon,
+                         static_argnames=("apply_fn", "input_std"))
 
 
 class MahalanobisParams(NamedTuple):
@@ -174,10 +242,11 @@ def fit_mahalanobis(features: Array, labels: Array, num_classes: int) -> Mahalan
   return MahalanobisParams(jnp.asarray(means, jnp.float32), jnp.asarray(precision, jnp.float32))
 
 
-def _squared_distances(features: Array, params: MahalanobisParams) -> Array:
+def squared_distances(features: Array, params: MahalanobisParams) -> Array:
   """``d_c(z)^2 = (z - mu_c)^T P (z - mu_c)`` for ``features [N, D]`` -> ``[N, C]``."""
   diff = features.astype(jnp.float32)[:, None, :] - params.means[None, :, :]
-  return jnp.einsum("ncd,de,nce->nc", diff, params.precision, diff)
+  return jnp.einsum("ncd,de,nce->nc", diff, params.precision, diff,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 @jax.jit
@@ -187,18 +256,37 @@ def mahalanobis_from_features(features: Array, params: MahalanobisParams) -> Arr
   This is the reference's Gaussian score: ``-1/2`` times the smallest squared
   Mahalanobis distance, so it ranks inputs exactly as ``-min_c d_c(z)``.
   """
-  return jnp.max(-0.5 * _squared_distances(jnp.asarray(features), params), axis=-1)
+  return jnp.max(-0.5 * squared_distances(jnp.asarray(features), params), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("features_fn", "epsilon", "input_std"))
-def mahalanobis_score(features_fn: Callable[[Any, Array], Array], variables: Any,
-                      images: Array, params: MahalanobisParams, *, epsilon: float = 0.0,
-                      input_std: Tuple[float, float, float] = STD) -> Array:
+def gaussian_score_with_noise(features_fn: Callable[[Any, Array], Array], variables: Any,
+                              images: Array, params: MahalanobisParams, epsilon: Array | float,
+                              input_std: Sequence[float] = STD) -> Array:
+  """Lee et al.'s input pre-processing for one layer, unchecked and traceable: the input moves
+  against the gradient of the distance to its closest class, ``x' = x - epsilon *
+  sign(grad_x 1/2 d_yhat(x)^2) / std``, and the score is :func:`mahalanobis_from_features` of
+  ``features_fn`` at ``x'`` (``epsilon=0``: at ``x``)."""
+  images = jnp.asarray(images, jnp.float32)
+
+  def half_d2_closest(x):
+    d2 = squared_distances(features_fn(variables, x), params)
+    closest = jax.lax.stop_gradient(jnp.argmin(d2, axis=-1))
+    return 0.5 * jnp.sum(jnp.take_along_axis(d2, closest[:, None], axis=-1))
+
+  grad = jax.grad(half_d2_closest)(images)
+  perturbed = images - epsilon * _sign_step(grad, input_std)
+  return jnp.max(-0.5 * squared_distances(features_fn(variables, perturbed), params), axis=-1)
+
+
+def _mahalanobis_score(features_fn: Callable[[Any, Array], Array], variables: Any,
+                       images: Array, params: MahalanobisParams, *, epsilon: float = 0.0,
+                       input_std: Tuple[float, float, float] = STD) -> Array:
   """Mahalanobis score (Lee et al., 2018) on penultimate features, with input pre-processing.
 
   With ``epsilon > 0`` the input first moves against the gradient of the
   distance to its closest class, ``x' = x - epsilon * sign(grad_x 1/2 d_yhat^2) / std``,
   as the reference does; the score is :func:`mahalanobis_from_features` at ``x'``.
+  ``epsilon`` is traced (a grid compiles once; 0 runs the gradient and leaves ``x`` unchanged).
 
   Args:
     features_fn: ``features_fn(variables, images) -> [N, D]`` in inference mode (hashable).
@@ -208,15 +296,8 @@ def mahalanobis_score(features_fn: Callable[[Any, Array], Array], variables: Any
     epsilon: noise magnitude (0 = no pre-processing).
     input_std: per-channel normalisation std.
   """
-  images = jnp.asarray(images, jnp.float32)
-  if epsilon == 0.0:
-    return mahalanobis_from_features(features_fn(variables, images), params)
+  return gaussian_score_with_noise(features_fn, variables, images, params, epsilon, input_std)
 
-  def half_d2_closest(x):
-    d2 = _squared_distances(features_fn(variables, x), params)
-    closest = jax.lax.stop_gradient(jnp.argmin(d2, axis=-1))
-    return 0.5 * jnp.sum(jnp.take_along_axis(d2, closest[:, None], axis=-1))
 
-  grad = jax.grad(half_d2_closest)(images)
-  perturbed = images - epsilon * _sign_step(grad, input_std)
-  return mahalanobis_from_features(features_fn(variables, perturbed), params)
+mahalanobis_score = _CheckedJit(_mahalanobis_score, _checks_epsilon,
+                                static_argnames=("features_fn", "input_std"))
