@@ -155,6 +155,7 @@ def _run(script, preset, workdir, toy_dir, *extra):
                           text=True)
 
 
+@pytest.mark.heavy
 def test_scripts_pretrain_finetune_and_resume_after_kill(toy_dir, tmp_path):
   pre = tmp_path / "pre"
   p = _run("pretrain", "test", pre, toy_dir)
