@@ -25,12 +25,14 @@ config_flags.DEFINE_config_file("config", os.path.join(HERE, "configs/finetune.p
                                 "the model / ID data config")
 flags.DEFINE_string("checkpoint", None, "run directory (Orbax) or reference .pt", required=True)
 flags.DEFINE_list("ood", ["textures", "svhn", "places365", "lsun_c", "lsun_r", "isun"],
-                  "OOD sets: paper names, NAME=SOURCE, or synthetic:NAME")
+                  "OOD sets: paper names (each prepared as the reference does), NAME=SOURCE "
+                  "(resized), NAME=SOURCE@as_is, or synthetic:NAME")
 flags.DEFINE_list("detectors", ["msp", "energy", "odin", "mahalanobis"],
                   "registered detectors (energy_jax.detectors.names()), or all")
 flags.DEFINE_multi_string("hparam", [], "a detector's hyper-parameter, DETECTOR.NAME=VALUE "
                           "(e.g. odin.temperature=1000); validation overrides the tuned ones")
-flags.DEFINE_integer("num_to_avg", 1, "draws of len(test)//5 OOD images per set")
+flags.DEFINE_integer("num_to_avg", 10, "draws of len(test)//5 OOD images per set (the "
+                     "reference's run.sh: 10)")
 flags.DEFINE_integer("seed", 0, "seed of the draws")
 flags.DEFINE_bool("validate", False, "tune every detector on its grid, on the synthetic "
                   "validation sets (never the test sets)")
@@ -47,17 +49,15 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from energy_jax import detectors
-  from energy_jax.ood import evaluation
+  from energy_jax.ood import evaluation, protocol
   F = flags.FLAGS
   sources = {}
   for item in F.ood:
-    name, _, src = item.partition("=")
-    if not src:
-      src = item if item.startswith("synthetic:") else evaluation.PAPER_OOD_SETS.get(name)
-      if src is None:
-        raise app.UsageError(f"unknown OOD set {name!r}: use one of "
-                             f"{sorted(evaluation.PAPER_OOD_SETS)} or NAME=SOURCE")
-    sources[name] = src
+    try:
+      name, spec = protocol.parse_ood(item)
+    except ValueError as e:
+      raise app.UsageError(str(e))
+    sources[name] = spec
   names = list(detectors.names()) if F.detectors == ["all"] else F.detectors
   unknown = [d for d in names if d not in detectors.names()]
   if unknown:

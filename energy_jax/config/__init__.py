@@ -30,6 +30,12 @@ FIELDS: Tuple[Tuple[str, Any, str], ...] = (
     ("outliers", "", "auxiliary outliers of the energy / OE objectives, a source as in_train"),
     ("outliers_split", "", "split (subfolder) of outliers ('' = none)"),
     ("train_subset", 0, "train on this many images drawn with the seed (0 = all)"),
+    ("validation_base", "", "the set the --validate corruptions are made from (the paper: the "
+     "other CIFAR's test set; '' = the ID test set)"),
+    ("validation_base_split", "test", "split of validation_base"),
+    ("validation_sets", ("uniform_noise", "arithmetic_mean", "geometric_mean", "jigsaw",
+                         "speckle", "pixelate", "rgb_shift", "invert"),
+     "the --validate sets (energy_jax.data.synthetic; the reference's eight)"),
     ("drop_remainder", False, "drop the last partial batch of an epoch (False: kept and padded, "
      "as the reference's DataLoader; BatchNorm and the loss see its real images only)"),
     ("outlier_sampling", "window", "window: a contiguous window of the outliers from a random "

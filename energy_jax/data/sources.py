@@ -91,8 +91,9 @@ def under(data_dir: str, source: str) -> str:
   return os.path.join(data_dir, source)
 
 
-def load(source: str, split: Optional[str] = None, image_size: int = 32) -> ImageSet:
-  """Decodes ``source`` (its ``split``, where it has splits) into memory."""
+def load(source: str, split: Optional[str] = None, image_size: Optional[int] = 32) -> ImageSet:
+  """Decodes ``source`` (its ``split``, where it has splits) into memory, its images brought to
+  ``image_size`` square (None: as they are, one size for the set)."""
   kind, location = resolve(source)
   return SOURCES.get(kind).load(location, split, image_size)
 
@@ -142,13 +143,16 @@ def resize_center_crop(image, size: int) -> np.ndarray:
   return np.asarray(image, dtype=np.uint8)
 
 
-def _decode(name: str, data: bytes, size: int) -> np.ndarray:
+def _decode(name: str, data: bytes, size: Optional[int]) -> np.ndarray:
+  """RGB ``uint8 [size, size, 3]``, or the image's own size when ``size`` is None."""
   from PIL import Image
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
-      if image.mode == "RGB" and image.size == (size, size):
+      if image.mode == "RGB" and (size is None or image.size == (size, size)):
         return np.asarray(image)       # the common case: no conversion, no resize
+      if size is None:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
       return resize_center_crop(image, size)
   except Exception as e:
     raise ValueError(f"corrupt or unreadable image {name}: {type(e).__name__}: {e}") from e
@@ -244,20 +248,32 @@ def _is_path(source: str) -> bool:
 
 
 @register("folder", count=count_image_folder, claims=_is_path)
-def load_image_folder(path: str, split: Optional[str] = None, image_size: int = 32) -> ImageSet:
-  """Decodes an image folder or zip (optionally its ``split`` subfolder) into memory.
+def load_image_folder(path: str, split: Optional[str] = None,
+                      image_size: Optional[int] = 32) -> ImageSet:
+  """Decodes an image folder or zip (optionally its ``split`` subfolder) into memory, brought to
+  ``image_size`` (None: as they are, which must then be one size, as the reference feeds
+  LSUN-C, LSUN-R and iSUN).
 
   One thread decodes: for 32x32 JPEGs the per-image cost is Python and PIL call overhead
   (~0.07 ms), which threads only contend for (measured slower with 2 threads), and reopening
   a 60k-entry zip per worker cost more than the decoding itself.
   """
   tree, names, labels, class_names = _list_image_folder(path, split)
-  images = np.empty((len(names), image_size, image_size, 3), np.uint8)
+  images = None
+  if image_size is not None:
+    images = np.empty((len(names), image_size, image_size, 3), np.uint8)
   where = os.path.basename(path) + (f":{split}" if split else "")
   shown = progress.bar(len(names), f"decoding {where}", len(names) >= PROGRESS_MIN_IMAGES,
                        unit="img")
   for i, name in enumerate(names):
-    images[i] = _decode(f"{path}:{name}", tree.read(name), image_size)
+    image = _decode(f"{path}:{name}", tree.read(name), image_size)
+    if images is None:
+      images = np.empty((len(names), *image.shape), np.uint8)
+    if image.shape != images.shape[1:]:
+      raise ValueError(f"{path}:{name} is {image.shape[1]}x{image.shape[0]}, the images before it "
+                       f"{images.shape[2]}x{images.shape[1]}: as they are (no resize), a set's "
+                       "images must share one size")
+    images[i] = image
     if i % 1000 == 999:
       shown.update(1000)
   shown.close()
@@ -297,7 +313,7 @@ def _is_npy(source: str) -> bool:
 def load_npy(path: str, split: Optional[str] = None, image_size: int = 32) -> ImageSet:
   """Reads a uint8 ``[N, image_size, image_size, 3]`` array (labels all 0)."""
   images = _open_npy(path)
-  if images.shape[1:3] != (image_size, image_size):
+  if image_size is not None and images.shape[1:3] != (image_size, image_size):
     raise ValueError(f"{path}: expected a uint8 array of shape [N, {image_size}, {image_size}, 3],"
                      f" got {images.dtype} {images.shape}")
   return ImageSet(np.ascontiguousarray(images), np.zeros(images.shape[0], np.int32), ("",), path)

@@ -19,7 +19,7 @@ import numpy as np
 
 from energy_jax import progress
 from energy_jax.data.image_set import ImageSet
-from energy_jax.data.sources import PROGRESS_MIN_IMAGES, register
+from energy_jax.data.sources import PROGRESS_MIN_IMAGES, register, resize_center_crop
 from energy_jax.tf_support import INSTALL_HINT, import_tensorflow
 
 # Exceptions (by class name: requests and urllib3 are TFDS's dependencies, not ours) that mean
@@ -114,11 +114,13 @@ def count_tfds(name: str, split: Optional[str] = None) -> int:
 
 
 @register("tfds", count=count_tfds)
-def load_tfds_arrays(name: str, split: Optional[str] = None, image_size: int = 32,
+def load_tfds_arrays(name: str, split: Optional[str] = None, image_size: Optional[int] = 32,
                      data_dir: Optional[str] = None) -> ImageSet:
-  """A whole TFDS split (default ``test``) as uint8 arrays ``[N, image_size, image_size, 3]``;
-  a progress bar for large splits."""
-  tf = import_tensorflow()
+  """A whole TFDS split (default ``test``; expressions such as ``train+validation+test`` too) as
+  uint8 arrays ``[N, image_size, image_size, 3]``, resized as the reference's loaders (PIL
+  Resize on the short side + CenterCrop, :func:`energy_jax.data.sources.resize_center_crop`),
+  or as they are with ``image_size=None`` (one size for the whole split); a progress bar for
+  large splits."""
   tfds = import_tfds()
   split = split or "test"
   b = builder(name, data_dir)
@@ -128,36 +130,32 @@ def load_tfds_arrays(name: str, split: Optional[str] = None, image_size: int = 3
     total = int(b.info.splits[split].num_examples)
   except Exception:           # a split expression the metadata cannot count: no bar
     total = 0
+  where = f"tfds:{name}:{split}"
   images, labels = [], []
-  to_size = lambda image: _resize_center_crop(tf, image, image_size)
-  shown = progress.bar(total, f"decoding tfds:{name}:{split}", total >= PROGRESS_MIN_IMAGES,
-                       unit="img")
-  for ex in tfds.as_numpy(ds.map(lambda e: (to_size(e["image"]),
-                                            e[label_key] if label_key else tf.constant(0)),
-                                 num_parallel_calls=tf.data.AUTOTUNE).batch(1024)):
-    images.append(ex[0])
-    labels.append(ex[1])
-    shown.update(len(ex[0]))
+  shown = progress.bar(total, f"decoding {where}", total >= PROGRESS_MIN_IMAGES, unit="img")
+  for ex in tfds.as_numpy(ds):
+    image = _rgb_at_size(ex["image"], image_size)
+    if images and image.shape != images[0].shape:
+      raise ValueError(f"{where}: example {len(images)} is {image.shape[1]}x{image.shape[0]}, "
+                       f"the first {images[0].shape[1]}x{images[0].shape[0]}: as they are (no "
+                       "resize), a set's images must share one size")
+    images.append(image)
+    labels.append(ex[label_key] if label_key else 0)
+    shown.update(1)
   shown.close()
+  if not images:
+    raise ValueError(f"{where} holds no images")
   names = tuple(b.info.features[label_key].names) if label_key else ("",)
-  return ImageSet(np.concatenate(images).astype(np.uint8),
-                  np.concatenate(labels).astype(np.int32), names, f"tfds:{name}:{split}")
+  return ImageSet(np.stack(images), np.asarray(labels, np.int32), names, where)
 
 
-def _resize_center_crop(tf, image, size: int):
-  """Grayscale to RGB; Resize(size) on the short side + CenterCrop(size) unless already square
-  of that size."""
-  image = tf.image.grayscale_to_rgb(image) if image.shape[-1] == 1 else image[..., :3]
-  shape = tf.shape(image)
-  h, w = shape[0], shape[1]
-
-  def resize():
-    short = tf.minimum(h, w)
-    new_h = tf.cast(size * h / short, tf.int32)
-    new_w = tf.cast(size * w / short, tf.int32)
-    r = tf.image.resize(image, (new_h, new_w), method="bilinear", antialias=True)
-    top, left = (new_h - size + 1) // 2, (new_w - size + 1) // 2
-    return tf.cast(tf.round(r[top:top + size, left:left + size]), tf.uint8)
-  same = tf.logical_and(tf.equal(h, size), tf.equal(w, size))
-  return tf.ensure_shape(tf.cond(same, lambda: tf.cast(image, tf.uint8), resize),
-                         (size, size, 3))
+def _rgb_at_size(image: np.ndarray, size: Optional[int]) -> np.ndarray:
+  """``uint8 [H, W, 3]``: grayscale repeated, alpha dropped, then brought to ``size`` (None: kept)."""
+  image = np.asarray(image)
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  image = image[..., :3].astype(np.uint8)
+  if size is None or image.shape[:2] == (size, size):
+    return image
+  from PIL import Image
+  return resize_center_crop(Image.fromarray(image), size)

@@ -22,13 +22,9 @@ from energy_jax.data import augment
 from energy_jax.data.image_set import ImageSet
 from energy_jax.detectors import Detector
 from energy_jax.detectors.batching import map_batches
-from energy_jax.ood import metrics, report, scores
+from energy_jax.ood import metrics, protocol, report, scores
 
 TEMPERATURES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
-# Names of the paper's six test sets: TFDS names or the ODIN release's folders.
-PAPER_OOD_SETS = {"textures": "tfds:dtd", "svhn": "tfds:svhn_cropped",
-                  "places365": "tfds:places365_small", "lsun_c": "data/LSUN",
-                  "lsun_r": "data/LSUN_resize", "isun": "data/iSUN"}
 
 
 class Scorer:
@@ -215,7 +211,7 @@ def tune(scorer: Scorer, test: ImageSet, validation_sets: Mapping[str, ImageSet]
   return best
 
 
-def run(config, checkpoint: str, ood_sources: Mapping[str, str], workdir: str,
+def run(config, checkpoint: str, ood_sources: Mapping[str, Any], workdir: str,
         detectors: Sequence[Detector], num_to_avg: int = 1, seed: int = 0,
         validate: bool = False, temperature_ablation: bool = False,
         log: Callable[[str], None] = print, grid_source: str = "reference",
@@ -223,25 +219,26 @@ def run(config, checkpoint: str, ood_sources: Mapping[str, str], workdir: str,
   """Loads the model and data, prints the markdown tables, writes JSON/CSV/plots to ``workdir``.
 
   Any registered model (``config.model``) at any input size (``config.image_size``). ``ood_sources``
-  maps a name to a source (``tfds:NAME``, folder, zip, .npy) or ``synthetic:NAME``. The
-  validation sets are the synthetic corruptions of the ID test set: with ``validate``, every
+  maps a name to a :class:`~energy_jax.ood.protocol.OODSet` (the paper's:
+  ``protocol.PAPER_OOD_SETS``) or a source string (``tfds:NAME``, folder, zip, .npy, resized; or
+  ``synthetic:NAME``). The validation sets are :func:`protocol.validation_sets` (under the paper
+  presets, corruptions of the other CIFAR's test set): with ``validate``, every
   detector whose grid (``grid_source``: "reference" = the reference's grids where it has them,
   OpenOOD v1.5's elsewhere; "openood") has several points takes the one with the lowest mean
   FPR95 on them, never on the test sets; detectors fitted on validation data (the multi-layer
   Mahalanobis) are fitted on them.
   """
   from energy_jax import checkpoints
-  from energy_jax.data import sources, synthetic
+  from energy_jax.data import sources
   variables = checkpoints.load_variables(checkpoint, config)
   size = int(config.image_size)
   at = lambda source: sources.under(config.data_dir, source)
   test = sources.load(at(config.in_test), config.in_test_split or None, size)
   if test.num_classes != config.num_classes:
     raise ValueError(f"{test.source} has {test.num_classes} classes, the model {config.num_classes}")
-  ood = {}
-  for name, src in ood_sources.items():
-    ood[name] = (synthetic.make_ood_set(src.split(":", 1)[1], 2 * (len(test) // 5), seed, test)
-                 if src.startswith("synthetic:") else sources.load(at(src), None, size))
+  ood = {name: protocol.load_ood_set(
+             config, spec if isinstance(spec, protocol.OODSet) else protocol.OODSet(spec), test, seed)
+         for name, spec in ood_sources.items()}
   scorer = Scorer.from_config(config, variables, progress_bar=progress_bar)
   logits = scorer.outputs(test.images).logits
   result = classification_report(logits, test.labels)
@@ -251,8 +248,7 @@ def run(config, checkpoint: str, ood_sources: Mapping[str, str], workdir: str,
   chosen = list(detectors)
   val = None
   if validate or any("validation" in d.fit_needs for d in chosen):
-    val = {n: synthetic.make_ood_set(n, len(test) // 5, seed, test)
-           for n in synthetic.VALIDATION_SETS}
+    val = protocol.validation_sets(config, test, seed)
   train = None
   if any(d.fit_needs for d in chosen):
     train = sources.load(at(config.in_train), config.in_train_split or None, size)

@@ -7,6 +7,10 @@ OUTLIERS = "data/300K_random_images.npy"
 
 def override(c, stage: str) -> None:
   c.outliers = OUTLIERS
+  # The reference's evaluation: validation corruptions of the other CIFAR, and its pooling for
+  # the sets it feeds unresized (LSUN-C).
+  c.validation_base = "tfds:cifar100" if c.dataset == "cifar10" else "tfds:cifar10"
+  c.model.pooling = "reference"
   if stage == "finetune":
     c.pretrained = f"workdirs/{c.dataset}_pretrain"
     c.objective = "energy"

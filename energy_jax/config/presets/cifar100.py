@@ -7,4 +7,4 @@ def override(c, stage: str) -> None:
   c.dataset, c.num_classes = "cifar100", 100
   c.in_train = c.in_test = "tfds:cifar100"
   c.m_in, c.m_out = -27.0, -5.0
-  cifar10.override(c, stage)
+  cifar10.override(c, stage)            # validation corruptions of CIFAR-10

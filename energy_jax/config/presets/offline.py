@@ -8,5 +8,6 @@ def override(c, stage: str) -> None:
   cifar10.override(c, stage)
   c.in_train = c.in_test = "cifar10.zip"
   c.outliers = "tin32-outliers.zip"
+  c.validation_base = ""                # no CIFAR-100 offline: corruptions of the ID test set
   if stage == "finetune":
     c.pretrained = "workdirs/offline_pretrain"

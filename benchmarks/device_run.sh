@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU checks of a session on the lent device machine (no TensorFlow, no internet there).
+# Carry .data (the offline packs gzipped: `gzip -9 -c ../shared/data/X.zip > .data/X.zip.gz` for
+# cifar10, tin32-outliers, tin32-ood) and .whl (ml_collections, which the machine lacks:
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections`).
+#
+#   bash benchmarks/device_run.sh reproduce   # reproduction, then every detector on its models
+#   bash benchmarks/device_run.sh ab          # benchmarks/reference_ab.py, AB_EPOCHS="15 2"
+#
+# Logs and JSON go to $OUT (default /tmp/out). On CPU, SMOKE=1 runs the same steps tiny.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+D=${DATA_DIR:-/tmp/energy_jax_data}
+mkdir -p "$OUT" "$D"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+for f in cifar10 tin32-outliers tin32-ood; do
+  [ -f "$D/$f.zip" ] || gunzip -c ".data/$f.zip.gz" > "$D/$f.zip" || exit 1
+done
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
+
+case "${1:-}" in
+  reproduce)
+    W=$(mktemp -d)
+    repro=(--data "$D" --workdir "$W" --overlap-compile)
+    det=(--data "$D" --dtype bfloat16 --batch-size 1000)
+    knn=(--knn-bank 1281167,2048 --knn-queries 10000 --knn-memory-mib 1024)
+    if [ -n "${SMOKE:-}" ]; then
+      repro+=(--smoke); det=(--data "$D" --dtype bfloat16 --batch-size 256)
+      knn=(--knn-bank 20000,128 --knn-queries 500 --knn-memory-mib 16)
+    fi
+    timeout "${REPRO_TIMEOUT:-300}" python3 benchmarks/reproduce.py "${repro[@]}" 2>&1 \
+      | tee "$OUT/reproduce.log"
+    timeout "${DET_TIMEOUT:-200}" python3 benchmarks/detectors.py --pretrained "$W/pretrain" \
+      --finetuned "$W/finetune" "${det[@]}" --out "$OUT/detectors.json" \
+      --save-energies "$OUT/energies_pretrained.npz" 2>&1 | tee "$OUT/detectors.log"
+    timeout "${KNN_TIMEOUT:-90}" python3 benchmarks/detectors.py --knn-only "${knn[@]}" \
+      --out "$OUT/knn_bank.json" 2>&1 | tee "$OUT/knn_bank.log"
+    ;;
+  ab)
+    read -r pre ft <<< "${AB_EPOCHS:-15 2}"
+    extra=()
+    [ -n "${SMOKE:-}" ] && extra=(--tiny)
+    timeout "${AB_TIMEOUT:-480}" python3 benchmarks/reference_ab.py --data "$D" \
+      --pretrain-epochs "$pre" --finetune-epochs "$ft" --out "$OUT/ab.json" "${extra[@]}" 2>&1 \
+      | tee "$OUT/ab.log"
+    ;;
+  *)
+    echo "usage: $0 reproduce|ab" >&2; exit 2 ;;
+esac

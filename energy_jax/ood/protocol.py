@@ -1,0 +1,85 @@
+"""The paper's evaluation sets, built as the reference builds them (``CIFAR/test.py``, ``run.sh``).
+
+* The six OOD test sets, each with the reference's preprocessing: Textures (all 5,640 DTD
+  images) and Places365 are resized (``Resize(32)`` + ``CenterCrop(32)``, PIL); SVHN, LSUN-C,
+  LSUN-R and iSUN are fed as they are. Public reports give the ODIN release's LSUN-C images as
+  36x36 (LSUN-R and iSUN 32x32): the reference network's ``avg_pool2d(8)`` then pools the top-left
+  8x8 of a 9x9 map, which ``config.model.pooling = "reference"`` reproduces.
+* The validation sets of ``--validate``: uniform noise and the corruptions of the OTHER CIFAR's
+  test set (arithmetic and geometric means of pairs, jigsaw, speckle, pixelate, RGB shift,
+  inversion), no Gaussian noise; ``config.validation_base`` names that set ("" = the ID test set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+from energy_jax.data import sources, synthetic
+from energy_jax.data.image_set import ImageSet
+
+TRANSFORMS = ("resize", "as_is")
+
+
+@dataclasses.dataclass(frozen=True)
+class OODSet:
+  """A source, its split, and how its images are prepared: ``resize`` (Resize on the short side +
+  CenterCrop to ``config.image_size``) or ``as_is`` (their own size, one for the whole set)."""
+  source: str
+  split: Optional[str] = None
+  transform: str = "resize"
+
+  def __post_init__(self):
+    if self.transform not in TRANSFORMS:
+      raise ValueError(f"OOD set {self.source}: transform must be one of {TRANSFORMS}, got "
+                       f"{self.transform!r}")
+
+
+PAPER_OOD_SETS: Dict[str, OODSet] = {
+    "textures": OODSet("tfds:dtd", "train+validation+test"),
+    "svhn": OODSet("tfds:svhn_cropped", "test", "as_is"),
+    "places365": OODSet("tfds:places365_small", "test"),
+    "lsun_c": OODSet("data/LSUN", None, "as_is"),
+    "lsun_r": OODSet("data/LSUN_resize", None, "as_is"),
+    "isun": OODSet("data/iSUN", None, "as_is"),
+}
+REFERENCE_VALIDATION_SETS = ("uniform_noise", "arithmetic_mean", "geometric_mean", "jigsaw",
+                             "speckle", "pixelate", "rgb_shift", "invert")
+
+
+def parse_ood(item: str) -> Tuple[str, OODSet]:
+  """``(name, set)`` of a command-line OOD set: a paper name (``svhn``), ``NAME=SOURCE``
+  (resized), ``NAME=SOURCE@as_is``, or ``synthetic:NAME``."""
+  name, sep, rest = item.partition("=")
+  if not sep:
+    if item.startswith("synthetic:"):
+      return item.split(":", 1)[1], OODSet(item)
+    if item not in PAPER_OOD_SETS:
+      raise ValueError(f"unknown OOD set {item!r}: use one of {sorted(PAPER_OOD_SETS)}, "
+                       "NAME=SOURCE[@as_is] or synthetic:NAME")
+    return item, PAPER_OOD_SETS[item]
+  source, at, transform = rest.partition("@")
+  if not name or not source:
+    raise ValueError(f"OOD set {item!r}: expected NAME=SOURCE[@as_is]")
+  return name, OODSet(source, None, transform if at else "resize")
+
+
+def load_ood_set(config, spec: OODSet, test: ImageSet, seed: int = 0) -> ImageSet:
+  """The images of ``spec``: relative paths read from ``config.data_dir``; a synthetic set has
+  ``2 * len(test) // 5`` images made from ``test``."""
+  if spec.source.startswith("synthetic:"):
+    return synthetic.make_ood_set(spec.source.split(":", 1)[1], 2 * (len(test) // 5), seed, test)
+  size = int(config.image_size) if spec.transform == "resize" else None
+  return sources.load(sources.under(config.data_dir, spec.source), spec.split, size)
+
+
+def validation_sets(config, test: ImageSet, seed: int = 0) -> Dict[str, ImageSet]:
+  """``config.validation_sets``, ``len(test) // 5`` images each, the corruptions made from
+  ``config.validation_base`` (the other CIFAR's test set under the paper presets) or, when that
+  is empty, from ``test``."""
+  base = test
+  if config.validation_base:
+    base = sources.load(sources.under(config.data_dir, config.validation_base),
+                        config.validation_base_split or None, int(config.image_size))
+  return {name: synthetic.make_ood_set(name, len(test) // 5, seed, base)
+          for name in config.validation_sets}
