@@ -20,7 +20,7 @@ fi
 for f in cifar10 tin32-outliers tin32-ood; do
   [ -f "$D/$f.zip" ] || gunzip -c ".data/$f.zip.gz" > "$D/$f.zip" || exit 1
 done
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1     # no progress bars in the logs
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 
 case "${1:-}" in
@@ -42,12 +42,21 @@ case "${1:-}" in
       --out "$OUT/knn_bank.json" 2>&1 | tee "$OUT/knn_bank.log"
     ;;
   ab)
+    # The two arms run side by side on the one GPU (their wall times are not compared, only their
+    # numbers): the reference arm's process keeps JAX on the CPU, the energy-jax arm leaves the
+    # PyTorch arm room on the GPU.
     read -r pre ft <<< "${AB_EPOCHS:-15 2}"
-    extra=()
-    [ -n "${SMOKE:-}" ] && extra=(--tiny)
-    timeout "${AB_TIMEOUT:-480}" python3 benchmarks/reference_ab.py --data "$D" \
-      --pretrain-epochs "$pre" --finetune-epochs "$ft" --out "$OUT/ab.json" "${extra[@]}" 2>&1 \
-      | tee "$OUT/ab.log"
+    ab=(--data "$D" --pretrain-epochs "$pre" --finetune-epochs "$ft")
+    [ -n "${SMOKE:-}" ] && ab+=(--tiny)
+    JAX_PLATFORMS=cpu timeout "${AB_TIMEOUT:-480}" python3 benchmarks/reference_ab.py "${ab[@]}" \
+      --arms reference --out "$OUT/ab_reference.json" > "$OUT/ab_reference.log" 2>&1 &
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 timeout "${AB_TIMEOUT:-480}" python3 \
+      benchmarks/reference_ab.py "${ab[@]}" --arms energy-jax --out "$OUT/ab_jax.json" 2>&1 \
+      | tee "$OUT/ab_jax.log"
+    wait
+    tail -n 5 "$OUT/ab_reference.log"
+    python3 benchmarks/reference_ab.py --combine "$OUT/ab_jax.json" "$OUT/ab_reference.json" \
+      2>&1 | tee "$OUT/ab.log"
     ;;
   *)
     echo "usage: $0 reproduce|ab" >&2; exit 2 ;;

@@ -183,6 +183,31 @@ def reference_arm(args):
   return out
 
 
+def report(results):
+  """Prints the table of both arms, their differences and the verdict of the decision rule."""
+  print("\n| arm | stage | test error % | energy FPR95 % (tin32-ood) | AUROC % | seconds |")
+  print("|---|---|---|---|---|---|")
+  for arm, stages in results.items():
+    if arm == "gap_points":
+      continue
+    for stage, r in stages.items():
+      print(f"| {arm} | {stage} | {r['test_error']:.2f} | {r['fpr95']:.2f} | {r['auroc']:.2f} | "
+            f"{r['seconds']:.0f} |")
+  if "energy-jax" in results and "reference" in results:
+    a, b = results["energy-jax"], results["reference"]
+    gap = a["pretrain"]["test_error"] - b["pretrain"]["test_error"]
+    for stage in ("pretrain", "finetune"):
+      print(f"| energy-jax - reference | {stage} | "
+            f"{a[stage]['test_error'] - b[stage]['test_error']:+.2f} | "
+            f"{a[stage]['fpr95'] - b[stage]['fpr95']:+.2f} | "
+            f"{a[stage]['auroc'] - b[stage]['auroc']:+.2f} | |")
+    cleared = abs(gap) < DECISION_POINTS
+    print(f"\nverdict: the pretrained test-error gap is {gap:+.2f} points: "
+          f"{'under' if cleared else 'not under'} {DECISION_POINTS}, "
+          f"{'clears the code' if cleared else 'does NOT clear the code'}")
+    results["gap_points"] = gap
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--data", default=SHARED_DATA)
@@ -196,7 +221,15 @@ def main():
   p.add_argument("--tiny", action="store_true", help="WRN-10-1 on 1,024 images, 1 + 1 epochs")
   p.add_argument("--arms", default="energy-jax,reference")
   p.add_argument("--out", default="", help="write the results as JSON here")
+  p.add_argument("--combine", nargs="+", default=(),
+                 help="print the table of arms run apart (their --out files) and stop")
   args = p.parse_args()
+  if args.combine:
+    results = {}
+    for path in args.combine:
+      results.update({k: v for k, v in json.load(open(path)).items() if k != "gap_points"})
+    report(results)
+    return
   if args.tiny:
     args.depth, args.widen, args.train_subset = 10, 1, 1024
     args.pretrain_epochs, args.finetune_epochs = 1, 1
@@ -222,23 +255,7 @@ def main():
       results[arm] = {stage: {**summary(r["logits_test"], args.test.labels, r["logits_ood"]),
                               "seconds": r["seconds"]} for stage, r in raw.items()}
       print(arm, json.dumps(results[arm]), flush=True)
-  print("\n| arm | stage | test error % | energy FPR95 % (tin32-ood) | AUROC % | seconds |")
-  print("|---|---|---|---|---|---|")
-  for arm, stages in results.items():
-    for stage, r in stages.items():
-      print(f"| {arm} | {stage} | {r['test_error']:.2f} | {r['fpr95']:.2f} | {r['auroc']:.2f} | "
-            f"{r['seconds']:.0f} |")
-  if len(results) == 2:
-    a, b = results["energy-jax"], results["reference"]
-    gap = a["pretrain"]["test_error"] - b["pretrain"]["test_error"]
-    for stage in ("pretrain", "finetune"):
-      print(f"| energy-jax - reference | {stage} | {a[stage]['test_error'] - b[stage]['test_error']:+.2f} "
-            f"| {a[stage]['fpr95'] - b[stage]['fpr95']:+.2f} | "
-            f"{a[stage]['auroc'] - b[stage]['auroc']:+.2f} | |")
-    verdict = "clears the code" if abs(gap) < DECISION_POINTS else "does NOT clear the code"
-    print(f"\nverdict: the pretrained test-error gap is {gap:+.2f} points: "
-          f"{'under' if abs(gap) < DECISION_POINTS else 'not under'} {DECISION_POINTS}, {verdict}")
-    results["gap_points"] = gap
+  report(results)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1)

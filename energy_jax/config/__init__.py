@@ -120,6 +120,11 @@ def check_renamed(config) -> None:
         f"{k} -> {RENAMED[k]}" for k in old) + " (see the README's table)")
 
 
+def validate(config) -> None:
+  """Raises, naming the field, for any value of ``config`` a run cannot start with."""
+  check_renamed(config)
+
+
 def flat_items(config, prefix: str = "") -> List[Tuple[str, Any]]:
   """``(dotted.name, value)`` of every leaf of ``config``."""
   out = []

@@ -78,7 +78,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
 
 def check_config(config):
   """``(objective, mesh)`` of ``config``, after checking what must hold before any work."""
-  config_lib.check_renamed(config)
+  config_lib.validate(config)
   objective = objectives.get(config.objective)
   models.get(config.model.name)
   if config.input_pipeline not in INPUT_PIPELINES:
