@@ -1,19 +1,26 @@
 """Orbax checkpoints of training runs, and loading of pretrained weights.
 
-A run's directory holds ``checkpoints/<epoch>/{state,meta}``: the whole
-:class:`~energy_jax.train.TrainState` and a JSON record (:func:`run_meta`: the package version,
-the run format, the config, the model's architecture, the epoch and whether the run finished).
-Saves are asynchronous; :meth:`RunCheckpoints.close` waits for them. Pretrained weights come from
-such a directory (the latest epoch) or from a PyTorch ``.pt`` ``state_dict`` converted by the
-model's registered converter (the reference's WRN checkpoints for ``"wrn"``).
+A run's directory holds ``checkpoints/<step>/{state,meta}``: the whole
+:class:`~energy_jax.train.TrainState` after that many updates, and a JSON record
+(:func:`run_meta`: the package version, the run format, the config, the model's architecture,
+where in its epoch the run stopped, whether it finished), plus the files' SHA-256 in
+``checkpoints.sha256/`` (:class:`RunCheckpoints`). Pretrained weights come from such a directory
+(its newest intact checkpoint) or from a PyTorch ``.pt`` ``state_dict`` converted by the model's
+registered converter (the reference's WRN checkpoints for ``"wrn"``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+import shutil
+import sys
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from energy_jax import __version__, models
@@ -23,11 +30,16 @@ from energy_jax import __version__, models
 RUN_FORMAT = 3
 
 
-def run_meta(config, epoch: int, finished: bool, row: Dict[str, Any]) -> Dict[str, Any]:
-  """The JSON record saved beside each state."""
+def run_meta(config, epoch: int, finished: bool, row: Dict[str, Any], *,
+             steps_done: Optional[int] = None, steps_per_epoch: Optional[int] = None,
+             partial: Optional[Dict[str, List[float]]] = None) -> Dict[str, Any]:
+  """The JSON record saved beside each state: ``epoch`` (0-based) is complete when
+  ``steps_done == steps_per_epoch``; a preempted epoch records the per-step metrics of its
+  ``steps_done`` steps in ``partial``, so that the resumed epoch's row is the uninterrupted one."""
   return {"epoch": epoch, "finished": finished, "version": __version__, "format": RUN_FORMAT,
           "architecture": models.architecture(config), "objective": config.objective,
-          "config": config.to_dict(), "results": row}
+          "config": config.to_dict(), "results": row, "steps_done": steps_done,
+          "steps_per_epoch": steps_per_epoch, "partial": partial}
 
 
 def architecture_of(meta: Mapping[str, Any]) -> Dict[str, Any]:
@@ -38,15 +50,65 @@ def architecture_of(meta: Mapping[str, Any]) -> Dict[str, Any]:
   return found
 
 
-class RunCheckpoints:
-  """Per-epoch checkpoints of one run, keeping the last ``max_to_keep``."""
+def check_finite(tree, what: str) -> None:
+  """Raises, counting them and naming the first tensor, if ``tree`` (numpy or jax arrays) holds
+  NaN or inf."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    x = np.asarray(leaf)
+    if np.issubdtype(x.dtype, np.floating):
+      count = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+      if count:
+        bad.append((jax.tree_util.keystr(path, simple=True, separator="/"), count))
+  if bad:
+    raise FloatingPointError(f"{what} holds {sum(n for _, n in bad)} non-finite value(s) in "
+                             f"{len(bad)} tensor(s), the first {bad[0][0]}; it is not saved")
 
-  def __init__(self, workdir: str, max_to_keep: int = 2, save_every: int = 1):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             save_interval_steps=max(1, save_every)))
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _files(root: str) -> Dict[str, str]:
+  """``{relative path: absolute path}`` of every file below ``root``."""
+  out = {}
+  for dirpath, _, names in os.walk(root):
+    for name in names:
+      full = os.path.join(dirpath, name)
+      out[os.path.relpath(full, root)] = full
+  return out
+
+
+class RunCheckpoints:
+  """Checkpoints of one run at global steps (the end of an epoch, or where a preemption stopped
+  one), the last ``max_to_keep`` kept.
+
+  Saves are synchronous and verified: a state holding NaN or inf is never saved
+  (:func:`check_finite`), and after each save the SHA-256 of every file it wrote goes to
+  ``<workdir>/checkpoints.sha256/<step>.json``. :meth:`latest_intact_step` checks them from the
+  newest checkpoint down and moves a damaged one (changed, truncated or missing files, no
+  record) to ``<workdir>/checkpoints.damaged/``, naming it, so the run continues from the newest
+  intact one; since only verified, finite states are saved, rotation never removes the last
+  intact checkpoint in favour of a bad one.
+  """
+
+  def __init__(self, workdir: str, max_to_keep: int = 2, log: Callable[[str], None] = print):
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.records = os.path.join(self.workdir, "checkpoints.sha256")
+    self.quarantine = os.path.join(self.workdir, "checkpoints.damaged")
+    self.max_to_keep = max_to_keep
+    self.log = log
+    self.manager = self._open()
+
+  def _open(self):
+    return ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=self.max_to_keep, create=True, enable_async_checkpointing=False,
+        cleanup_tmp_directories=True))       # what a save cut short left behind
 
   def __enter__(self) -> "RunCheckpoints":
     return self
@@ -54,46 +116,115 @@ class RunCheckpoints:
   def __exit__(self, *exc) -> None:
     self.close()
 
-  def latest_epoch(self) -> Optional[int]:
-    """The newest saved epoch (0-based), or None for an empty run."""
-    return self.manager.latest_step()
+  def steps(self) -> List[int]:
+    """The saved steps, newest first (unverified)."""
+    return sorted(self.manager.all_steps(), reverse=True)
 
-  def should_save(self, epoch: int) -> bool:
-    """Whether :meth:`save` (without ``force``) would write ``epoch``."""
-    return self.manager.should_save(epoch)
+  def verify(self, step: int) -> Optional[str]:
+    """None if checkpoint ``step`` is as it was saved, else what is wrong with it."""
+    record = os.path.join(self.records, f"{step}.json")
+    if not os.path.exists(record):
+      return "no integrity record (saved by another version, or cut short)"
+    try:
+      with open(record) as f:
+        want = json.load(f)
+    except (OSError, ValueError) as e:
+      return f"unreadable integrity record {record}: {e}"
+    have = _files(os.path.join(self.directory, str(step)))
+    missing = sorted(set(want) - set(have))
+    if missing:
+      return f"missing file(s) {missing[:3]}"
+    changed = [name for name, digest in want.items() if _sha256(have[name]) != digest]
+    if changed:
+      return f"file(s) changed since the save: {changed[:3]}"
+    return None
 
-  def save(self, epoch: int, state, meta: Dict[str, Any], force: bool = False) -> bool:
-    """Saves ``state`` and the JSON ``meta`` asynchronously; ``force`` ignores the save interval."""
-    return self.manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+  def latest_intact_step(self, move_damaged: bool = True,
+                         require_record: bool = True) -> Optional[int]:
+    """The newest intact step (None if there is none). Damaged checkpoints are named through
+    ``log`` and, with ``move_damaged``, moved out of the way (process 0 moves, all wait).
+    ``require_record=False`` also takes a checkpoint without an integrity record (one written
+    by energy-jax 0.1, read as pretrained weights)."""
+    from energy_jax import distributed
+    found, moved = None, False
+    for step in self.steps():
+      problem = self.verify(step)
+      if problem is not None and not require_record and problem.startswith("no integrity"):
+        problem = None
+      if problem is None:
+        found = step
+        break
+      where = os.path.join(self.directory, str(step))
+      if move_damaged:
+        target = os.path.join(self.quarantine, f"{step}-{int(time.time())}")
+        if distributed.is_main_process():
+          os.makedirs(self.quarantine, exist_ok=True)
+          shutil.move(where, target)
+        moved = True
+        self.log(f"checkpoint {where} is damaged ({problem}): moved to {target}; "
+                 "continuing from the one before it")
+      else:
+        self.log(f"checkpoint {where} is damaged ({problem}): skipped")
+    if moved:
+      distributed.barrier("checkpoints: damaged moved aside")
+      self.manager.close()
+      self.manager = self._open()
+    return found
 
-  def restore(self, target_state, epoch: Optional[int] = None,
-              sharding=None) -> Tuple[Any, Dict[str, Any]]:
-    """``(state, meta)`` of ``epoch`` (default: latest), shaped like ``target_state`` and placed
-    with ``sharding`` (e.g. replicated over a global mesh) when given."""
-    epoch = self.latest_epoch() if epoch is None else epoch
+  def save(self, step: int, state, meta: Dict[str, Any]) -> None:
+    """Saves ``state`` (after checking it is finite) and the JSON ``meta`` as ``step``, then
+    records the SHA-256 of the files written."""
+    from energy_jax import distributed
+    check_finite(state, f"the training state at step {step}")
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      self.manager.wait_until_finished()
+    except (OSError, ValueError) as e:   # a full disk, a quota, a file-size limit (TensorStore
+      # reports those as ValueError with the OS error in its message)
+      reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).splitlines()[0]
+      raise OSError(getattr(e, "errno", None), f"could not write checkpoint {step} to "
+                    f"{self.directory}: {reason[-300:]}; the checkpoints before it are kept, and "
+                    "the same command continues from the newest once there is room") from e
+    if distributed.is_main_process():
+      files = _files(os.path.join(self.directory, str(step)))
+      record = {name: _sha256(path) for name, path in files.items()}
+      os.makedirs(self.records, exist_ok=True)
+      tmp = os.path.join(self.records, f".{step}.json.tmp")
+      with open(tmp, "w") as f:
+        json.dump(record, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, os.path.join(self.records, f"{step}.json"))
+      kept = {f"{s}.json" for s in self.manager.all_steps()}
+      for name in os.listdir(self.records):          # records of rotated-away checkpoints
+        if name.endswith(".json") and name not in kept:
+          os.remove(os.path.join(self.records, name))
+    distributed.barrier(f"checkpoints: step {step} recorded")
+
+  def restore(self, target_state, step: int, sharding=None) -> Tuple[Any, Dict[str, Any]]:
+    """``(state, meta)`` of ``step``, shaped like ``target_state`` and placed with ``sharding``
+    (e.g. replicated over a global mesh) when given."""
     abstract = jax.tree_util.tree_map(
         lambda x: (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) if sharding
                    else ocp.utils.to_shape_dtype_struct(x)), target_state)
-    out = self.manager.restore(epoch, args=ocp.args.Composite(
+    out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]
 
-  def restore_variables(self, epoch: Optional[int] = None) -> Dict[str, Any]:
-    """``{'params', 'batch_stats'}`` of ``epoch`` (default: latest), as saved."""
-    epoch = self.latest_epoch() if epoch is None else epoch
-    state = self.manager.restore(epoch, args=ocp.args.Composite(
+  def restore_variables(self, step: int) -> Dict[str, Any]:
+    """``{'params', 'batch_stats'}`` of ``step``, as saved."""
+    state = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))["state"]
     return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
-  def read_meta(self, epoch: Optional[int] = None) -> Dict[str, Any]:
-    """The JSON record of ``epoch`` (default: latest) without reading the arrays."""
-    epoch = self.latest_epoch() if epoch is None else epoch
-    return self.manager.restore(epoch, args=ocp.args.Composite(
+  def read_meta(self, step: int) -> Dict[str, Any]:
+    """The JSON record of ``step`` without reading the arrays."""
+    return self.manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"]
 
   def close(self):
-    """Waits for pending asynchronous saves, then releases the manager."""
+    """Waits for pending saves, then releases the manager."""
     self.manager.wait_until_finished()
     self.manager.close()
 
@@ -142,10 +273,11 @@ def load_variables(path: str, config) -> Dict[str, Any]:
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):   # read, never created
     raise FileNotFoundError(f"{path} holds no Orbax checkpoint (no folder "
                             f"{os.path.join(workdir, 'checkpoints')})")
-  with RunCheckpoints(workdir) as ckpts:
-    epoch = ckpts.latest_epoch()
-    if epoch is None:
-      raise FileNotFoundError(f"{path} holds no Orbax checkpoint (looked in {ckpts.directory})")
-    models.check_architecture(architecture_of(ckpts.read_meta(epoch)), config,
-                              f"{ckpts.directory}/{epoch}")
-    return ckpts.restore_variables(epoch)
+  with RunCheckpoints(workdir, log=lambda message: print(message, file=sys.stderr)) as ckpts:
+    step = ckpts.latest_intact_step(move_damaged=False, require_record=False)
+    if step is None:
+      raise FileNotFoundError(f"{path} holds no intact Orbax checkpoint (looked in "
+                              f"{ckpts.directory})")
+    models.check_architecture(architecture_of(ckpts.read_meta(step)), config,
+                              f"{ckpts.directory}/{step}")
+    return ckpts.restore_variables(step)

@@ -49,6 +49,15 @@ def main_process_only(log: Callable[[str], None]) -> Callable[[str], None]:
   return log if is_main_process() else (lambda message: None)
 
 
+def any_process(flag: bool) -> bool:
+  """Whether ``flag`` is set on any process (every process must call this at the same point)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
 def barrier(name: str) -> None:
   """Waits until every process has reached ``name`` (nothing to wait for with one process)."""
   if jax.process_count() > 1:

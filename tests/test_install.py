@@ -29,7 +29,7 @@ c = config.get_config("test", "pretrain")
 model = models.from_config(c)
 variables = models.init_variables(model, __import__("jax").random.PRNGKey(0))
 with checkpoints.RunCheckpoints(sys.argv[1]) as ckpt:
-  ckpt.save(0, dict(variables), checkpoints.run_meta(c, 0, True, {}), force=True)
+  ckpt.save(0, dict(variables), checkpoints.run_meta(c, 0, True, {}))
 loaded = checkpoints.load_variables(sys.argv[1], c)
 images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
 out = inference.predict(model, loaded, images, batch_size=4)

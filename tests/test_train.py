@@ -176,11 +176,11 @@ def test_scripts_pretrain_finetune_and_resume_after_kill(toy_dir, tmp_path):
   cut = tmp_path / "cut"
   p = _run("finetune", "test", cut, toy_dir, *common)
   deadline = time.time() + 300
-  while not (cut / "checkpoints" / "0").exists() and time.time() < deadline:
+  while not saved_steps(cut) and time.time() < deadline:
     time.sleep(0.2)
   p.send_signal(signal.SIGKILL)
   p.wait()
-  assert (cut / "checkpoints" / "0").exists()
+  assert saved_steps(cut)
   p = _run("finetune", "test", cut, toy_dir, *common)
   out = p.communicate(timeout=300)[0]
   assert p.returncode == 0 and "resuming" in out, out
@@ -195,6 +195,13 @@ def test_scripts_pretrain_finetune_and_resume_after_kill(toy_dir, tmp_path):
   b = checkpoints.load_variables(str(cut), cfg)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def saved_steps(workdir):
+  """The checkpoint steps of a run whose save completed (its integrity record is written)."""
+  records = workdir / "checkpoints.sha256"
+  return sorted(int(n[:-5]) for n in os.listdir(records) if n.endswith(".json")) if (
+      records.exists()) else []
 
 
 def test_bad_inputs(toy_dir, tmp_path):

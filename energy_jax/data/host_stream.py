@@ -38,13 +38,14 @@ def augment(image, seed):
   return tf.cond(flip > 0, lambda: tf.reverse(crop, [1]), lambda: crop)
 
 
-def _augmented(images: np.ndarray, idx: np.ndarray, columns: slice,
-               seed: int) -> tf.data.Dataset:
-  """Batches of ``idx[:, columns]`` (``idx [steps, B]``), example ``[s, c]`` augmented with the
-  seed ``(seed, s * B + c)``: its position in the epoch, whichever process reads it."""
+def _augmented(images: np.ndarray, idx: np.ndarray, columns: slice, seed: int,
+               first_step: int = 0) -> tf.data.Dataset:
+  """Batches of ``idx[first_step:, columns]`` (``idx [steps, B]``), example ``[s, c]`` augmented
+  with the seed ``(seed, s * B + c)``: its position in the epoch, whichever process reads it
+  and wherever a resumed epoch starts."""
   steps, width = idx.shape
-  position = np.arange(steps * width, dtype=np.int64).reshape(steps, width)[:, columns]
-  ds = tf.data.Dataset.from_tensor_slices((idx[:, columns].reshape(-1),
+  position = np.arange(steps * width, dtype=np.int64).reshape(steps, width)[first_step:, columns]
+  ds = tf.data.Dataset.from_tensor_slices((idx[first_step:, columns].reshape(-1),
                                            position.reshape(-1).astype(np.int32)))
   ds = ds.map(
       lambda j, p: normalize(augment(tf.gather(images, tf.maximum(j, 0)), tf.stack([seed, p]))),
@@ -53,26 +54,28 @@ def _augmented(images: np.ndarray, idx: np.ndarray, columns: slice,
 
 
 def epoch_stream(train: ImageSet, outliers: Optional[ImageSet], in_idx: np.ndarray,
-                 out_idx: np.ndarray, seed: int, epoch: int,
-                 padded: bool = False) -> Iterator[Dict[str, np.ndarray]]:
+                 out_idx: np.ndarray, seed: int, epoch: int, padded: bool = False,
+                 first_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
   """One epoch of augmented ``[in; outlier]`` batches for the indices of
   :func:`energy_jax.data.sampling.epoch_indices` (ID batch 128 and outlier batch 256 by default),
   each process reading its own columns of every batch (those of its devices) on multi-host
   setups. With ``padded`` every batch carries a ``mask`` (False for the padding, index -1, of
-  the last partial batch)."""
+  the last partial batch). ``first_step``: where a resumed epoch starts."""
   import jax
   steps, batch = in_idx.shape
   host, hosts = jax.process_index(), jax.process_count()
   sl = slice(host * batch // hosts, (host + 1) * batch // hosts)
-  ds = _augmented(tf.constant(train.images), in_idx, sl, seed * 1000 + epoch)
-  labels = tf.data.Dataset.from_tensor_slices(train.labels[np.maximum(in_idx[:, sl], 0)])
+  ds = _augmented(tf.constant(train.images), in_idx, sl, seed * 1000 + epoch, first_step)
+  labels = tf.data.Dataset.from_tensor_slices(
+      train.labels[np.maximum(in_idx[first_step:, sl], 0)])
   parts = {"image": ds, "label": labels}
   if padded:
-    parts["mask"] = tf.data.Dataset.from_tensor_slices(in_idx[:, sl] >= 0)
+    parts["mask"] = tf.data.Dataset.from_tensor_slices(in_idx[first_step:, sl] >= 0)
   if outliers is not None:
     ob = out_idx.shape[1] // hosts
     parts["outlier"] = _augmented(tf.constant(outliers.images), out_idx,
-                                  slice(host * ob, (host + 1) * ob), seed * 1000 + epoch + 500_000)
+                                  slice(host * ob, (host + 1) * ob), seed * 1000 + epoch + 500_000,
+                                  first_step)
   ds = tf.data.Dataset.zip(parts).prefetch(tf.data.AUTOTUNE)
   yield from ds.as_numpy_iterator()
 

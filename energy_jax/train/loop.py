@@ -4,7 +4,7 @@ then per epoch: train, evaluate the test set, save, write."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
 import numpy as np
@@ -13,8 +13,11 @@ from energy_jax import (checkpoints, config as config_lib, distributed, inferenc
                         parallel, progress)
 from energy_jax.data import host_stream_available, load_run_data, sampling
 from energy_jax.data.run_data import RunData
+from energy_jax.config import resume
 from energy_jax.train import objectives
 from energy_jax.train.optim import make_optimizer
+from energy_jax.train.preemption import PreemptionWatch
+from energy_jax.train.run_lock import WorkdirLock
 from energy_jax.train.state import TrainState, create_train_state
 from energy_jax.train.step import (device_data, device_epoch_fn, epoch_calls, host_step_fn,
                                    step_indices_spec)
@@ -23,15 +26,24 @@ from energy_jax.train.writer import open_run_writer
 INPUT_PIPELINES = ("device", "tfdata")
 
 
+class Start(NamedTuple):
+  """Where a run starts: ``epoch`` (0-based) at ``step`` of it, with the per-step metrics of
+  the steps before ``step`` when a preempted epoch resumes."""
+  epoch: int
+  step: int = 0
+  partial: Optional[Dict[str, List[float]]] = None
+
+
 def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
                        data_cache: Optional[Dict] = None) -> Dict[str, Any]:
-  """Trains per ``config`` in ``workdir``; returns the last epoch's row.
+  """Trains per ``config`` in ``workdir``; returns the last epoch's row (``{"preempted": True,
+  ...}`` when SIGTERM stopped it; the same call then continues where it stopped).
 
   Each epoch writes a row (:class:`~energy_jax.train.writer.RunWriter`); the test set is
-  evaluated every ``config.eval_every_epochs`` epochs and after the last, a checkpoint is saved
-  every ``config.checkpoint_every_epochs`` and after the last. The same command continues a
-  killed run at the next saved epoch with identical results. ``data_cache``: see
-  :func:`energy_jax.data.load_run_data`.
+  evaluated every ``config.eval_every_epochs`` epochs and after the last, a verified checkpoint
+  is saved every ``config.checkpoint_every_epochs`` and after the last. The same command
+  continues a killed run from its newest intact checkpoint with identical results. ``data_cache``:
+  see :func:`energy_jax.data.load_run_data`.
   """
   objective, mesh = check_config(config)
   log = distributed.main_process_only(log)
@@ -40,40 +52,67 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   data = load_run_data(config, objective.uses_outliers, data_cache)
   steps = sampling.steps_per_epoch(len(data.train), config.batch_size, config.drop_remainder,
                                    data.train.source)
-  total_steps = steps * config.epochs
-  learning_rate = make_optimizer(config, total_steps).learning_rate
+  learning_rate = make_optimizer(config, steps * config.epochs).learning_rate
   times = {"data": time.time() - t0}
   row: Dict[str, Any] = {}
-  with checkpoints.RunCheckpoints(workdir, config.keep_checkpoints,
-                                  config.checkpoint_every_epochs) as ckpts:
-    state, start_epoch = initial_state(config, workdir, ckpts, total_steps, log, mesh)
-    state = parallel.put_replicated(state, mesh)
-    run_epoch = epoch_runner(config, data, mesh, total_steps, steps)
+  with WorkdirLock(workdir), PreemptionWatch() as watch, checkpoints.RunCheckpoints(
+      workdir, config.keep_checkpoints, log) as ckpts:
+    state, start = initial_state(config, workdir, ckpts, steps, log, mesh)
+    run_epoch = epoch_runner(config, data, mesh, steps, watch)
     times["setup"] = time.time() - t0 - times["data"]
-    log(f"{config.objective} training: {len(data.train)} train / {len(data.test)} test images"
-        f"{f', {len(data.outliers)} outliers' if data.outliers is not None else ''}; {steps} "
-        f"steps/epoch, {mesh.devices.size} device(s) x {config.batch_size // mesh.devices.size}, "
-        f"input {config.input_pipeline}; data loaded in {times['data']:.1f} s")
-    with open_run_writer(config, workdir, start_epoch, log) as writer:
-      for epoch in range(start_epoch, config.epochs):
+    log(run_summary(config, data, steps, mesh, times))
+    with open_run_writer(config, workdir, start.epoch, log) as writer:
+      for epoch in range(start.epoch, config.epochs):
         t_epoch = time.time()
-        state, metrics = run_epoch(state, epoch)
-        check_finite(metrics["loss"], epoch, ckpts)
+        first = start.step if epoch == start.epoch else 0
+        state, metrics, done = run_epoch(state, epoch, first)
+        metrics = joined(start.partial if epoch == start.epoch else None, metrics)
+        check_losses_finite(metrics["loss"], epoch, ckpts)
+        if done < steps:              # preempted: save where it stopped, write nothing else
+          ckpts.save(epoch * steps + done, jax.device_get(state), checkpoints.run_meta(
+              config, epoch, False, {}, steps_done=done, steps_per_epoch=steps,
+              partial={k: np.asarray(v).tolist() for k, v in metrics.items()}))
+          log(f"stopped by SIGTERM at epoch {epoch + 1}, step {done} of {steps}: saved; the "
+              "same command continues from there")
+          return {"preempted": True, "epoch": epoch + 1, "steps_done": done}
+        row = epoch_row(config, epoch, metrics, float(learning_rate((epoch + 1) * steps - 1)),
+                        time.time() - t_epoch)
         finished = epoch + 1 == config.epochs
-        row = {"epoch": epoch + 1, "train_loss": reference_average(metrics["loss"]),
-               **{f"mean_{k}": float(np.mean(v)) for k, v in metrics.items()},
-               "learning_rate": float(learning_rate((epoch + 1) * steps - 1)),
-               "train_s": time.time() - t_epoch}
         if finished or (epoch + 1) % config.eval_every_epochs == 0:
           row.update(test_metrics(config, state, data.test, mesh))
         row.update(time_s=time.time() - t_epoch, eval_s=time.time() - t_epoch - row["train_s"])
-        if finished or ckpts.should_save(epoch):    # only then is the state copied off the device
-          ckpts.save(epoch, jax.device_get(state),
-                     checkpoints.run_meta(config, epoch, finished, row), force=finished)
+        if finished or (epoch + 1) % config.checkpoint_every_epochs == 0:
+          ckpts.save((epoch + 1) * steps, jax.device_get(state), checkpoints.run_meta(
+              config, epoch, finished, row, steps_done=steps, steps_per_epoch=steps))
         writer.write(row)
         times.setdefault("first_epoch", row["train_s"])
   log(timing_summary(times, t0))
   return row
+
+
+def run_summary(config, data: RunData, steps: int, mesh, times: Dict[str, float]) -> str:
+  devices = mesh.devices.size
+  return (f"{config.objective} training: {len(data.train)} train / {len(data.test)} test images"
+          f"{f', {len(data.outliers)} outliers' if data.outliers is not None else ''}; {steps} "
+          f"steps/epoch, {devices} device(s) x {config.batch_size // devices}, input "
+          f"{config.input_pipeline}; data loaded in {times['data']:.1f} s")
+
+
+def epoch_row(config, epoch: int, metrics: Dict[str, np.ndarray], learning_rate: float,
+              seconds: float) -> Dict[str, Any]:
+  """An epoch's row: the reference's running average of the loss, each metric's epoch mean, the
+  rate of the epoch's last update."""
+  return {"epoch": epoch + 1, "train_loss": reference_average(metrics["loss"]),
+          **{f"mean_{k}": float(np.mean(v)) for k, v in metrics.items()},
+          "learning_rate": learning_rate, "train_s": seconds}
+
+
+def joined(before: Optional[Dict[str, List[float]]], metrics: Dict[str, np.ndarray]):
+  """The per-step metrics of a resumed epoch: those saved at the preemption, then the new ones."""
+  if not before:
+    return metrics
+  return {k: np.concatenate([np.asarray(before[k], np.asarray(v).dtype), v])
+          for k, v in metrics.items()}
 
 
 def check_config(config):
@@ -93,46 +132,59 @@ def check_config(config):
   return objective, mesh
 
 
-def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, total_steps: int,
-                  log: Callable[[str], None], mesh=None) -> Tuple[TrainState, int]:
-  """``(state, first epoch)``: the run's own latest checkpoint (restored onto ``mesh``,
-  replicated), else the pretrained model, else a fresh model (pretraining only)."""
+def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps: int,
+                  log: Callable[[str], None], mesh) -> Tuple[TrainState, Start]:
+  """``(state on the mesh, start)``: the run's newest intact checkpoint (refused if its config
+  differs in a field that changes the run, see :mod:`energy_jax.config.resume`), else the
+  pretrained model, else a fresh model (pretraining only)."""
   rng = jax.random.PRNGKey(config.seed)
-  latest = ckpts.latest_epoch()
+  total_steps = steps * config.epochs
+  latest = ckpts.latest_intact_step()
   if latest is not None:
     meta = ckpts.read_meta(latest)
-    models.check_architecture(checkpoints.architecture_of(meta), config, ckpts.directory)
+    source = f"{ckpts.directory}/{latest}"
+    models.check_architecture(checkpoints.architecture_of(meta), config, source)
     if meta.get("format") != checkpoints.RUN_FORMAT:
       raise ValueError(
           f"{workdir} holds a run saved by energy-jax {meta.get('version', '0.1')} (run format "
           f"{meta.get('format', 1)}), whose training numbers differ from this version's (format "
           f"{checkpoints.RUN_FORMAT}); finish it with that version, or start a new --workdir")
+    resume.check_resumable(meta["config"], config, workdir)
     if meta.get("finished"):
       raise FileExistsError(
-          f"{workdir} holds a finished run (epoch {latest + 1} of {config.epochs}); choose "
-          f"another --workdir, or delete {ckpts.directory} to start over")
+          f"{workdir} holds a finished run (epoch {meta['epoch'] + 1} of {config.epochs}); "
+          f"choose another --workdir, or delete {ckpts.directory} to start over")
     state, _ = ckpts.restore(create_train_state(config, rng, total_steps), latest,
-                             parallel.replicated(mesh) if mesh is not None else None)
-    log(f"resuming {workdir} after epoch {latest + 1}")
-    return state, latest + 1
+                             parallel.replicated(mesh))
+    epoch, done = meta["epoch"], meta["steps_done"]
+    log(f"resuming {workdir} at epoch {epoch + 1}, step {done} of {steps}")
+    if done == meta["steps_per_epoch"]:
+      return state, Start(epoch + 1)
+    return state, Start(epoch, done, meta["partial"])
   if config.pretrained:
     variables = checkpoints.load_variables(config.pretrained, config)
     log(f"loaded pretrained weights from {config.pretrained}")
-    return create_train_state(config, rng, total_steps, variables), 0
-  if objectives.get(config.objective).uses_outliers:
+    state = create_train_state(config, rng, total_steps, variables)
+  elif objectives.get(config.objective).uses_outliers:
     raise ValueError("fine-tuning needs a pretrained model: set --config.pretrained to a run "
                      "directory of experiments/pretrain.py or a reference .pt file")
-  return create_train_state(config, rng, total_steps), 0
+  else:
+    state = create_train_state(config, rng, total_steps)
+  return parallel.put_replicated(state, mesh), Start(0)
 
 
-EpochRunner = Callable[[TrainState, int], Tuple[TrainState, Dict[str, np.ndarray]]]
+EpochRunner = Callable[[TrainState, int, int],
+                       Tuple[TrainState, Dict[str, np.ndarray], int]]
 
 
-def epoch_runner(config, data: RunData, mesh, total_steps: int, steps: int) -> EpochRunner:
-  """``run(state, epoch) -> (state, {metric: [steps] values})``: one epoch on either input path,
-  the images of each step drawn by :func:`energy_jax.data.sampling.epoch_indices`."""
+def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch) -> EpochRunner:
+  """``run(state, epoch, first_step) -> (state, {metric: per-step values}, steps done)``: one
+  epoch on either input path from ``first_step``, the images of each step drawn by
+  :func:`energy_jax.data.sampling.epoch_indices`; it stops early at a step boundary when
+  ``watch`` asks (then steps done < ``steps``)."""
   num_out = len(data.outliers) if data.outliers is not None else 0
   padded = sampling.has_partial_batch(len(data.train), config.batch_size, config.drop_remainder)
+  total_steps = steps * config.epochs
 
   def indices(epoch):
     return sampling.epoch_indices(config.seed, epoch, len(data.train), config.batch_size,
@@ -146,12 +198,15 @@ def epoch_runner(config, data: RunData, mesh, total_steps: int, steps: int) -> E
         data.train.images, data.train.labels,
         data.outliers.images if data.outliers is not None else None), mesh))
 
-    def calls(state, epoch):
+    def calls(state, epoch, first):
       in_idx, out_idx = indices(epoch)
       for sl in epoch_calls(steps, config.steps_per_call):
+        if sl.stop <= first:
+          continue
+        sl = slice(max(sl.start, first), sl.stop)
         idx = parallel.put_global((in_idx[sl], out_idx[sl]), mesh, step_indices_spec())
         state, m = fn(state, pools, *idx)
-        yield state, jax.device_get(m), sl.stop - sl.start
+        yield state, jax.device_get(m), sl.stop
   else:
     if not host_stream_available():
       raise ImportError("config.input_pipeline = 'tfdata' needs TensorFlow (pip install "
@@ -159,36 +214,42 @@ def epoch_runner(config, data: RunData, mesh, total_steps: int, steps: int) -> E
     from energy_jax.data import host_stream
     step = host_step_fn(config, total_steps, mesh)
 
-    def calls(state, epoch):
+    def calls(state, epoch, first):
       in_idx, out_idx = indices(epoch)
-      for batch in host_stream.epoch_stream(data.train, data.outliers, in_idx, out_idx,
-                                            seed=config.seed, epoch=epoch, padded=padded):
+      for k, batch in enumerate(host_stream.epoch_stream(
+          data.train, data.outliers, in_idx, out_idx, seed=config.seed, epoch=epoch,
+          padded=padded, first_step=first), start=first + 1):
         state, m = step(state, parallel.put_sharded(batch, mesh))
-        yield state, jax.tree_util.tree_map(lambda v: np.asarray(v)[None], jax.device_get(m)), 1
+        yield state, jax.tree_util.tree_map(lambda v: np.asarray(v)[None], jax.device_get(m)), k
 
   images_per_step = config.batch_size + (config.outlier_batch_size if num_out else 0)
 
-  def run(state, epoch):
-    parts, t0 = [], time.time()
-    bar = progress.bar(steps, f"epoch {epoch + 1}/{config.epochs}", config.progress_bar, "step")
-    for state, m, n in calls(state, epoch):
+  def run(state, epoch, first):
+    parts, done, t0 = [], first, time.time()
+    bar = progress.bar(steps - first, f"epoch {epoch + 1}/{config.epochs}", config.progress_bar,
+                       "step")
+    for state, m, done_now in calls(state, epoch, first):
       parts.append(m)
-      bar.update(n)
+      bar.update(done_now - done)
+      done = done_now
       bar.set_postfix(img_s=f"{bar.n * images_per_step / max(time.time() - t0, 1e-9):.0f}")
+      if done < steps and watch.requested():
+        break
     bar.close()
-    return state, {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+    return state, {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}, done
   return run
 
 
-def check_finite(step_losses: np.ndarray, epoch: int, ckpts: checkpoints.RunCheckpoints):
+def check_losses_finite(step_losses: np.ndarray, epoch: int,
+                        ckpts: checkpoints.RunCheckpoints):
   """Stops the run at a non-finite training loss, before anything of the epoch is saved."""
   if not np.all(np.isfinite(step_losses)):
     bad = int(np.flatnonzero(~np.isfinite(step_losses))[0])
-    last = ckpts.latest_epoch()
+    saved = ckpts.steps()
     raise FloatingPointError(
         f"training loss became {step_losses[bad]} at epoch {epoch + 1}, step {bad + 1}; "
         f"nothing of this epoch was saved, the last good checkpoint is "
-        f"{f'epoch {last + 1} in {ckpts.directory}' if last is not None else 'none yet'}")
+        f"{f'{ckpts.directory}/{saved[0]}' if saved else 'none yet'}")
 
 
 def reference_average(step_losses: np.ndarray) -> float:

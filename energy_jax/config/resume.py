@@ -1,0 +1,40 @@
+"""What may change when a run is resumed: the fields that do not change its numbers.
+
+Resuming a run under a config that differs in any other field (learning rate, seed, epochs,
+data, model, ...) would continue a different run; it is refused, naming each changed field,
+unless ``config.resume_override`` lists it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping
+
+# How a run is watched, evaluated and laid out on the hardware: free to change on resume.
+MAY_CHANGE = ("progress_bar", "tensorboard", "eval_every_epochs", "eval_batch_size",
+              "checkpoint_every_epochs", "keep_checkpoints", "num_devices", "steps_per_call",
+              "scan_unroll", "data_dir", "resume_override")
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def check_resumable(saved: Mapping[str, Any], config, source: str) -> None:
+  """Raises naming every field where ``config`` differs from the ``saved`` config of the run at
+  ``source``, other than :data:`MAY_CHANGE` and those ``config.resume_override`` lists."""
+  now = _flat(config.to_dict())
+  then = _flat(saved)
+  allowed = set(MAY_CHANGE) | set(config.get("resume_override", ()) or ())
+  changed = [f"{k}: {then.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
+             for k in sorted(set(now) | set(then))
+             if k not in allowed and then.get(k) != now.get(k)]
+  if changed:
+    raise ValueError(f"{source} was started with another config; resuming would continue a "
+                     f"different run. Changed: {'; '.join(changed)}. Restore those values, "
+                     "start a new --workdir, or list the fields in config.resume_override")

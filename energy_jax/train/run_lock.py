@@ -1,0 +1,58 @@
+"""One live run per workdir: an exclusive ``fcntl.flock`` on ``<workdir>/.lock``.
+
+A second run on the same workdir is refused, naming the process that holds it; the lock goes
+with the process, so a killed run leaves nothing stale. The lock belongs to the run: in a
+multi-process run process 0 holds it and the others learn at a barrier whether it did.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import os
+import socket
+
+from energy_jax import distributed
+
+LOCK = ".lock"
+
+
+class RunInProgress(RuntimeError):
+  """Another live run holds the workdir."""
+
+
+class WorkdirLock:
+  """``with WorkdirLock(workdir):`` the body runs as the workdir's only run."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK)
+    self._fd = None
+
+  def __enter__(self) -> "WorkdirLock":
+    problem = ""
+    if distributed.is_main_process():
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        problem = (f"{os.path.dirname(self.path)} is in use by a live run ({holder}); wait for "
+                   "it to end, or choose another --workdir")
+      else:
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                       f"{datetime.datetime.now().isoformat(timespec='seconds')}\n").encode(), 0)
+    if distributed.any_process(bool(problem)):
+      raise RunInProgress(problem or f"process 0 could not lock {os.path.dirname(self.path)}")
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)         # no holder named after the run
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+

@@ -1,0 +1,137 @@
+"""Verified checkpoints, the workdir lock, the refusal of a changed config on resume, and a
+preempted run that continues mid-epoch to the uninterrupted run's numbers."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from energy_jax import checkpoints, config as config_lib, train
+from energy_jax.data import toy
+from energy_jax.train import loop, preemption, run_lock
+
+
+@pytest.fixture(scope="module")
+def toy_id(tmp_path_factory):
+  d = tmp_path_factory.mktemp("ckpt_toy")
+  path, _ = toy.make_toy_dataset(str(d), train_per_class=16, test_per_class=4, num_outliers=16)
+  return path                      # 64 training images: 4 steps of 16 per epoch
+
+
+def _config(toy_id, **kw):
+  c = config_lib.get_config("test", "pretrain")
+  c.in_train = c.in_test = toy_id
+  c.num_devices, c.epochs, c.steps_per_call = 1, 2, 1
+  for k, v in kw.items():
+    setattr(c, k, v)
+  return c
+
+
+def _state(seed=0):
+  c = config_lib.get_config("test", "pretrain")
+  return jax.device_get(train.create_train_state(c, jax.random.PRNGKey(seed), 10))
+
+
+def test_a_damaged_latest_checkpoint_is_named_moved_aside_and_the_one_before_used(tmp_path):
+  said = []
+  c = config_lib.get_config("test", "pretrain")
+  with checkpoints.RunCheckpoints(str(tmp_path), max_to_keep=3, log=said.append) as ckpts:
+    for step in (4, 8, 12):
+      ckpts.save(step, _state(step), checkpoints.run_meta(c, step // 4 - 1, False, {}))
+    assert ckpts.latest_intact_step() == 12 and not said
+    # Bytes changed in place (size unchanged) in the newest, a file missing from the next.
+    victim = max((p for p in checkpoints._files(str(tmp_path / "checkpoints" / "12")).values()),
+                 key=os.path.getsize)
+    blob = bytearray(open(victim, "rb").read())
+    blob[len(blob) // 2] ^= 0xFF
+    open(victim, "wb").write(bytes(blob))
+    os.remove(next(iter(checkpoints._files(str(tmp_path / "checkpoints" / "8")).values())))
+    assert ckpts.latest_intact_step() == 4
+  assert "checkpoints/12 is damaged (file(s) changed since the save" in said[0]
+  assert "checkpoints/8 is damaged (missing file(s)" in said[1]
+  assert sorted(os.listdir(tmp_path / "checkpoints.damaged"))[0].startswith("12-")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+  # A checkpoint without its integrity record (a save cut short) is not trusted either.
+  os.remove(tmp_path / "checkpoints.sha256" / "4.json")
+  with checkpoints.RunCheckpoints(str(tmp_path), log=said.append) as ckpts:
+    assert ckpts.latest_intact_step() is None
+  assert "no integrity record" in said[-1]
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+  state = _state()
+  state = state.replace(batch_stats=jax.tree_util.tree_map(lambda x: x * np.nan,
+                                                            state.batch_stats))
+  with checkpoints.RunCheckpoints(str(tmp_path)) as ckpts:
+    with pytest.raises(FloatingPointError, match=r"step 3 holds \d+ non-finite value\(s\) in "
+                                                 r"\d+ tensor\(s\), the first batch_stats/"):
+      ckpts.save(3, state, {})
+    assert ckpts.steps() == []
+
+
+def test_a_second_live_run_on_a_workdir_is_refused_naming_the_first(tmp_path):
+  with run_lock.WorkdirLock(str(tmp_path)):
+    with pytest.raises(run_lock.RunInProgress, match=rf"in use by a live run \(pid {os.getpid()} "):
+      with run_lock.WorkdirLock(str(tmp_path)):
+        pass
+  with run_lock.WorkdirLock(str(tmp_path)):          # released: the next run takes it
+    pass
+
+
+def test_resume_refuses_a_changed_config_naming_each_field(toy_id, tmp_path):
+  c = _config(toy_id, epochs=1)
+  train.train_and_evaluate(c, str(tmp_path), log=lambda s: None)
+  # The finished check comes after the config check: a changed run is named first.
+  changed = _config(toy_id, epochs=1, learning_rate=0.2, seed=3)
+  with pytest.raises(ValueError, match=r"Changed: learning_rate: 0\.1 -> 0\.2; seed: 1 -> 3"):
+    train.train_and_evaluate(changed, str(tmp_path), log=lambda s: None)
+  # Fields that do not change the run's numbers may change; then the run is simply finished.
+  watched = _config(toy_id, epochs=1, progress_bar=True, eval_every_epochs=3, steps_per_call=2)
+  with pytest.raises(FileExistsError, match="holds a finished run"):
+    train.train_and_evaluate(watched, str(tmp_path), log=lambda s: None)
+
+
+class _StopAfter:
+  """A preemption watch that asks to stop after ``n`` boundaries."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
+
+  def requested(self):
+    self.n -= 1
+    return self.n < 0
+
+
+@pytest.mark.parametrize("pipeline", ["device", "tfdata"])
+def test_a_preempted_run_continues_mid_epoch_to_the_uninterrupted_numbers(toy_id, tmp_path,
+                                                                         monkeypatch, pipeline):
+  if pipeline == "tfdata":
+    pytest.importorskip("tensorflow")
+  c = _config(toy_id, input_pipeline=pipeline)
+  c.model.dropout_rate = 0.3
+  full = train.train_and_evaluate(c, str(tmp_path / "full"), log=lambda s: None)
+  # Asked after every step but an epoch's last: 3 times in epoch 1, then after step 2 of epoch 2.
+  monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(4))
+  said = []
+  stopped = train.train_and_evaluate(c, str(tmp_path / "cut"), log=said.append)
+  assert stopped == {"preempted": True, "epoch": 2, "steps_done": 2}
+  assert any("stopped by SIGTERM at epoch 2, step 2 of 4" in s for s in said)
+  monkeypatch.setattr(loop, "PreemptionWatch", preemption.PreemptionWatch)
+  said.clear()
+  resumed = train.train_and_evaluate(c, str(tmp_path / "cut"), log=said.append)
+  assert any("resuming" in s and "at epoch 2, step 2 of 4" in s for s in said)
+  assert resumed["train_loss"] == full["train_loss"]          # the epoch's whole average
+  a = checkpoints.load_variables(str(tmp_path / "full"), c)
+  b = checkpoints.load_variables(str(tmp_path / "cut"), c)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  rows = [json.loads(l) for l in open(tmp_path / "cut" / "results.jsonl")]
+  assert [r["epoch"] for r in rows] == [1, 2]

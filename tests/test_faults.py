@@ -1,0 +1,122 @@
+"""Fault injection: one run is hit by a kill inside a save, a NaN state, a full disk, a kill -9 at
+a random moment (drawn from FAULT_SEED, so a failure can be replayed), damaged checkpoint files,
+a concurrent run and SIGTERM; each ends with a clear message, and the run, continued with the
+same command, ends bit for bit where an uninterrupted run ends."""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from test_train import saved_steps
+
+pytestmark = pytest.mark.heavy
+WORKER = os.path.join(REPO, "tests", "fault_worker.py")
+FAULT_SEED = int(os.environ.get("FAULT_SEED", "20261126"))
+TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+  from energy_jax.data import toy as toy_data
+  d = tmp_path_factory.mktemp("fault_data")
+  toy_data.make_toy_dataset(str(d), train_per_class=16, test_per_class=4, num_outliers=16)
+  return d                               # 64 training images: 4 steps of 16 per epoch
+
+
+def _start(workdir, data, *extra, fsize=None):
+  def limit():
+    if fsize is not None:                # a full disk: writes past fsize bytes fail with EFBIG
+      signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+      resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
+  return subprocess.Popen([sys.executable, WORKER, "--workdir", str(workdir), "--data", str(data),
+                           *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, preexec_fn=limit)
+
+
+def _run(workdir, data, *extra, fsize=None):
+  p = _start(workdir, data, *extra, fsize=fsize)
+  return p.wait(timeout=TIMEOUT_S), p.stdout.read()
+
+
+def _wait_for(predicate, proc):
+  deadline = time.time() + TIMEOUT_S
+  while not predicate():
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() < deadline, "timed out"
+    time.sleep(0.1)
+
+
+def test_a_run_through_every_fault_ends_where_an_uninterrupted_run_ends(toy, tmp_path):
+  rng = np.random.default_rng(FAULT_SEED)
+  rc, out = _run(tmp_path / "ref", toy)
+  assert rc == 0, out[-3000:]
+  run = tmp_path / "run"
+
+  # Killed inside its second save, after Orbax wrote the files but before their record.
+  rc, out = _run(run, toy, "--kill_in_save", "2")
+  assert rc == -signal.SIGKILL and saved_steps(run) == [4]
+
+  # A NaN state at the next save: refused, nothing saved; the damaged step-8 files moved aside.
+  rc, out = _run(run, toy, "--nan_at_step", "8")
+  assert rc != 0 and "checkpoints/8 is damaged (no integrity record" in out, out[-3000:]
+  assert "at step 8 holds" in out and "non-finite value(s)" in out and "it is not saved" in out
+  assert saved_steps(run) == [4]
+
+  # A full disk (a file-size limit): the save fails with a clear message, step 4 is kept.
+  rc, out = _run(run, toy, fsize=64 * 1024)
+  assert rc != 0 and "could not write checkpoint 8" in out, out[-3000:]
+  assert "the checkpoints before it are kept" in out and saved_steps(run) == [4]
+
+  # kill -9 at a random moment (FAULT_SEED draws it: compile, training or a save).
+  p = _start(run, toy)
+  time.sleep(float(rng.uniform(1.0, 12.0)))
+  p.send_signal(signal.SIGKILL)
+  p.wait()
+
+  # The newest checkpoint damaged: one byte changed, a file truncated, or a file deleted.
+  newest = run / "checkpoints" / str(saved_steps(run)[-1])
+  files = sorted(str(f) for f in newest.rglob("*") if f.is_file() and f.stat().st_size > 0)
+  victim = files[int(rng.integers(len(files)))]
+  damage = ["flip", "truncate", "delete"][int(rng.integers(3))]
+  if damage == "flip":
+    blob = bytearray(open(victim, "rb").read())
+    blob[len(blob) // 2] ^= 0xFF
+    open(victim, "wb").write(bytes(blob))
+  elif damage == "truncate":
+    os.truncate(victim, os.path.getsize(victim) // 2)
+  else:
+    os.remove(victim)
+
+  # The next run names the damage; a concurrent run is refused naming it; SIGTERM stops it
+  # cleanly after its next save.
+  p = _start(run, toy)
+  _wait_for(lambda: (run / ".lock").exists() and f"pid {p.pid} " in (run / ".lock").read_text(),
+            p)
+  rc, out = _run(run, toy)
+  assert rc != 0 and f"in use by a live run (pid {p.pid} " in out, out[-3000:]
+  before = saved_steps(run)
+  _wait_for(lambda: saved_steps(run) != before, p)
+  p.send_signal(signal.SIGTERM)
+  out = p.communicate(timeout=TIMEOUT_S)[0]
+  assert p.returncode == 0, out[-3000:]
+  assert f"{newest} is damaged" in out and "moved to" in out
+  assert "stopped by SIGTERM" in out or "RESULT" in out     # or it had just finished
+
+  # Continued with the same command: where the uninterrupted run ends, bit for bit.
+  if "stopped by SIGTERM" in out:
+    rc, out = _run(run, toy)
+    assert rc == 0 and "resuming" in out, out[-3000:]
+  a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
+  assert sorted(a.files) == sorted(b.files)
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=f"{k} (FAULT_SEED={FAULT_SEED})")
+  rows = (run / "training_results.csv").read_text().splitlines()
+  assert [r.split(",")[0] for r in rows[1:]] == ["001", "002", "003", "004"]
