@@ -32,7 +32,7 @@ flags.DEFINE_list("detectors", ["msp", "energy", "odin", "mahalanobis"],
 flags.DEFINE_multi_string("hparam", [], "a detector's hyper-parameter, DETECTOR.NAME=VALUE "
                           "(e.g. odin.temperature=1000); validation overrides the tuned ones")
 flags.DEFINE_integer("num_to_avg", 10, "draws of len(test)//5 OOD images per set (the "
-                     "reference's run.sh: 10)")
+                     "reference's run.sh: 10)", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "seed of the draws")
 flags.DEFINE_bool("validate", False, "tune every detector on its grid, on the synthetic "
                   "validation sets (never the test sets)")
