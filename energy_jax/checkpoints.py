@@ -41,11 +41,13 @@ def architecture_of(meta: Mapping[str, Any]) -> Dict[str, Any]:
 class RunCheckpoints:
   """Per-epoch checkpoints of one run, keeping the last ``max_to_keep``."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 2, save_every: int = 1):
+  def __init__(self, workdir: str, max_to_keep: int = 2, save_every: int = 1,
+               read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                             read_only=read_only,
                                              save_interval_steps=max(1, save_every)))
 
   def __enter__(self) -> "RunCheckpoints":
@@ -142,7 +144,7 @@ def load_variables(path: str, config) -> Dict[str, Any]:
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):   # read, never created
     raise FileNotFoundError(f"{path} holds no Orbax checkpoint (no folder "
                             f"{os.path.join(workdir, 'checkpoints')})")
-  with RunCheckpoints(workdir) as ckpts:
+  with RunCheckpoints(workdir, read_only=True) as ckpts:     # an input: never written to
     epoch = ckpts.latest_epoch()
     if epoch is None:
       raise FileNotFoundError(f"{path} holds no Orbax checkpoint (looked in {ckpts.directory})")

@@ -10,9 +10,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import pytest
+from PIL import Image
 
 from conftest import REPO
-from energy_jax import config as config_lib, models, train
+from energy_jax import checkpoints, config as config_lib, data, models, train
+from energy_jax.data import run_data, toy
 
 
 def _config(stage="finetune", **fields):
@@ -207,3 +209,80 @@ def test_evaluate_refuses_num_to_avg_below_one(value):
                        env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
   assert out.returncode != 0
   assert f"--num_to_avg={value}: {value} is not a positive integer" in out.stderr + out.stdout
+
+
+def _image_folder(root, split, classes, n=2):
+  for c in classes:
+    os.makedirs(root / split / c, exist_ok=True)
+    for i in range(n):
+      Image.new("RGB", (32, 32), color=(40 * i, 0, 0)).save(root / split / c / f"{i}.png")
+
+
+def test_train_and_test_classes_are_matched_by_name(tmp_path):
+  _image_folder(tmp_path / "f", "train", ("a", "b"), n=3)
+  _image_folder(tmp_path / "f", "test", ("a", "c"))
+  c = _config("pretrain", in_train=str(tmp_path / "f"), in_test=str(tmp_path / "f"),
+              num_classes=2)
+  with pytest.raises(ValueError, match=re.escape(
+      "config.in_test classes ['a', 'c'] differ from config.in_train classes ['a', 'b']: "
+      "missing 'b', extra 'c'")):
+    data.load_run_data(c, False)
+  with pytest.raises(ValueError, match=re.escape(
+      "classes ['b', 'a'] differ from config.in_train classes ['a', 'b']: the same names in "
+      "another order")):
+    run_data.check_same_classes(("a", "b"), ("b", "a"))
+  _image_folder(tmp_path / "g", "train", ("a", "b"), n=3)
+  _image_folder(tmp_path / "g", "test", ("a", "b"))
+  ok = data.load_run_data(_config("pretrain", in_train=str(tmp_path / "g"),
+                                  in_test=str(tmp_path / "g"), num_classes=2), False)
+  assert ok.train.class_names == ok.test.class_names == ("a", "b")
+  assert ok.train.labels.tolist() == [0, 0, 0, 1, 1, 1] and ok.test.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_train_subset_is_a_count_of_the_training_set(tmp_path):
+  _image_folder(tmp_path / "f", "train", ("a", "b"), n=3)
+  _image_folder(tmp_path / "f", "test", ("a", "b"))
+  c = _config("pretrain", in_train=str(tmp_path / "f"), in_test=str(tmp_path / "f"),
+              num_classes=2, train_subset=4)
+  assert len(data.load_run_data(c, False).train) == 4
+  assert data.count_run_data(c, False) == (4, 4, 0)
+  c.train_subset = 7
+  for fn in (data.load_run_data, data.count_run_data):
+    with pytest.raises(ValueError, match=r"config.train_subset = 7 exceeds the 6 images of "
+                                         r"config.in_train \(.*f"):
+      fn(c, False)
+
+
+def _tree(root):
+  """``{path: (size, mtime)}`` of everything under ``root``."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      st = os.lstat(os.path.join(dirpath, name))
+      out[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def test_a_checkpoint_given_to_read_is_never_written(tmp_path, probe_model):
+  # A folder without a run: refused, and no checkpoints/ folder is made in it.
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  c = _config("pretrain")
+  with pytest.raises(FileNotFoundError, match=re.escape(f"{plain} holds no Orbax checkpoint")):
+    checkpoints.load_variables(str(plain), c)
+  assert os.listdir(plain) == []
+  checkpoints.RunCheckpoints(str(plain), read_only=True).close()
+  assert os.listdir(plain) == []
+  # A run directory: loading it (the run or its checkpoints/ folder) changes no file in it.
+  toy_id, _ = toy.make_toy_dataset(str(tmp_path / "data"), train_per_class=8, test_per_class=4,
+                                   num_outliers=0)
+  c.model = ml_collections.ConfigDict({"name": "probe", "dtype": "float32", "width": 4})
+  c.in_train = c.in_test = toy_id
+  c.num_devices, c.epochs, c.steps_per_call = 1, 1, 2
+  run = tmp_path / "run"
+  train.train_and_evaluate(c, str(run), log=lambda s: None)
+  before = _tree(run)
+  for path in (run, run / "checkpoints"):
+    variables = checkpoints.load_variables(str(path), c)
+    assert variables["params"]["conv"]["kernel"].shape == (3, 3, 3, 4)
+  assert _tree(run) == before
