@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
@@ -301,18 +302,59 @@ class MahalanobisParams(NamedTuple):
   precision: Array
 
 
-def fit_mahalanobis(features: Array, labels: Array, num_classes: int) -> MahalanobisParams:
+class SingularCovarianceWarning(UserWarning):
+  """A Gaussian fit whose covariance is singular or nearly so (see :func:`gaussian_precision`)."""
+
+
+def gaussian_precision(cov: np.ndarray, num_examples: int, num_means: int,
+                       what: str = "features") -> np.ndarray:
+  """The precision ``pinv(Sigma)`` of a covariance ``Sigma [D, D]`` estimated from
+  ``num_examples`` vectors centred on ``num_means`` means, checked for degeneracy.
+
+  ``Sigma = 0`` (every feature constant around its mean) is refused: every distance would be 0
+  and every input would score the same. A singular ``Sigma`` -- numerical rank ``r < D``, with
+  eigenvalues below ``D * eps * lambda_max`` counted as 0; at most ``num_examples - num_means``,
+  so fewer examples than dimensions is always singular -- is warned about
+  (:class:`SingularCovarianceWarning`): the pseudo-inverse ignores the ``D - r`` directions
+  without variance, and those with a variance near rounding error weigh enormously.
+  """
+  dim = cov.shape[0]
+  eigenvalues = np.linalg.eigvalsh(cov)
+  top = float(eigenvalues.max()) if dim else 0.0
+  if not top > 0:
+    raise ValueError(
+        f"degenerate Gaussian fit on {what}: the covariance of the {dim} dimensions around the "
+        f"{num_means} mean(s) is zero (every dimension is constant within each class), so every "
+        "Mahalanobis distance would be 0; fit on features that vary")
+  cutoff = dim * np.finfo(np.float64).eps * top
+  rank = int(np.sum(eigenvalues > cutoff))
+  if rank < dim:
+    constant = int(np.sum(np.diag(cov) <= cutoff))
+    warnings.warn(
+        f"singular Gaussian fit on {what}: the covariance of the {dim} dimensions has numerical "
+        f"rank {rank} ({num_examples} examples around {num_means} mean(s) give at most "
+        f"{max(num_examples - num_means, 0)}; {constant} dimension(s) constant within every "
+        f"class); the precision is a pseudo-inverse that ignores {dim - rank} direction(s), and "
+        "directions whose variance is near rounding error weigh heavily in the distances",
+        SingularCovarianceWarning, stacklevel=3)
+  return np.linalg.pinv(cov, hermitian=True)
+
+
+def fit_mahalanobis(features: Array, labels: Array, num_classes: int,
+                    what: str = "features") -> MahalanobisParams:
   """Fits class means and one shared (tied) covariance on training features.
 
   The covariance is the maximum-likelihood estimate of the class-centred
   features, ``Sigma = 1/N sum_i (z_i - mu_{y_i})(z_i - mu_{y_i})^T`` (sklearn's
   ``EmpiricalCovariance`` as the reference uses it), and the precision is its
-  pseudo-inverse. Computed in float64 on the host.
+  pseudo-inverse (:func:`gaussian_precision`: a zero covariance is refused, a singular one
+  warned about). Computed in float64 on the host.
 
   Args:
     features: ``[N, D]`` penultimate features of the training set.
     labels: ``[N]`` integer labels in ``[0, num_classes)``.
     num_classes: C; every class must have at least one example.
+    what: names the features in errors and warnings (e.g. a block of the network).
   """
   z = np.asarray(features, np.float64)
   y = np.asarray(labels)
@@ -326,11 +368,11 @@ def fit_mahalanobis(features: Array, labels: Array, num_classes: int) -> Mahalan
   if np.any(counts == 0):
     raise ValueError(f"classes without examples: {np.flatnonzero(counts == 0).tolist()}")
   if not np.all(np.isfinite(z)):
-    raise ValueError("features contain NaN or inf")
+    raise ValueError(f"{what} contain NaN or inf")
   means = np.stack([z[y == c].mean(axis=0) for c in range(num_classes)])
   centred = z - means[y]
   cov = centred.T @ centred / z.shape[0]
-  precision = np.linalg.pinv(cov, hermitian=True)
+  precision = gaussian_precision(cov, z.shape[0], num_classes, what)
   return MahalanobisParams(jnp.asarray(means, jnp.float32), jnp.asarray(precision, jnp.float32))
 
 
