@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -95,6 +97,14 @@ def test_metric_input_errors():
     ood_metrics(np.ones((2, 2)), [0.0])
   with pytest.raises(ValueError, match="unknown FPR method"):
     ood_metrics([1.0], [0.0], fpr_method="best")
+  for level in (0.0, 1.5, "0.95", None, True):
+    with pytest.raises(ValueError, match=re.escape(f"tpr_level must lie in (0, 1], got {level!r}")):
+      ood_metrics([1.0], [0.0], recall_level=level)
+    with pytest.raises(ValueError, match=re.escape(f"tpr must lie in (0, 1], got {level!r}")):
+      threshold_at_tpr([1.0, 2.0], level)
+  with pytest.raises(ValueError,
+                     match=re.escape("quantiles must lie in [0, 1] (two of them), got 0.05")):
+    suggest_margins([-3.0, -2.0], [0.0, 1.0], quantiles=0.05)
 
 
 def _openood_fpr95(scores_in, scores_out):

@@ -79,6 +79,13 @@ def _score_pair(scores_pos, scores_neg, names=("scores_in", "scores_out")):
   return _comparable(_as_scores(scores_pos, names[0]), _as_scores(scores_neg, names[1]))
 
 
+def _is_fraction(value, low_open: bool = True) -> bool:
+  """Whether ``value`` is a real number in ``(0, 1]`` (``[0, 1]`` with ``low_open=False``)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+    return False
+  return (0.0 < value if low_open else 0.0 <= value) and value <= 1.0
+
+
 def roc_points(scores_pos: np.ndarray, scores_neg: np.ndarray) -> RocPoints:
   """Cumulative true/false positives at each distinct score, thresholds descending.
 
@@ -104,8 +111,8 @@ def fpr_at_tpr(scores_in, scores_out, tpr_level: float = 0.95, method: str = "cl
   """
   if method not in FPR_METHODS:
     raise ValueError(f"unknown FPR method {method!r}; choose one of {FPR_METHODS}")
-  if not 0.0 < tpr_level <= 1.0:
-    raise ValueError(f"tpr_level must lie in (0, 1], got {tpr_level}")
+  if not _is_fraction(tpr_level):
+    raise ValueError(f"tpr_level must lie in (0, 1], got {tpr_level!r}")
   pos, neg = _score_pair(scores_in, scores_out)
   roc = roc_points(pos, neg)
   tpr = roc.tps / pos.size
@@ -193,8 +200,8 @@ def threshold_at_tpr(scores_in, tpr: float = 0.95) -> Union[float, int]:
   ``ceil(tpr * N)``-th largest held-out score (a float, or an int for integer scores: exact at
   any size).
   """
-  if not 0.0 < tpr <= 1.0:
-    raise ValueError(f"tpr must lie in (0, 1], got {tpr}")
+  if not _is_fraction(tpr):
+    raise ValueError(f"tpr must lie in (0, 1], got {tpr!r}")
   s = np.sort(_as_scores(scores_in, "scores_in"))[::-1]
   keep = int(np.ceil(tpr * s.size - 1e-9))
   return s[max(keep, 1) - 1].item()
@@ -224,9 +231,9 @@ def suggest_margins(energies_in, energies_out,
   """
   e_in = _as_scores(energies_in, "energies_in")
   e_out = _as_scores(energies_out, "energies_out")
+  if np.shape(quantiles) != (2,) or not all(_is_fraction(q, low_open=False) for q in quantiles):
+    raise ValueError(f"quantiles must lie in [0, 1] (two of them), got {quantiles!r}")
   q_in, q_out = quantiles
-  if not (0.0 <= q_in <= 1.0 and 0.0 <= q_out <= 1.0):
-    raise ValueError(f"quantiles must lie in [0, 1], got {quantiles}")
   m_in = float(np.quantile(e_in, q_in))
   m_out = float(np.quantile(e_out, q_out))
   if np.median(e_in) >= np.median(e_out) or m_in >= m_out:
