@@ -113,6 +113,8 @@ def test_converter_refuses_non_finite_tensors_naming_each(tmp_path):
   model = models.WideResNet(10, 1, 4)
   with pytest.raises(ValueError, match=re.escape(message)):
     convert.state_dict_to_variables(sd, model)
+  with pytest.raises(ValueError, match=r"state_dict entry 'fc.bias' is no numeric tensor \(str"):
+    convert.state_dict_to_variables({**twin.state_dict(), "fc.bias": "zeros"}, model)
   # Through a .pt file given as config.pretrained / --checkpoint.
   path = tmp_path / "nan.pt"
   torch.save(sd, path)

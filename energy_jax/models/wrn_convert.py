@@ -65,8 +65,12 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], model) -> Dict[str, A
       continue
     # A copy: torch.Tensor.numpy() shares memory, and torch updates BN buffers in place. float()
     # first: numpy has no bfloat16 for torch to hand over.
-    array = np.array(value.detach().cpu().float().numpy() if hasattr(value, "detach") else value,
-                     dtype=np.float32, copy=True)
+    try:
+      array = np.array(value.detach().cpu().float().numpy() if hasattr(value, "detach") else value,
+                       dtype=np.float32, copy=True)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"state_dict entry {key!r} is no numeric tensor ({type(value).__name__}: "
+                       f"{e})") from None
     bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     if bad:
       non_finite.append(f"{key} ({bad} of {array.size})")
