@@ -158,8 +158,8 @@ def _tempered(score: Callable[[Array, Array, Any], Array], logits: Array,
   ``softmax(x) = softmax(logits / T)`` either way, and ``logsumexp(logits / T) = logsumexp(x) +
   shift / T``.
 
-  ``T >= 1`` divides the logits smaller: the plain computation, the reference's, to the bit (its
-  own branch of a ``lax.cond``, compiled as it always was). ``T < 1`` magnifies them: ``logits /
+  ``T >= 1`` divides the logits smaller: the plain formula, bit for bit (its own branch of a
+  ``lax.cond``, so that nothing else fuses into it). ``T < 1`` magnifies them: ``logits /
   T`` would overflow or, XLA fusing ``l / T - max(l / T)`` into ``l * (1 / T) - M`` with one
   rounding, be off by ulps of a huge number, enough for ``exp`` to overflow. Shifted first, the
   largest entry of ``x`` is exactly 0 and the others are negative: every score stays finite and
