@@ -83,6 +83,15 @@ def _files(root: str) -> Dict[str, str]:
   return out
 
 
+def check_local_path(path: str, what: str = "workdir") -> None:
+  """Refuses a URL (``gs://...``): the run's lock (``fcntl``), its integrity records and its
+  writers need a local or shared file system; write there and copy the run to a bucket."""
+  if "://" in str(path):
+    raise ValueError(f"{what} {path} is a URL; energy-jax reads and writes runs on a local or "
+                     "shared file system (e.g. NFS): give a path there, and copy "
+                     "the run to the bucket afterwards")
+
+
 class RunCheckpoints:
   """Checkpoints of one run at global steps (the end of an epoch, or where a preemption stopped
   one), the last ``max_to_keep`` kept.
@@ -96,19 +105,26 @@ class RunCheckpoints:
   intact checkpoint in favour of a bad one.
   """
 
-  def __init__(self, workdir: str, max_to_keep: int = 2, log: Callable[[str], None] = print):
+  def __init__(self, workdir: str, max_to_keep: int = 2, log: Callable[[str], None] = print,
+               read_only: bool = False):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
     self.records = os.path.join(self.workdir, "checkpoints.sha256")
     self.quarantine = os.path.join(self.workdir, "checkpoints.damaged")
     self.max_to_keep = max_to_keep
     self.log = log
+    self.read_only = read_only      # an input (pretrained weights): never written to
     self.manager = self._open()
 
   def _open(self):
-    return ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=self.max_to_keep, create=True, enable_async_checkpointing=False,
-        cleanup_tmp_directories=True))       # what a save cut short left behind
+    if self.read_only:            # (no rotation or save cadence: Orbax warns about either)
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                             save_interval_steps=0)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=self.max_to_keep, create=True, enable_async_checkpointing=False,
+          cleanup_tmp_directories=True)       # what a save cut short left behind
+    return ocp.CheckpointManager(self.directory, options=options)
 
   def __enter__(self) -> "RunCheckpoints":
     return self
@@ -264,6 +280,7 @@ def load_variables(path: str, config) -> Dict[str, Any]:
   folder, or a PyTorch ``.pt`` state_dict, checked against ``config``'s model."""
   if not path:
     raise ValueError("no pretrained checkpoint given (config.pretrained is empty)")
+  check_local_path(path, "checkpoint")
   if not os.path.exists(path):
     raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
   if os.path.isfile(path):
@@ -273,7 +290,8 @@ def load_variables(path: str, config) -> Dict[str, Any]:
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):   # read, never created
     raise FileNotFoundError(f"{path} holds no Orbax checkpoint (no folder "
                             f"{os.path.join(workdir, 'checkpoints')})")
-  with RunCheckpoints(workdir, log=lambda message: print(message, file=sys.stderr)) as ckpts:
+  with RunCheckpoints(workdir, read_only=True,               # an input: never written to
+                      log=lambda message: print(message, file=sys.stderr)) as ckpts:
     step = ckpts.latest_intact_step(move_damaged=False, require_record=False)
     if step is None:
       raise FileNotFoundError(f"{path} holds no intact Orbax checkpoint (looked in "

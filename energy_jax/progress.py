@@ -18,8 +18,10 @@ class _Silent:
 
 
 def bar(total: int, desc: str, enabled: bool = True, unit: str = "it"):
-  """A tqdm bar of ``total`` steps (left on screen only while it runs), or a silent one."""
-  if not enabled:
+  """A tqdm bar of ``total`` steps (left on screen only while it runs), or a silent one (on
+  every process but process 0 of a multi-process run too)."""
+  from energy_jax import distributed
+  if not enabled or not distributed.is_main_process():
     return _Silent()
   try:
     from tqdm import tqdm

@@ -59,6 +59,29 @@ def config_help(doc: str, spec: str) -> str:
   return text.replace("%", "%%")
 
 
+def define_process_flags() -> None:
+  """The flags that join a multi-process run (README: several hosts)."""
+  from absl import flags
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, to run as one of "
+                      "--num_processes processes (jax.distributed); unset: one process")
+  flags.DEFINE_integer("num_processes", None, "processes of the run (with --coordinator_address)")
+  flags.DEFINE_integer("process_id", None, "this process's index in [0, --num_processes)")
+  flags.DEFINE_bool("distributed", False, "join a multi-process run whose processes JAX finds "
+                    "itself (a TPU pod slice, SLURM)")
+
+
+def join_processes() -> None:
+  """Joins the run's processes as the flags say (before anything touches a device)."""
+  from absl import app, flags
+  from energy_jax import distributed
+  F = flags.FLAGS
+  try:
+    distributed.initialize(F.coordinator_address, F.num_processes, F.process_id,
+                           auto=F.distributed)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+
+
 def run(default_config: str, default_workdir: str):
   from absl import app, flags
   from ml_collections import config_flags
@@ -73,12 +96,14 @@ def run(default_config: str, default_workdir: str):
   config_flags.DEFINE_config_file("config", os.path.join(HERE, default_config),
                                   "experiment config (file.py:preset)")
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, CSV); default per preset")
+  define_process_flags()
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
     logging.set_verbosity(logging.WARNING)     # Orbax logs every save at INFO
+    join_processes()
     from energy_jax import train
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or default_workdir.format(preset=_preset())

@@ -32,7 +32,7 @@ flags.DEFINE_list("detectors", ["msp", "energy", "odin", "mahalanobis"],
 flags.DEFINE_multi_string("hparam", [], "a detector's hyper-parameter, DETECTOR.NAME=VALUE "
                           "(e.g. odin.temperature=1000); validation overrides the tuned ones")
 flags.DEFINE_integer("num_to_avg", 10, "draws of len(test)//5 OOD images per set (the "
-                     "reference's run.sh: 10)")
+                     "reference's run.sh: 10)", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "seed of the draws")
 flags.DEFINE_bool("validate", False, "tune every detector on its grid, on the synthetic "
                   "validation sets (never the test sets)")
@@ -43,11 +43,13 @@ flags.DEFINE_bool("ood_positive", False, "FPR95 with OOD as the positive class (
 flags.DEFINE_bool("progress", True, "progress bars for the long steps")
 flags.DEFINE_bool("temperature_ablation", False, "energy score at T = 1 ... 1000")
 flags.DEFINE_string("workdir", None, "where results go (default: the checkpoint's folder/eval)")
+_main.define_process_flags()
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  _main.join_processes()
   from energy_jax import detectors
   from energy_jax.ood import evaluation, protocol
   F = flags.FLAGS

@@ -91,6 +91,13 @@ def test_resume_refuses_a_changed_config_naming_each_field(toy_id, tmp_path):
   watched = _config(toy_id, epochs=1, progress_bar=True, eval_every_epochs=3, steps_per_call=2)
   with pytest.raises(FileExistsError, match="holds a finished run"):
     train.train_and_evaluate(watched, str(tmp_path), log=lambda s: None)
+  # Listed in resume_override, a changed field is accepted: here the run is extended by an epoch.
+  longer = _config(toy_id, epochs=2, resume_override="epochs")
+  train.train_and_evaluate(longer, str(tmp_path), log=lambda s: None)
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))[-1] == 2 * 4
+  with pytest.raises(ValueError, match=r"resume_override = 'epoch' names unknown field\(s\) "
+                                       r"epoch; did you mean config\.epochs\?"):
+    config_lib.validate(_config(toy_id, resume_override="epoch"))
 
 
 class _StopAfter:

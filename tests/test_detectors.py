@@ -3,6 +3,7 @@ published formula (written here, never calling the library), on random logits an
 interface's shapes, dtypes and errors; traced hyper-parameters (one compile per shape)."""
 
 import dataclasses
+import re
 
 import chex
 import jax
@@ -507,3 +508,72 @@ def test_mahalanobis_noise_grid_traces_once(tiny):
   outs = [np.asarray(p.score(params, images=tiny["test"], model=tiny["model"]))
           for p in det.grid_points(source="reference")]                  # 7 noise magnitudes
   assert len(outs) == 7 and len({o.tobytes() for o in outs}) == 7
+
+
+# ----- degenerate Gaussian fits (docs/reliability.md) ------------------------------------------
+
+def test_degenerate_gaussian_fits_are_refused(data):
+  head = (data["w"], data["b"])
+  y = np.arange(60) % C
+  constant = np.ones((60, D), np.float32)
+  with pytest.raises(ValueError, match=r"degenerate Gaussian fit on the penultimate features: the "
+                                       rf"covariance of the {D} dimensions around the {C} mean\(s\) "
+                                       "is zero"):
+    detectors.create("mahalanobis").fit(train_features=constant, train_labels=y, head=head)
+  # Constant within each class, different between classes: no spread around the class means.
+  per_class = np.repeat(np.arange(C, dtype=np.float32)[:, None], D, 1)[y]
+  with pytest.raises(ValueError, match=r"degenerate Gaussian fit on the training features "
+                                       r"\(classes\): .* is zero"):
+    detectors.create("relative_mahalanobis").fit(train_features=per_class, train_labels=y,
+                                                 head=head)
+  # The ensemble names the block (the error comes before the model is needed).
+  blocks = (data["train"][:60], constant[:, :8])
+  with pytest.raises(ValueError, match="degenerate Gaussian fit on the features of block 1"):
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    detectors.create("mahalanobis_ensemble").fit(train_blocks=blocks, train_labels=y, head=head,
+                                                 validation=(images, images), model=(None, None))
+
+
+def _pinv_of_class_covariance(z, y):
+  z = np.asarray(z, np.float64)
+  means = np.stack([z[y == c].mean(0) for c in range(C)])
+  centred = z - means[y]
+  return means, np.linalg.pinv(centred.T @ centred / len(z), hermitian=True)
+
+
+def test_singular_gaussian_fits_are_warned_about_and_use_the_pseudo_inverse(data):
+  from energy_jax.ood.scores import SingularCovarianceWarning
+  head = (data["w"], data["b"])
+  # Fewer examples than dimensions: rank N - C.
+  z, y = data["train"][:16], np.arange(16) % C
+  with pytest.warns(SingularCovarianceWarning, match=rf"on the penultimate features: the "
+                    rf"covariance of the {D} dimensions has numerical rank {16 - C} \(16 examples "
+                    rf"around {C} mean\(s\) give at most {16 - C}; 0 dimension\(s\) constant"):
+    params = detectors.create("mahalanobis").fit(train_features=z, train_labels=y, head=head)
+  means, precision = _pinv_of_class_covariance(z, y)
+  np.testing.assert_allclose(params["means"], means, rtol=1e-6)
+  np.testing.assert_allclose(params["precision"], precision, rtol=1e-4, atol=1e-4)
+  # A dead unit (a feature constant everywhere), enough examples otherwise.
+  z, y = data["train"].copy(), data["labels"]
+  z[:, 3] = 0.0
+  with pytest.warns(SingularCovarianceWarning, match=rf"rank {D - 1} .*; 1 dimension\(s\) "
+                    r"constant within every class\); .* ignores 1 direction"):
+    params = detectors.create("mahalanobis").fit(train_features=z, train_labels=y, head=head)
+  np.testing.assert_allclose(params["precision"], _pinv_of_class_covariance(z, y)[1], rtol=1e-4,
+                             atol=1e-6)
+  assert np.abs(np.asarray(params["precision"])[3]).max() < 1e-12    # the dead unit: ignored
+  # The relative detector's background Gaussian is checked too.
+  with pytest.warns(SingularCovarianceWarning) as caught:
+    detectors.create("relative_mahalanobis").fit(train_features=z, train_labels=y, head=head)
+  assert [re.search(r"on the training features \((\w+)\)", str(w.message)).group(1)
+          for w in caught] == ["classes", "background"]
+
+
+def test_a_full_rank_gaussian_fit_warns_nothing(data):
+  import warnings
+  from energy_jax.ood.scores import SingularCovarianceWarning
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", SingularCovarianceWarning)
+    for name in ("mahalanobis", "relative_mahalanobis"):
+      detectors.create(name).fit(train_features=data["train"], train_labels=data["labels"],
+                                 head=(data["w"], data["b"]))

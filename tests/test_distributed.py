@@ -88,3 +88,18 @@ def test_augmentation_depends_on_the_global_position_only():
   np.testing.assert_array_equal(whole, halves)
   shifted = np.asarray(augment.random_crop_flip(key, images, np.arange(1, 9)))
   assert not np.array_equal(whole, shifted)
+
+
+def test_the_mains_refuse_process_flags_without_a_coordinator():
+  import os
+  import subprocess
+  import sys
+  from conftest import REPO
+  for args in (["pretrain.py"], ["evaluate.py", "--checkpoint=/nowhere"]):
+    out = subprocess.run([sys.executable, f"experiments/{args[0]}", *args[1:],
+                          "--num_processes=2", "--process_id=1"],
+                         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0
+    assert ("num_processes=2, process_id=1 need a coordinator address (or auto=True on a TPU "
+            "pod slice / SLURM)") in out.stderr, out.stderr[-2000:]

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
@@ -95,6 +97,14 @@ def test_metric_input_errors():
     ood_metrics(np.ones((2, 2)), [0.0])
   with pytest.raises(ValueError, match="unknown FPR method"):
     ood_metrics([1.0], [0.0], fpr_method="best")
+  for level in (0.0, 1.5, "0.95", None, True):
+    with pytest.raises(ValueError, match=re.escape(f"tpr_level must lie in (0, 1], got {level!r}")):
+      ood_metrics([1.0], [0.0], recall_level=level)
+    with pytest.raises(ValueError, match=re.escape(f"tpr must lie in (0, 1], got {level!r}")):
+      threshold_at_tpr([1.0, 2.0], level)
+  with pytest.raises(ValueError,
+                     match=re.escape("quantiles must lie in [0, 1] (two of them), got 0.05")):
+    suggest_margins([-3.0, -2.0], [0.0, 1.0], quantiles=0.05)
 
 
 def _openood_fpr95(scores_in, scores_out):
@@ -170,3 +180,65 @@ def test_suggest_margins_on_stored_energies_of_a_pretrained_model():
     suggest_margins(e_out, e_in)                                    # the arrays swapped
   with pytest.raises(ValueError, match=r"quantiles must lie in \[0, 1\]"):
     suggest_margins(e_in, e_out, quantiles=(5, 95))
+
+
+def _sk_all(s_in, s_out):
+  """sklearn's AUROC, AUPR-In and AUPR-Out of exactly representable scores."""
+  s_in, s_out = np.asarray(s_in, np.float64), np.asarray(s_out, np.float64)
+  return _sk(s_in, s_out) + (_sk(-s_out, -s_in)[1],)
+
+
+@pytest.mark.parametrize("shift,dtype", [(2 ** 62, np.int64), (-(2 ** 63), np.int64),
+                                         (2 ** 63 + 2 ** 62, np.uint64), (0, np.int8)])
+def test_integer_scores_of_any_size_are_exact(shift, dtype):
+  rng = np.random.default_rng(7)
+  small_in, small_out = rng.integers(0, 40, 300), rng.integers(15, 60, 200)     # many ties
+  s_in = (small_in.astype(object) + shift).astype(dtype)
+  s_out = (small_out.astype(object) + shift).astype(dtype)
+  if shift:      # float64 would merge neighbours here: the test is only meaningful if it does
+    assert len(np.unique(s_in.astype(np.float64))) < len(np.unique(s_in))
+  got = ood_metrics(s_in, s_out)
+  want_auroc, want_in, want_out = _sk_all(small_in, small_out)
+  assert got["auroc"] == pytest.approx(want_auroc, abs=1e-12)
+  assert got["aupr_in"] == pytest.approx(want_in, abs=1e-12)
+  assert got["aupr_out"] == pytest.approx(want_out, abs=1e-12)
+  assert got == ood_metrics(small_in.astype(np.float64), small_out.astype(np.float64))
+  assert ood_metrics(s_in, s_out, ood_positive=True) == ood_metrics(
+      small_in.astype(np.float64), small_out.astype(np.float64), ood_positive=True)
+  t = threshold_at_tpr(s_in, 0.95)
+  assert isinstance(t, int) and t == int(np.sort(small_in)[::-1][284]) + shift   # 285th of 300
+
+
+def test_mixed_integer_kinds_and_integers_beside_floats():
+  rng = np.random.default_rng(8)
+  a, b = rng.integers(0, 30, 50), rng.integers(10, 40, 70)
+  want = ood_metrics(a.astype(np.float64), b.astype(np.float64))
+  # int64 beside uint64 (numpy's common type would be float64): compared as integers.
+  assert ood_metrics((a + 2 ** 62).astype(np.int64), (b + 2 ** 62).astype(np.uint64)) == want
+  # Small integers beside floats are exact in float64.
+  assert ood_metrics(a.astype(np.int32), b.astype(np.float32)) == want
+  with pytest.raises(TypeError, match=r"integer scores beyond 2\*\*53 \(here up to "
+                                      r"46116860184273879\d\d\) cannot be compared exactly with "
+                                      "float scores"):
+    ood_metrics(a + 2 ** 62, b.astype(np.float64))
+
+
+def test_bfloat16_float16_and_jax_scores():
+  import jax.numpy as jnp
+  import ml_dtypes
+  rng = np.random.default_rng(9)
+  s_in, s_out = rng.normal(1, 1, 400), rng.normal(0, 1, 300)
+  for to in (lambda x: x.astype(ml_dtypes.bfloat16), lambda x: x.astype(np.float16),
+             lambda x: jnp.asarray(x, jnp.bfloat16), lambda x: jnp.asarray(x, jnp.float32)):
+    a, b = to(s_in), to(s_out)
+    exact = np.asarray(a).astype(np.float64), np.asarray(b).astype(np.float64)   # the values held
+    got = ood_metrics(a, b)
+    assert got == ood_metrics(*exact)
+    want_auroc, want_in, want_out = _sk_all(*exact)
+    assert got["auroc"] == pytest.approx(want_auroc, abs=1e-12)
+    assert got["aupr_in"] == pytest.approx(want_in, abs=1e-12)
+    assert got["aupr_out"] == pytest.approx(want_out, abs=1e-12)
+  with pytest.raises(TypeError, match="scores_in must be numeric, got dtype bool"):
+    ood_metrics(np.ones(3, bool), [0.0])
+  with pytest.raises(ValueError, match="scores_out holds 1 non-finite"):
+    ood_metrics(np.ones(3, ml_dtypes.bfloat16), np.array([0.0, np.inf], ml_dtypes.bfloat16))

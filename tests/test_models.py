@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,3 +98,38 @@ def test_bad_depth_and_input_shape():
   v = models.init_variables(model, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="NHWC"):
     model.apply(v, jnp.zeros((2, 3, 32, 32)))
+
+
+def test_converter_refuses_non_finite_tensors_naming_each(tmp_path):
+  from energy_jax import config as config_lib
+  twin = randomize_batchnorm(TwinWRN(10, 4, 1), torch.Generator().manual_seed(0))
+  sd = {k: v.clone() for k, v in twin.state_dict().items()}
+  sd["fc.weight"][0, 0] = float("nan")
+  sd["bn1.running_var"][:3] = float("inf")
+  sd["conv1.weight"] = sd["conv1.weight"].double()
+  sd["conv1.weight"][0, 0, 0, :2] = 1e300                    # finite in float64, inf in float32
+  message = ("state_dict holds non-finite (NaN or inf) values in 3 tensor(s): conv1.weight (2 of "
+             "432), bn1.running_var (3 of 64), fc.weight (1 of 256)")
+  model = models.WideResNet(10, 1, 4)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    convert.state_dict_to_variables(sd, model)
+  with pytest.raises(ValueError, match=r"state_dict entry 'fc.bias' is no numeric tensor \(str"):
+    convert.state_dict_to_variables({**twin.state_dict(), "fc.bias": "zeros"}, model)
+  # Through a .pt file given as config.pretrained / --checkpoint.
+  path = tmp_path / "nan.pt"
+  torch.save(sd, path)
+  config = config_lib.get_config("test", "pretrain")
+  with pytest.raises(ValueError, match=re.escape(message)):
+    checkpoints.load_variables(str(path), config)
+
+
+def test_bfloat16_and_float64_state_dicts_convert():
+  twin = randomize_batchnorm(TwinWRN(10, 4, 1), torch.Generator().manual_seed(1))
+  model = models.WideResNet(10, 1, 4)
+  for dtype in (torch.bfloat16, torch.float64):
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in twin.state_dict().items()}
+    variables = convert.state_dict_to_variables(sd, model)
+    np.testing.assert_array_equal(variables["params"]["fc"]["kernel"],
+                                  sd["fc.weight"].float().numpy().T)
+    np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["var"],
+                                  sd["bn1.running_var"].float().numpy())

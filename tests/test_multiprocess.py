@@ -1,6 +1,7 @@
 """One run over 2 local processes x 2 CPU devices (jax.distributed on 127.0.0.1) computes what one
 process with 4 devices computes, on both input paths; one writer; killed and rerun, it resumes."""
 
+import json
 import os
 import signal
 import socket
@@ -108,3 +109,36 @@ def test_both_processes_killed_then_rerun_resume_and_end_as_an_uninterrupted_run
   _compare_params(tmp_path / "cut.npz", tmp_path / "full.npz", scale_tol=1e-5)
   rows = (tmp_path / "cut" / "training_results.csv").read_text().splitlines()
   assert [r.split(",")[0] for r in rows[1:]] == ["001", "002", "003"]
+
+
+def _evaluate(toy, ckpt, workdir, num_processes, devices_per_process):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  cmd = [sys.executable, "experiments/evaluate.py", "--config=experiments/configs/pretrain.py:test",
+         f"--config.in_train={toy / 'toy_id.zip'}", f"--config.in_test={toy / 'toy_id.zip'}",
+         f"--checkpoint={ckpt}", f"--workdir={workdir}", "--num_to_avg=2", "--noprogress",
+         f"--ood=outliers={toy / 'toy_outliers.npy'},noise=synthetic:uniform_noise",
+         "--detectors=msp,energy,odin,mahalanobis,knn,react"]
+  port = _free_port()
+  procs = [subprocess.Popen(cmd + ([f"--coordinator_address=127.0.0.1:{port}",
+                                    f"--num_processes={num_processes}", f"--process_id={i}"]
+                                   if num_processes > 1 else []),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(num_processes)]
+  return _finish(procs)
+
+
+def test_evaluate_under_two_processes_gives_the_single_process_table(toy, tmp_path):
+  _finish(_start(1, 1, tmp_path / "run", toy, "device", epochs=1))
+  one = _evaluate(toy, tmp_path / "run", tmp_path / "one", 1, 4)
+  two = _evaluate(toy, tmp_path / "run", tmp_path / "two", 2, 2)
+  a = json.load(open(tmp_path / "one" / "ood_results.json"))["results"]
+  b = json.load(open(tmp_path / "two" / "ood_results.json"))["results"]
+  assert sorted(a) == sorted(b) and len(a) == 6
+  for detector in a:
+    for ood_set, metrics in a[detector].items():
+      for metric, value in metrics.items():
+        assert b[detector][ood_set][metric] == pytest.approx(value, abs=1e-6), (
+            detector, ood_set, metric)
+  # One writer: the table is printed by process 0 only.
+  assert "| **mean** |" in two[0] and "| **mean** |" not in two[1]

@@ -1,3 +1,5 @@
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -121,7 +123,8 @@ def test_mahalanobis_input_processing_moves_toward_closest_class():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(40, 32, 32, 3)).astype(np.float32)
   feats = np.asarray(_features(variables, x))
-  params = scores.fit_mahalanobis(feats, np.arange(40) % 4, 4)
+  with pytest.warns(scores.SingularCovarianceWarning, match="rank 36 .40 examples"):  # 64 dims
+    params = scores.fit_mahalanobis(feats, np.arange(40) % 4, 4)
   plain = scores.mahalanobis_score(_features, variables, x[:6], params)
   np.testing.assert_allclose(plain, scores.mahalanobis_from_features(feats[:6], params), rtol=1e-5)
   moved = scores.mahalanobis_score(_features, variables, x[:6], params, epsilon=0.002)
@@ -179,3 +182,93 @@ def test_loss_input_errors():
     losses.softmax_cross_entropy(logits=EXTREME, labels=np.zeros(2, np.int32))
   with pytest.raises(ValueError, match="logits_out must be"):
     losses.outlier_exposure_loss(logits_out=np.ones(3, np.float32))
+
+
+# ----- bad and edge inputs (docs/reliability.md) ------------------------------------------------
+
+def _np_energy(l64, t):
+  return t * np_logsumexp(l64 / t, axis=-1)
+
+
+def _np_msp(l64, t):
+  return np_softmax(l64 / t, axis=-1).max(-1)
+
+
+def test_scores_accept_array_likes_and_every_float_width():
+  import ml_dtypes
+  base = np.random.default_rng(4).normal(size=(6, 5)) * 4
+  forms = {"list": base.tolist(), "tuple": tuple(map(tuple, base)), "float64": base,
+           "float32": base.astype(np.float32), "float16": base.astype(np.float16),
+           "bfloat16": base.astype(ml_dtypes.bfloat16),
+           "jax bfloat16": jnp.asarray(base, jnp.bfloat16), "jax float16": jnp.asarray(base, jnp.float16)}
+  for name, logits in forms.items():
+    # The reference: float64 formulas on the values the input holds (rounded to its width).
+    l64 = np.asarray(logits).astype(np.float64)
+    for t in (1.0, 0.5):
+      np.testing.assert_allclose(scores.energy_score(logits, t), _np_energy(l64, t), rtol=1e-6,
+                                 err_msg=name)
+      np.testing.assert_allclose(scores.msp_score(logits, t), _np_msp(l64, t), rtol=1e-6,
+                                 err_msg=name)
+    np.testing.assert_allclose(scores.free_energy(logits), -_np_energy(l64, 1.0), rtol=1e-6)
+    np.testing.assert_array_equal(scores.max_logit_score(logits), l64.max(-1).astype(np.float32))
+    assert np.asarray(scores.energy_score(logits)).dtype == np.float32, name
+  # Whole numbers in a list are logits too; an integer array is refused (labels, most likely).
+  np.testing.assert_allclose(scores.energy_score([[1, 2], [3, 3]]),
+                             np_logsumexp([[1.0, 2.0], [3.0, 3.0]], -1), rtol=1e-6)
+  with pytest.raises(TypeError, match="logits must be floating point, got dtype int64"):
+    scores.msp_score(np.ones((2, 3), np.int64))
+  with pytest.raises(TypeError, match="logits must be an array of numbers, got list"):
+    scores.energy_score([[1.0, 2.0], [3.0]])
+  with pytest.raises(TypeError, match="logits must be an array of numbers, got list of dtype <U1"):
+    scores.max_logit_score([["a", "b"]])
+
+
+TIES_AND_EXTREMES = np.array([[1.0, 2.0, 3.0], [-5.0, -6.0, -7.0], [1000.0, -1000.0, 0.0],
+                              [3.0, 3.0, 3.0], [-1e4, -1e4 + 1, -1e4 + 2], [7.0, 7.0, -2.0]],
+                             np.float32)
+
+
+@pytest.mark.parametrize("t", [0.9, 0.3, 1e-3, 1e-10, 1e-20, 1e-30, 2e-38])
+def test_small_temperatures_give_the_finite_score(t):
+  l64 = TIES_AND_EXTREMES.astype(np.float64)
+  energy = np.asarray(scores.energy_score(TIES_AND_EXTREMES, t))
+  msp = np.asarray(scores.msp_score(TIES_AND_EXTREMES, t))
+  assert np.all(np.isfinite(energy)) and np.all(np.isfinite(msp))
+  np.testing.assert_allclose(energy, _np_energy(l64, t), rtol=1e-6)
+  np.testing.assert_allclose(msp, _np_msp(l64, t), rtol=1e-6)
+  if t <= 1e-10:       # the limits: the maximum logit, and 1 / (the number of classes tying it)
+    np.testing.assert_allclose(energy, l64.max(-1), rtol=1e-6)
+    np.testing.assert_allclose(msp, [1, 1, 1, 1 / 3, 1, 1 / 2], rtol=1e-6)
+  # Inside traced code (the training objectives): the gradient is softmax(l / T). Below T ~ 1e-37
+  # its chain T * softmax * (1 / T) passes through float32 subnormals, which XLA flushes to 0.
+  if t >= 1e-30:
+    grad = jax.grad(lambda l: jnp.sum(scores.energy(l, t)))(jnp.asarray(TIES_AND_EXTREMES))
+    np.testing.assert_allclose(grad, np_softmax(l64 / t, axis=-1), atol=1e-6)
+
+
+def test_temperatures_of_one_and_above_are_the_plain_computation_bit_for_bit():
+  logits = np.random.default_rng(5).normal(size=(64, 10)).astype(np.float32) * 6
+  plain = jax.jit(lambda l, t: t * jax.nn.logsumexp(l / t, axis=-1))
+  plain_msp = jax.jit(lambda l, t: jnp.max(jax.nn.softmax(l / t, axis=-1), axis=-1))
+  for t in (1.0, 10.0, 1000.0):
+    np.testing.assert_array_equal(scores.energy_score(logits, t), plain(logits, t))
+    np.testing.assert_array_equal(scores.msp_score(logits, t), plain_msp(logits, t))
+
+
+@pytest.mark.parametrize("bad,error,message", [
+    (0.0, ValueError, "temperature must be a positive finite number, got 0.0"),
+    (-1.0, ValueError, "temperature must be a positive finite number, got -1.0"),
+    (float("nan"), ValueError, "temperature must be a positive finite number, got nan"),
+    (1e-40, ValueError, "temperature 1e-40 lies outside float32's normal range [1.18e-38, "
+                        "3.4e+38]"),
+    (1e39, ValueError, "temperature 1e+39 lies outside float32's normal range"),
+    ("1.0", TypeError, "temperature must be a number, got '1.0'"),
+    (True, TypeError, "temperature must be a number, got True"),
+    ([1.0, 2.0], TypeError, "temperature must be a number, got [1.0, 2.0]"),
+])
+def test_bad_temperatures_are_refused_naming_the_value(bad, error, message):
+  for fn in (scores.energy_score, scores.free_energy, scores.msp_score):
+    with pytest.raises(error, match=re.escape(message)):
+      fn(EXTREME, bad)
+  with pytest.raises(TypeError, match=re.escape("epsilon must be a number, got 'x'")):
+    scores.odin_score(_apply, _tiny()[1], np.zeros((1, 32, 32, 3), np.float32), epsilon="x")

@@ -7,11 +7,14 @@ single fields (``--config.model.depth=16``). ``describe()`` lists every field fo
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import numbers
 import pkgutil
-from typing import Any, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import ml_collections
+import numpy as np
 
 from energy_jax.config import presets as _presets
 
@@ -74,6 +77,8 @@ FIELDS: Tuple[Tuple[str, Any, str], ...] = (
     ("keep_checkpoints", 2, "checkpoints kept in <workdir>/checkpoints"),
     ("progress_bar", True, "a progress bar per epoch"),
     ("tensorboard", True, "per-epoch scalars in <workdir>/tensorboard (needs TensorFlow)"),
+    ("resume_override", "", "comma-separated fields allowed to differ from the config a resumed "
+     "run started with (energy_jax.config.resume)"),
 )
 
 # Keys of energy-jax 0.1 and where they went.
@@ -120,9 +125,286 @@ def check_renamed(config) -> None:
         f"{k} -> {RENAMED[k]}" for k in old) + " (see the README's table)")
 
 
+# ----------------------------------------------------------------------------------------------
+# Validation: a check per field of FIELDS, run before any work.
+
+Check = Callable[[str, Any], None]
+
+
+def _fail(name: str, value: Any, requirement: str) -> None:
+  raise ValueError(f"config.{name} must be {requirement}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+  # bool is an int to Python, and ConfigDict accepts True for an integer field.
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def integer(low: Optional[int] = None, high: Optional[int] = None, why: str = "",
+            label: str = "") -> Check:
+  """An integer in ``[low, high)`` (None: unbounded); ``why`` says what is wrong outside,
+  ``label`` names the range instead of ``>= low`` (e.g. "a positive integer")."""
+  def check(name, value):
+    if not _is_int(value):
+      _fail(name, value, "an integer")
+    if (low is not None and value < low) or (high is not None and value >= high):
+      _fail(name, value, (label or (f"in [{low}, {high})" if high is not None else f">= {low}"))
+            + (f" ({why})" if why else ""))
+  return check
+
+
+positive = integer(1, label="a positive integer")
+
+
+def real(low: float = -np.inf, high: float = np.inf, *, low_open: bool = False,
+         high_open: bool = False) -> Check:
+  """A finite number in the interval ``low .. high`` (ends open or closed)."""
+  def check(name, value):
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+      _fail(name, value, "a number")
+    if not np.isfinite(value):
+      _fail(name, value, "finite")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+      _fail(name, value, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            if np.isfinite(low) and np.isfinite(high) else
+            f"{'>' if low_open else '>='} {low}" if np.isfinite(low) else
+            f"{'<' if high_open else '<='} {high}")
+  return check
+
+
+def boolean(name: str, value: Any) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    _fail(name, value, "True or False")
+
+
+def string(nonempty: bool = False) -> Check:
+  def check(name, value):
+    if not isinstance(value, str):
+      _fail(name, value, "a string")
+    if nonempty and not value:
+      _fail(name, value, "a non-empty string")
+  return check
+
+
+def choice(choices: Callable[[], Sequence[str]]) -> Check:
+  """One of ``choices()`` (a callable: registries fill in after this module is imported)."""
+  def check(name, value):
+    known = tuple(choices())
+    if not isinstance(value, str) or value not in known:
+      _fail(name, value, f"one of {', '.join(map(repr, known))}")
+  return check
+
+
+def source(name: str, value: Any) -> None:
+  """A data source some registered kind reads (``tfds:NAME``, a folder, ``.zip``, ``.npy``)."""
+  string(nonempty=True)(name, value)
+  from energy_jax.data import sources
+  try:
+    sources.resolve(value)
+  except ValueError as e:
+    raise ValueError(f"config.{name} = {value!r}: {e}") from None
+
+
+def optional_source(name: str, value: Any) -> None:
+  """A source, or '' for none."""
+  string()(name, value)
+  if value:
+    source(name, value)
+
+
+def _validation_sets(name: str, value: Any) -> None:
+  from energy_jax.data import synthetic
+  if not isinstance(value, (tuple, list)) or not value or not all(
+      isinstance(v, str) for v in value):
+    _fail(name, value, "a non-empty tuple of names")
+  unknown = [v for v in value if v not in synthetic.VALIDATION_SETS]
+  if unknown:
+    raise ValueError(f"config.{name} = {tuple(value)!r} holds unknown set(s) "
+                     f"{', '.join(map(repr, unknown))}; known (energy_jax.data.synthetic): "
+                     f"{', '.join(synthetic.VALIDATION_SETS)}")
+
+
+def _objectives():
+  from energy_jax.train import objectives
+  return objectives.names()
+
+
+def _models():
+  from energy_jax import models
+  return models.names()
+
+
+def _dtypes():
+  from energy_jax import models
+  return tuple(models.DTYPES)
+
+
+def _outlier_sampling():
+  from energy_jax.data import sampling
+  return sampling.OUTLIER_SAMPLING
+
+
+def _poolings():
+  from energy_jax.models import wrn
+  return wrn.POOLINGS
+
+
+def _input_pipelines():
+  from energy_jax.train import loop
+  return loop.INPUT_PIPELINES
+
+
+def _field_names(name: str, value: Any) -> None:
+  """Comma-separated names of fields of FIELDS ('' for none)."""
+  string()(name, value)
+  known = [field for field, _, _ in FIELDS]
+  unknown = [f for f in (part.strip() for part in value.split(",")) if f and f not in known]
+  if unknown:
+    raise ValueError(f"config.{name} = {value!r} names unknown field(s) {', '.join(unknown)}"
+                     f"{_closest(unknown[0], known)}")
+
+
+def _wrn_depth(name: str, value: Any) -> None:
+  integer(10)(name, value)
+  if (value - 4) % 6:
+    _fail(name, value, "6n+4 (10, 16, 22, 28, 40, ...: n blocks per group of the WRN)")
+
+
+# The check of each field of FIELDS (tests/test_validation.py holds the two tables in step).
+CHECKS: Dict[str, Check] = {
+    "dataset": string(nonempty=True),
+    "num_classes": integer(2, why="a softmax over one class is constant"),
+    "image_size": positive,
+    "data_dir": string(),
+    "in_train": source,
+    "in_train_split": string(),
+    "in_test": source,
+    "in_test_split": string(),
+    "outliers": optional_source,
+    "outliers_split": string(),
+    "train_subset": integer(0),
+    "validation_base": optional_source,
+    "validation_base_split": string(),
+    "validation_sets": _validation_sets,
+    "drop_remainder": boolean,
+    "outlier_sampling": choice(_outlier_sampling),
+    "model.name": choice(_models),
+    "model.depth": _wrn_depth,
+    "model.widen_factor": positive,
+    "model.dropout_rate": real(0.0, 1.0, high_open=True),
+    "model.pooling": choice(_poolings),
+    "model.dtype": choice(_dtypes),
+    "objective": choice(_objectives),
+    "epochs": positive,
+    "batch_size": positive,
+    "outlier_batch_size": positive,
+    "learning_rate": real(0.0, low_open=True),
+    "momentum": real(0.0, 1.0, high_open=True),
+    "nesterov": boolean,
+    "weight_decay": real(0.0),
+    "min_learning_rate": real(0.0),
+    "m_in": real(),
+    "m_out": real(),
+    "energy_weight": real(0.0),
+    "oe_weight": real(0.0),
+    "pretrained": string(),
+    "seed": integer(0, 2 ** 32, why="numpy's seeds are non-negative, and JAX's keys hold 32 "
+                    "bits: PRNGKey(2**32) is PRNGKey(0)"),
+    "num_devices": integer(0),
+    "input_pipeline": choice(_input_pipelines),
+    "steps_per_call": positive,
+    "scan_unroll": integer(0),
+    "eval_batch_size": positive,
+    "eval_every_epochs": integer(1),
+    "checkpoint_every_epochs": integer(1),
+    "keep_checkpoints": integer(1, why="0 would leave no checkpoint"),
+    "progress_bar": boolean,
+    "tensorboard": boolean,
+    "resume_override": _field_names,
+}
+
+# The model fields of FIELDS are those of the default model (the WRN); another registered model's
+# own fields are checked against the types of its factory's defaults.
+DEFAULT_MODEL = dict((name, default) for name, default, _ in FIELDS)["model.name"]
+
+
+def _typed_like(default: Any) -> Check:
+  if isinstance(default, bool):
+    return boolean
+  if isinstance(default, int):
+    return integer()
+  if isinstance(default, float):
+    return real()
+  if isinstance(default, str):
+    return string()
+  return lambda name, value: None
+
+
+def _closest(name: str, known: Sequence[str]) -> str:
+  close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+  return f"; did you mean config.{close[0]}?" if close else ""
+
+
+def _check_keys(config) -> Dict[str, Any]:
+  """``{dotted name: value}`` of ``config``, after refusing unknown and missing fields."""
+  if not isinstance(config.get("model"), ml_collections.ConfigDict):
+    raise ValueError(f"config.model must be a ConfigDict of the model's fields (name, dtype, ...), "
+                     f"got {config.get('model')!r}")
+  values = dict(flat_items(config))
+  model = values.get("model.name")
+  choice(_models)("model.name", model)
+  from energy_jax import models
+  model_fields = {f"model.{k}": v for k, v in models.spec_fields(model).items()}
+  known = [name for name, _, _ in FIELDS if not name.startswith("model.")] + [
+      "model.name", "model.dtype", *model_fields]
+  for name in values:
+    if name not in known:
+      where = (f"not a field of model {model!r} (its fields: "
+               f"{', '.join(sorted(k[len('model.'):] for k in model_fields))})"
+               if name.startswith("model.") else "not a config field")
+      raise ValueError(f"config.{name} is {where}{_closest(name, known)}")
+  missing = [name for name in known if name not in values and name not in model_fields]
+  if missing:
+    raise ValueError(f"config has no field {', '.join(missing)}: start from "
+                     "energy_jax.config.get_config() or base_config(), which hold every field")
+  return values
+
+
 def validate(config) -> None:
-  """Raises, naming the field, for any value of ``config`` a run cannot start with."""
+  """Raises ``ValueError`` naming the field and its value for any value of ``config`` a run cannot
+  start with; no data is read and nothing is written.
+
+  Checks: renamed and unknown fields (naming the closest field), missing fields, each field's
+  type and range or choices (:data:`CHECKS`; another model's fields by the types of its
+  factory's defaults), sources some registered kind reads, and the fields that must agree: an
+  outlier objective has ``outliers``, the energy objective ``m_in < m_out``, and
+  ``min_learning_rate <= learning_rate`` (the cosine falls from one to the other).
+  """
   check_renamed(config)
+  values = _check_keys(config)
+  from energy_jax import models
+  own_model = values["model.name"] == DEFAULT_MODEL
+  model_defaults = models.spec_fields(values["model.name"])
+  for name, value in values.items():
+    field = name[len("model."):] if name.startswith("model.") else None
+    if field in (None, "name", "dtype") or (own_model and name in CHECKS):
+      CHECKS[name](name, value)
+    else:
+      _typed_like(model_defaults[field])(name, value)
+  from energy_jax.train import objectives
+  if objectives.get(values["objective"]).uses_outliers and not values["outliers"]:
+    raise ValueError(f"config.outliers is empty, but config.objective = {values['objective']!r} "
+                     "trains on outlier images: set it to a source of them")
+  if values["objective"] == "energy" and not values["m_in"] < values["m_out"]:
+    raise ValueError(f"config.m_in = {values['m_in']} must lie below config.m_out = "
+                     f"{values['m_out']}: the energy objective pushes in-distribution energies "
+                     "below m_in and outlier energies above m_out")
+  if values["min_learning_rate"] > values["learning_rate"]:
+    raise ValueError(f"config.min_learning_rate = {values['min_learning_rate']} must not exceed "
+                     f"config.learning_rate = {values['learning_rate']} (the cosine schedule "
+                     "falls from the one to the other)")
 
 
 def flat_items(config, prefix: str = "") -> List[Tuple[str, Any]]:

@@ -2,7 +2,8 @@
 
 Resuming a run under a config that differs in any other field (learning rate, seed, epochs,
 data, model, ...) would continue a different run; it is refused, naming each changed field,
-unless ``config.resume_override`` lists it.
+unless ``config.resume_override`` lists it (comma-separated, e.g.
+``--config.resume_override=epochs,learning_rate``).
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ def _flat(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
   return out
 
 
+def overridden(config) -> set:
+  """The fields ``config.resume_override`` lists."""
+  return {f.strip() for f in str(config.get("resume_override", "") or "").split(",") if f.strip()}
+
+
 def check_resumable(saved: Mapping[str, Any], config, source: str) -> None:
   """Raises naming every field where ``config`` differs from the ``saved`` config of the run at
   ``source``, other than :data:`MAY_CHANGE` and those ``config.resume_override`` lists."""
   now = _flat(config.to_dict())
   then = _flat(saved)
-  allowed = set(MAY_CHANGE) | set(config.get("resume_override", ()) or ())
+  allowed = set(MAY_CHANGE) | overridden(config)
   changed = [f"{k}: {then.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
              for k in sorted(set(now) | set(then))
              if k not in allowed and then.get(k) != now.get(k)]

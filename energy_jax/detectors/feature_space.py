@@ -11,6 +11,7 @@ import numpy as np
 
 from energy_jax.detectors.base import Detector, check_feature_size, hparam, register
 from energy_jax.detectors.gaussians import fit_class_gaussians, gaussian_params, squared_distances
+from energy_jax.ood import scores
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -30,10 +31,11 @@ class RelativeMahalanobis(Detector):
 
   def fit_params(self, *, train_features, train_labels, head, **unused):
     z = np.asarray(train_features, np.float64)
-    classes = fit_class_gaussians(z, np.asarray(train_labels), int(np.shape(head[0])[1]))
+    classes = fit_class_gaussians(z, np.asarray(train_labels), int(np.shape(head[0])[1]),
+                                  "the training features (classes)")
     centred = z - z.mean(0)
-    background = gaussian_params(z.mean(0)[None], np.linalg.pinv(centred.T @ centred / len(z),
-                                                                 hermitian=True))
+    background = gaussian_params(z.mean(0)[None], scores.gaussian_precision(
+        centred.T @ centred / len(z), len(z), 1, "the training features (background)"))
     return {"classes": classes, "background": background}
 
   def check(self, params, inputs):

@@ -13,9 +13,10 @@ def gaussian_params(means, precision) -> dict:
   return {"means": jnp.asarray(means, jnp.float32), "precision": jnp.asarray(precision, jnp.float32)}
 
 
-def fit_class_gaussians(features, labels, num_classes: int) -> dict:
-  """:func:`energy_jax.ood.scores.fit_mahalanobis` as fitted params."""
-  fitted = scores.fit_mahalanobis(features, labels, num_classes)
+def fit_class_gaussians(features, labels, num_classes: int, what: str = "features") -> dict:
+  """:func:`energy_jax.ood.scores.fit_mahalanobis` as fitted params (a zero covariance refused,
+  a singular one warned about, ``what`` naming the features)."""
+  fitted = scores.fit_mahalanobis(features, labels, num_classes, what)
   return gaussian_params(fitted.means, fitted.precision)
 
 

@@ -96,7 +96,7 @@ class Mahalanobis(Detector):
 
   def fit_params(self, *, train_features, train_labels, head, **unused):
     return fit_class_gaussians(train_features, np.asarray(train_labels),
-                               _num_classes(head, train_labels))
+                               _num_classes(head, train_labels), "the penultimate features")
 
   def compute(self, params, hp, *, images, model, **unused):
     apply_fn, variables = model
@@ -145,7 +145,7 @@ class MahalanobisEnsemble(Detector):
   def fit_params(self, *, train_blocks, train_labels, head, validation, model, **unused):
     labels = np.asarray(train_labels)
     num_classes = _num_classes(head, labels)
-    gaussians = {str(i): fit_class_gaussians(b, labels, num_classes)
+    gaussians = {str(i): fit_class_gaussians(b, labels, num_classes, f"the features of block {i}")
                  for i, b in enumerate(train_blocks)}
     apply_fn, variables = model
     eps = jnp.asarray(self.epsilon, jnp.float32)

@@ -44,7 +44,9 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], model) -> Dict[str, A
 
   Raises:
     ValueError: naming every tensor that is missing, unexpected, or of another
-      shape than ``model`` (depth, widen factor and class count) needs.
+      shape than ``model`` (depth, widen factor and class count) needs, and every
+      tensor holding NaN or inf (as float32: a float64 beyond its range counts), with
+      the count: such weights would load and score every input NaN.
   """
   import jax  # local: keeps the module importable for docs without a backend
 
@@ -57,13 +59,21 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], model) -> Dict[str, A
   # A torch module is a BatchNorm exactly when it carries running statistics.
   bn_modules = {k.rsplit(".", 1)[0] for k in state_dict if k.endswith(".running_mean")}
   converted: Dict[Tuple[str, ...], np.ndarray] = {}
-  unexpected = []
+  unexpected, non_finite = [], []
   for key, value in state_dict.items():
     if key.endswith("num_batches_tracked"):
       continue
-    # A copy: torch.Tensor.numpy() shares memory, and torch updates BN buffers in place.
-    array = np.array(value.detach().cpu().numpy() if hasattr(value, "detach") else value,
-                     dtype=np.float32, copy=True)
+    # A copy: torch.Tensor.numpy() shares memory, and torch updates BN buffers in place. float()
+    # first: numpy has no bfloat16 for torch to hand over.
+    try:
+      array = np.array(value.detach().cpu().float().numpy() if hasattr(value, "detach") else value,
+                       dtype=np.float32, copy=True)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"state_dict entry {key!r} is no numeric tensor ({type(value).__name__}: "
+                       f"{e})") from None
+    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if bad:
+      non_finite.append(f"{key} ({bad} of {array.size})")
     path = _flax_path(key, is_bn=key.rsplit(".", 1)[0] in bn_modules)
     if path not in expected:
       unexpected.append(key)
@@ -79,6 +89,9 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], model) -> Dict[str, A
           f"{arch} needs {expected[path]} at {'/'.join(path)}; check depth, "
           f"widen_factor and num_classes")
     converted[path] = array
+  if non_finite:
+    raise ValueError(f"state_dict holds non-finite (NaN or inf) values in {len(non_finite)} "
+                     f"tensor(s): {', '.join(non_finite)}")
   missing = sorted("/".join(p) for p in expected if p not in converted)
   if unexpected or missing:
     raise ValueError(

@@ -228,8 +228,13 @@ def run(config, checkpoint: str, ood_sources: Mapping[str, Any], workdir: str,
   FPR95 on them, never on the test sets; detectors fitted on validation data (the multi-layer
   Mahalanobis) are fitted on them.
   """
-  from energy_jax import checkpoints
+  from energy_jax import checkpoints, distributed
   from energy_jax.data import sources
+  # Every process scores its share of each batch (the gathers are collective); process 0 alone
+  # prints and writes.
+  checkpoints.check_local_path(workdir)
+  writer = distributed.is_main_process()
+  log = distributed.main_process_only(log)
   variables = checkpoints.load_variables(checkpoint, config)
   size = int(config.image_size)
   at = lambda source: sources.under(config.data_dir, source)
@@ -272,10 +277,11 @@ def run(config, checkpoint: str, ood_sources: Mapping[str, Any], workdir: str,
       m = per_set["mean"]
       log(f"| {t} | {100 * m['fpr']:.2f} | {100 * m['auroc']:.2f} | {100 * m['aupr_in']:.2f} |")
     extra["temperature_ablation"] = abl
-  report.save_results(results, workdir, extra)
   energy = detector_registry.create("energy")
   s_in = scorer.score(energy, test.images)
   s_out = {n: scorer.score(energy, o.images) for n, o in ood.items()}
-  report.plot_energy_histograms(s_in, s_out, os.path.join(workdir, "energy_histograms.png"))
-  report.plot_roc_curves(s_in, s_out, os.path.join(workdir, "roc_energy.png"))
+  if writer:
+    report.save_results(results, workdir, extra)
+    report.plot_energy_histograms(s_in, s_out, os.path.join(workdir, "energy_histograms.png"))
+    report.plot_roc_curves(s_in, s_out, os.path.join(workdir, "roc_energy.png"))
   return {"results": results, **extra}

@@ -10,7 +10,7 @@ on the host.
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -24,14 +24,28 @@ class RocPoints(NamedTuple):
   fps: np.ndarray
 
 
+def _is_float(dtype: np.dtype) -> bool:
+  """numpy's floats and ml_dtypes' (bfloat16, the float8s: numpy files them under kind 'V')."""
+  if np.issubdtype(dtype, np.floating):
+    return True
+  try:
+    import ml_dtypes
+    ml_dtypes.finfo(dtype)
+    return True
+  except (ImportError, TypeError, ValueError):
+    return False
+
+
 def _as_scores(x, name: str) -> np.ndarray:
+  """``x`` as a checked 1-D array: floats of any width as float64 (exact), integers as they are
+  (float64 would merge the integers above 2**53 that differ; :func:`_comparable` ranks them)."""
   arr = np.asarray(x)
-  if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating)
-                                 or np.issubdtype(arr.dtype, np.integer)):
+  is_int = np.issubdtype(arr.dtype, np.integer)
+  if not (is_int or _is_float(arr.dtype)):
     raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
-  arr = arr.astype(np.float64).reshape(-1) if arr.ndim <= 1 else None
-  if arr is None:
+  if arr.ndim > 1:
     raise ValueError(f"{name} must be one-dimensional, got shape {np.shape(x)}")
+  arr = arr.reshape(-1) if is_int else arr.astype(np.float64).reshape(-1)
   if arr.size == 0:
     raise ValueError(f"{name} is empty")
   bad = ~np.isfinite(arr)
@@ -39,6 +53,37 @@ def _as_scores(x, name: str) -> np.ndarray:
     raise ValueError(f"{name} holds {int(bad.sum())} non-finite value(s) (NaN or inf), "
                      f"first at index {int(np.flatnonzero(bad)[0])}")
   return arr
+
+
+def _comparable(pos: np.ndarray, neg: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """Two float64 arrays ordered and tied exactly as ``pos`` and ``neg`` are together: floats as
+  they are; integer scores replaced by their rank among the distinct values of both (every
+  metric here reads the order and the ties only)."""
+  if pos.dtype == np.float64 and neg.dtype == np.float64:
+    return pos, neg
+  if pos.dtype.kind == "f" or neg.dtype.kind == "f":       # integers beside floats
+    ints = neg if pos.dtype.kind == "f" else pos
+    if np.abs(ints.astype(np.float64)).max() > 2.0 ** 53:
+      raise TypeError(f"integer scores beyond 2**53 (here up to {np.abs(ints).max()}) cannot be "
+                      "compared exactly with float scores; pass both arrays as integers or both "
+                      "as floats")
+    return pos.astype(np.float64), neg.astype(np.float64)
+  both = np.concatenate([pos, neg])
+  if both.dtype.kind == "f":          # int64 with uint64: numpy's common type is float64
+    both = np.concatenate([pos.astype(object), neg.astype(object)])
+  ranks = np.unique(both, return_inverse=True)[1].reshape(-1).astype(np.float64)
+  return ranks[:pos.size], ranks[pos.size:]
+
+
+def _score_pair(scores_pos, scores_neg, names=("scores_in", "scores_out")):
+  return _comparable(_as_scores(scores_pos, names[0]), _as_scores(scores_neg, names[1]))
+
+
+def _is_fraction(value, low_open: bool = True) -> bool:
+  """Whether ``value`` is a real number in ``(0, 1]`` (``[0, 1]`` with ``low_open=False``)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+    return False
+  return (0.0 < value if low_open else 0.0 <= value) and value <= 1.0
 
 
 def roc_points(scores_pos: np.ndarray, scores_neg: np.ndarray) -> RocPoints:
@@ -66,10 +111,9 @@ def fpr_at_tpr(scores_in, scores_out, tpr_level: float = 0.95, method: str = "cl
   """
   if method not in FPR_METHODS:
     raise ValueError(f"unknown FPR method {method!r}; choose one of {FPR_METHODS}")
-  if not 0.0 < tpr_level <= 1.0:
-    raise ValueError(f"tpr_level must lie in (0, 1], got {tpr_level}")
-  pos = _as_scores(scores_in, "scores_in")
-  neg = _as_scores(scores_out, "scores_out")
+  if not _is_fraction(tpr_level):
+    raise ValueError(f"tpr_level must lie in (0, 1], got {tpr_level!r}")
+  pos, neg = _score_pair(scores_in, scores_out)
   roc = roc_points(pos, neg)
   tpr = roc.tps / pos.size
   if method == "conservative":
@@ -83,8 +127,7 @@ def fpr_at_tpr(scores_in, scores_out, tpr_level: float = 0.95, method: str = "cl
 
 def auroc(scores_in, scores_out) -> float:
   """Area under the ROC curve (trapezoids; a tie counts one half)."""
-  pos = _as_scores(scores_in, "scores_in")
-  neg = _as_scores(scores_out, "scores_out")
+  pos, neg = _score_pair(scores_in, scores_out)
   roc = roc_points(pos, neg)
   tpr = np.r_[0.0, roc.tps / pos.size]
   fpr = np.r_[0.0, roc.fps / neg.size]
@@ -93,8 +136,7 @@ def auroc(scores_in, scores_out) -> float:
 
 def average_precision(scores_pos, scores_neg) -> float:
   """Area under the precision-recall curve as the step sum ``sum_k (R_k - R_{k-1}) P_k``."""
-  pos = _as_scores(scores_pos, "scores_pos")
-  neg = _as_scores(scores_neg, "scores_neg")
+  pos, neg = _score_pair(scores_pos, scores_neg, ("scores_pos", "scores_neg"))
   roc = roc_points(pos, neg)
   precision = roc.tps / (roc.tps + roc.fps)
   recall = np.r_[0.0, roc.tps / pos.size]
@@ -103,8 +145,7 @@ def average_precision(scores_pos, scores_neg) -> float:
 
 def detection_error(scores_in, scores_out) -> float:
   """``min_threshold 0.5 * (1 - TPR) + 0.5 * FPR`` (equal priors)."""
-  pos = _as_scores(scores_in, "scores_in")
-  neg = _as_scores(scores_out, "scores_out")
+  pos, neg = _score_pair(scores_in, scores_out)
   roc = roc_points(pos, neg)
   errors = 0.5 * (1 - roc.tps / pos.size) + 0.5 * roc.fps / neg.size
   return float(min(0.5, errors.min()))     # 0.5: the threshold above every score
@@ -138,8 +179,7 @@ def ood_metrics(scores_in, scores_out, recall_level: float = 0.95,
     ``{"fpr": ..., "auroc": ..., "aupr_in": ..., "aupr_out": ..., "detection_error": ...}``;
     ``aupr_in`` is the reference's "AUPR".
   """
-  pos = _as_scores(scores_in, "scores_in")
-  neg = _as_scores(scores_out, "scores_out")
+  pos, neg = _score_pair(scores_in, scores_out)
   method = fpr_method or ("conservative" if ood_positive else "closest")
   fpr = (fpr_at_tpr(-neg, -pos, recall_level, method) if ood_positive
          else fpr_at_tpr(pos, neg, recall_level, method))
@@ -152,18 +192,19 @@ def ood_metrics(scores_in, scores_out, recall_level: float = 0.95,
   }
 
 
-def threshold_at_tpr(scores_in, tpr: float = 0.95) -> float:
+def threshold_at_tpr(scores_in, tpr: float = 0.95) -> Union[float, int]:
   """The deployment threshold: the highest ``t`` with ``mean(scores_in >= t) >= tpr``.
 
   Fit it on held-out in-distribution scores (never the test set), then flag ``score < t`` as
   OOD: on data like the held-out set at least ``tpr`` of the ID inputs are accepted. It is the
-  ``ceil(tpr * N)``-th largest held-out score.
+  ``ceil(tpr * N)``-th largest held-out score (a float, or an int for integer scores: exact at
+  any size).
   """
-  if not 0.0 < tpr <= 1.0:
-    raise ValueError(f"tpr must lie in (0, 1], got {tpr}")
+  if not _is_fraction(tpr):
+    raise ValueError(f"tpr must lie in (0, 1], got {tpr!r}")
   s = np.sort(_as_scores(scores_in, "scores_in"))[::-1]
   keep = int(np.ceil(tpr * s.size - 1e-9))
-  return float(s[max(keep, 1) - 1])
+  return s[max(keep, 1) - 1].item()
 
 
 MARGIN_QUANTILES = (0.05, 0.95)
@@ -190,9 +231,9 @@ def suggest_margins(energies_in, energies_out,
   """
   e_in = _as_scores(energies_in, "energies_in")
   e_out = _as_scores(energies_out, "energies_out")
+  if np.shape(quantiles) != (2,) or not all(_is_fraction(q, low_open=False) for q in quantiles):
+    raise ValueError(f"quantiles must lie in [0, 1] (two of them), got {quantiles!r}")
   q_in, q_out = quantiles
-  if not (0.0 <= q_in <= 1.0 and 0.0 <= q_out <= 1.0):
-    raise ValueError(f"quantiles must lie in [0, 1], got {quantiles}")
   m_in = float(np.quantile(e_in, q_in))
   m_out = float(np.quantile(e_out, q_out))
   if np.median(e_in) >= np.median(e_out) or m_in >= m_out:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Dict, NamedTuple, Sequence, Tuple
+import warnings
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -37,21 +38,63 @@ def _check_logits(logits: Array, name: str = "logits") -> Array:
     raise ValueError(f"{name} has an empty class axis: shape {logits.shape}")
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     raise TypeError(f"{name} must be floating point, got dtype {logits.dtype}")
+  # float16 / bfloat16 logits are scored in float32: their 3 or 8 significant bits would round
+  # the logsumexp of a confident row to its maximum.
   return logits.astype(jnp.float32) if logits.dtype != jnp.float64 else logits
+
+
+def _as_array(x: Any, name: str) -> Any:
+  """``x`` as an array the jitted scores take: arrays (numpy of any float dtype, jax, tracers)
+  pass as they are; other array-likes (lists, tuples, scalars) go through ``np.asarray``, integer
+  ones as float (a list of whole numbers is still logits). An integer *array* is refused: labels
+  passed as logits are a bug to report."""
+  if isinstance(x, (np.ndarray, jax.Array, jax.core.Tracer)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):   # named before JAX narrows int64 to int32
+      raise TypeError(f"{name} must be floating point, got dtype {x.dtype}")
+    return x
+  try:
+    arr = np.asarray(x)
+  except (TypeError, ValueError) as e:           # ragged lists
+    raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}: {e}") from None
+  if arr.dtype.kind in "iu":
+    arr = arr.astype(np.float64)
+  if arr.dtype.kind not in "f" and arr.dtype != jnp.bfloat16:
+    raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__} of dtype "
+                    f"{arr.dtype}")
+  return arr
+
+
+# XLA flushes subnormal floats to zero: below float32's smallest normal number a temperature
+# would divide by 0.
+MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
+MAX_TEMPERATURE = float(np.finfo(np.float32).max)
+
+
+def _check_number(value, name: str) -> float:
+  if isinstance(value, (str, bytes, bool, np.bool_)) or np.ndim(value) != 0:
+    raise TypeError(f"{name} must be a number, got {value!r}")
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise TypeError(f"{name} must be a number, got {value!r}") from None
 
 
 def _check_temperature(temperature) -> None:
   if isinstance(temperature, jax.core.Tracer):   # traced by an enclosing jit: checked there
     return
-  t = float(temperature)
+  t = _check_number(temperature, "temperature")
   if not np.isfinite(t) or t <= 0:
     raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+  if not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+    raise ValueError(f"temperature {temperature!r} lies outside float32's normal range "
+                     f"[{MIN_TEMPERATURE:.3g}, {MAX_TEMPERATURE:.3g}], in which scores are "
+                     "computed")
 
 
 def _check_epsilon(epsilon) -> None:
   if isinstance(epsilon, jax.core.Tracer):
     return
-  e = float(epsilon)
+  e = _check_number(epsilon, "epsilon")
   if not np.isfinite(e) or e < 0:
     raise ValueError(f"epsilon must be a non-negative finite number, got {epsilon!r}")
 
@@ -64,17 +107,23 @@ class _CheckedJit:
   function has (``lower``, ``trace``, ``eval_shape``, ...) is the jitted function's.
   """
 
-  def __init__(self, fn: Callable, check: Callable[[Dict[str, Any]], None], **jit_kwargs):
+  def __init__(self, fn: Callable, check: Callable[[Dict[str, Any]], None],
+               arrays: Tuple[str, ...] = (), **jit_kwargs):
     self._jitted = jax.jit(fn, **jit_kwargs)
     self._signature = inspect.signature(fn)
     self._check = check
+    self._arrays = arrays
     functools.update_wrapper(self, fn)
 
   def __call__(self, *args, **kwargs):
     bound = self._signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    self._check(bound.arguments)
-    return self._jitted(*args, **kwargs)
+    with_defaults = self._signature.bind(*args, **kwargs)
+    with_defaults.apply_defaults()
+    self._check(with_defaults.arguments)
+    for name in self._arrays:        # lists, scalars, ... as arrays (the defaults stay unpassed)
+      if name in bound.arguments:
+        bound.arguments[name] = _as_array(bound.arguments[name], name)
+    return self._jitted(*bound.args, **bound.kwargs)
 
   def __getattr__(self, name):
     return getattr(self._jitted, name)
@@ -93,14 +142,56 @@ def _checks_epsilon(arguments) -> None:
   _check_epsilon(arguments["epsilon"])
 
 
+def _no_check(arguments) -> None:
+  pass
+
+
 def _nan_where_nonfinite(logits: Array, score: Array) -> Array:
   finite = jnp.all(jnp.isfinite(logits), axis=-1)
   return jnp.where(finite, score, jnp.nan)
 
 
+def _tempered(score: Callable[[Array, Array, Any], Array], logits: Array,
+              temperature: Array | float) -> Array:
+  """``score(x, T, shift)`` of the logits tempered by ``T``: ``x = logits / T``, ``shift = None``
+  for ``T >= 1``, or ``x = (logits - m) / T``, ``shift = m`` (the row's maximum) for ``T < 1``;
+  ``softmax(x) = softmax(logits / T)`` either way, and ``logsumexp(logits / T) = logsumexp(x) +
+  shift / T``.
+
+  ``T >= 1`` divides the logits smaller: the plain formula, bit for bit (its own branch of a
+  ``lax.cond``, so that nothing else fuses into it). ``T < 1`` magnifies them: ``logits /
+  T`` would overflow or, XLA fusing ``l / T - max(l / T)`` into ``l * (1 / T) - M`` with one
+  rounding, be off by ulps of a huge number, enough for ``exp`` to overflow. Shifted first, the
+  largest entry of ``x`` is exactly 0 and the others are negative: every score stays finite and
+  tends to its limit as ``T -> 0`` (the maximum logit; 1 / the number of classes tied at it).
+  """
+  def plain(l, t):
+    return score(l / t, t, None)
+
+  def shifted(l, t):
+    top = jnp.max(l, axis=-1, keepdims=True)
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))  # non-finite rows: as is
+    return score((l - top) / t, t, top[..., 0])
+
+  if isinstance(temperature, (int, float)):       # a Python number: the branch is known now
+    return (shifted if temperature < 1.0 else plain)(logits, temperature)
+  return jax.lax.cond(temperature < 1.0, shifted, plain, logits, temperature)
+
+
+def _energy_of(x: Array, t: Array | float, shift: Optional[Array]) -> Array:
+  lse = t * jax.nn.logsumexp(x, axis=-1)
+  return lse if shift is None else lse + shift
+
+
+def _msp_of(x: Array, t: Array | float, shift: Optional[Array]) -> Array:
+  return jnp.max(jax.nn.softmax(x, axis=-1), axis=-1)
+
+
 def energy(logits: Array, temperature: Array | float = 1.0) -> Array:
-  """``T * logsumexp(logits / T)`` over the last axis, unchecked (for use inside traced code)."""
-  return temperature * jax.nn.logsumexp(logits / temperature, axis=-1)
+  """``T * logsumexp(logits / T)`` over the last axis, unchecked (for use inside traced code);
+  finite for finite logits at any temperature in float32's normal range (see :func:`_tempered`;
+  below ``T ~ 1e-37`` its gradient ``softmax(logits / T)`` underflows through subnormals)."""
+  return _tempered(_energy_of, logits, temperature)
 
 
 def _energy_score(logits: Array, temperature: float = 1.0) -> Array:
@@ -119,7 +210,7 @@ def _energy_score(logits: Array, temperature: float = 1.0) -> Array:
   return _nan_where_nonfinite(logits, energy(logits, temperature))
 
 
-energy_score = _CheckedJit(_energy_score, _checks_temperature)
+energy_score = _CheckedJit(_energy_score, _checks_temperature, arrays=("logits",))
 
 
 def _free_energy(logits: Array, temperature: float = 1.0) -> Array:
@@ -127,25 +218,27 @@ def _free_energy(logits: Array, temperature: float = 1.0) -> Array:
   return -_energy_score(logits, temperature)
 
 
-free_energy = _CheckedJit(_free_energy, _checks_temperature)
+free_energy = _CheckedJit(_free_energy, _checks_temperature, arrays=("logits",))
 
 
 def _msp_score(logits: Array, temperature: float = 1.0) -> Array:
   """Maximum softmax probability ``max_y softmax(logits / T)_y`` (Hendrycks & Gimpel, 2017);
   ``temperature`` traced."""
   logits = _check_logits(logits)
-  score = jnp.max(jax.nn.softmax(logits / temperature, axis=-1), axis=-1)
+  score = _tempered(_msp_of, logits, temperature)
   return _nan_where_nonfinite(logits, score)
 
 
-msp_score = _CheckedJit(_msp_score, _checks_temperature)
+msp_score = _CheckedJit(_msp_score, _checks_temperature, arrays=("logits",))
 
 
-@jax.jit
-def max_logit_score(logits: Array) -> Array:
+def _max_logit_score(logits: Array) -> Array:
   """Maximum logit ``max_y f_y(x)`` (Hendrycks et al., 2022)."""
   logits = _check_logits(logits)
   return _nan_where_nonfinite(logits, jnp.max(logits, axis=-1))
+
+
+max_logit_score = _CheckedJit(_max_logit_score, _no_check, arrays=("logits",))
 
 
 def _sign_step(grad: Array, input_std: Sequence[float]) -> Array:
@@ -209,18 +302,59 @@ class MahalanobisParams(NamedTuple):
   precision: Array
 
 
-def fit_mahalanobis(features: Array, labels: Array, num_classes: int) -> MahalanobisParams:
+class SingularCovarianceWarning(UserWarning):
+  """A Gaussian fit whose covariance is singular or nearly so (see :func:`gaussian_precision`)."""
+
+
+def gaussian_precision(cov: np.ndarray, num_examples: int, num_means: int,
+                       what: str = "features") -> np.ndarray:
+  """The precision ``pinv(Sigma)`` of a covariance ``Sigma [D, D]`` estimated from
+  ``num_examples`` vectors centred on ``num_means`` means, checked for degeneracy.
+
+  ``Sigma = 0`` (every feature constant around its mean) is refused: every distance would be 0
+  and every input would score the same. A singular ``Sigma`` -- numerical rank ``r < D``, with
+  eigenvalues below ``D * eps * lambda_max`` counted as 0; at most ``num_examples - num_means``,
+  so fewer examples than dimensions is always singular -- is warned about
+  (:class:`SingularCovarianceWarning`): the pseudo-inverse ignores the ``D - r`` directions
+  without variance, and those with a variance near rounding error weigh enormously.
+  """
+  dim = cov.shape[0]
+  eigenvalues = np.linalg.eigvalsh(cov)
+  top = float(eigenvalues.max()) if dim else 0.0
+  if not top > 0:
+    raise ValueError(
+        f"degenerate Gaussian fit on {what}: the covariance of the {dim} dimensions around the "
+        f"{num_means} mean(s) is zero (every dimension is constant within each class), so every "
+        "Mahalanobis distance would be 0; fit on features that vary")
+  cutoff = dim * np.finfo(np.float64).eps * top
+  rank = int(np.sum(eigenvalues > cutoff))
+  if rank < dim:
+    constant = int(np.sum(np.diag(cov) <= cutoff))
+    warnings.warn(
+        f"singular Gaussian fit on {what}: the covariance of the {dim} dimensions has numerical "
+        f"rank {rank} ({num_examples} examples around {num_means} mean(s) give at most "
+        f"{max(num_examples - num_means, 0)}; {constant} dimension(s) constant within every "
+        f"class); the precision is a pseudo-inverse that ignores {dim - rank} direction(s), and "
+        "directions whose variance is near rounding error weigh heavily in the distances",
+        SingularCovarianceWarning, stacklevel=3)
+  return np.linalg.pinv(cov, hermitian=True)
+
+
+def fit_mahalanobis(features: Array, labels: Array, num_classes: int,
+                    what: str = "features") -> MahalanobisParams:
   """Fits class means and one shared (tied) covariance on training features.
 
   The covariance is the maximum-likelihood estimate of the class-centred
   features, ``Sigma = 1/N sum_i (z_i - mu_{y_i})(z_i - mu_{y_i})^T`` (sklearn's
   ``EmpiricalCovariance`` as the reference uses it), and the precision is its
-  pseudo-inverse. Computed in float64 on the host.
+  pseudo-inverse (:func:`gaussian_precision`: a zero covariance is refused, a singular one
+  warned about). Computed in float64 on the host.
 
   Args:
     features: ``[N, D]`` penultimate features of the training set.
     labels: ``[N]`` integer labels in ``[0, num_classes)``.
     num_classes: C; every class must have at least one example.
+    what: names the features in errors and warnings (e.g. a block of the network).
   """
   z = np.asarray(features, np.float64)
   y = np.asarray(labels)
@@ -234,11 +368,11 @@ def fit_mahalanobis(features: Array, labels: Array, num_classes: int) -> Mahalan
   if np.any(counts == 0):
     raise ValueError(f"classes without examples: {np.flatnonzero(counts == 0).tolist()}")
   if not np.all(np.isfinite(z)):
-    raise ValueError("features contain NaN or inf")
+    raise ValueError(f"{what} contain NaN or inf")
   means = np.stack([z[y == c].mean(axis=0) for c in range(num_classes)])
   centred = z - means[y]
   cov = centred.T @ centred / z.shape[0]
-  precision = np.linalg.pinv(cov, hermitian=True)
+  precision = gaussian_precision(cov, z.shape[0], num_classes, what)
   return MahalanobisParams(jnp.asarray(means, jnp.float32), jnp.asarray(precision, jnp.float32))
 
 

@@ -46,6 +46,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   see :func:`energy_jax.data.load_run_data`.
   """
   objective, mesh = check_config(config)
+  checkpoints.check_local_path(workdir)
   log = distributed.main_process_only(log)
   log(f"config of {workdir}:\n{config}")
   t0 = time.time()
@@ -119,12 +120,6 @@ def check_config(config):
   """``(objective, mesh)`` of ``config``, after checking what must hold before any work."""
   config_lib.validate(config)
   objective = objectives.get(config.objective)
-  models.get(config.model.name)
-  if config.input_pipeline not in INPUT_PIPELINES:
-    raise ValueError(f"unknown config.input_pipeline {config.input_pipeline!r} "
-                     f"(choose one of {INPUT_PIPELINES})")
-  if int(config.eval_every_epochs) < 1:
-    raise ValueError(f"config.eval_every_epochs must be >= 1, got {config.eval_every_epochs}")
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_divisible(config.batch_size, mesh)
   if objective.uses_outliers:
@@ -150,7 +145,7 @@ def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps
           f"{meta.get('format', 1)}), whose training numbers differ from this version's (format "
           f"{checkpoints.RUN_FORMAT}); finish it with that version, or start a new --workdir")
     resume.check_resumable(meta["config"], config, workdir)
-    if meta.get("finished"):
+    if meta.get("finished") and meta["epoch"] + 1 >= config.epochs:   # else: epochs overridden
       raise FileExistsError(
           f"{workdir} holds a finished run (epoch {meta['epoch'] + 1} of {config.epochs}); "
           f"choose another --workdir, or delete {ckpts.directory} to start over")

@@ -1,0 +1,298 @@
+"""Bad configs and bad inputs end in a message naming the field, the value or the path, before
+any work; inputs that are only read are never written to (docs/reliability.md)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from energy_jax import checkpoints, config as config_lib, data, models, train
+from energy_jax.data import run_data, toy
+
+
+def _config(stage="finetune", **fields):
+  """The test preset with ``fields`` (dotted names) set, in a ConfigDict without the type locks
+  of the base config (so that a wrong type reaches validate, as from a hand-built config)."""
+  d = config_lib.get_config("test", stage).to_dict()
+  for name, value in fields.items():
+    node = d
+    *parents, leaf = name.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return ml_collections.ConfigDict(d)
+
+
+def test_every_field_has_a_check_and_every_preset_validates():
+  assert set(config_lib.CHECKS) == {name for name, _, _ in config_lib.FIELDS}
+  for preset in config_lib.presets():
+    for stage in config_lib.STAGES:
+      config_lib.validate(config_lib.get_config(preset, stage))
+
+
+SEED_RANGE = ("in [0, 4294967296) (numpy's seeds are non-negative, and JAX's keys hold 32 bits: "
+              "PRNGKey(2**32) is PRNGKey(0))")
+BAD_VALUES = [
+    # (field, value, what the message says after "config.FIELD must be")
+    ("batch_size", 0, "a positive integer"),
+    ("batch_size", -16, "a positive integer"),
+    ("batch_size", 16.0, "an integer"),
+    ("batch_size", True, "an integer"),
+    ("outlier_batch_size", 0, "a positive integer"),
+    ("eval_batch_size", 0, "a positive integer"),
+    ("epochs", 0, "a positive integer"),
+    ("steps_per_call", 0, "a positive integer"),
+    ("image_size", 0, "a positive integer"),
+    ("keep_checkpoints", 0, ">= 1 (0 would leave no checkpoint)"),
+    ("train_subset", -5, ">= 0"),
+    ("eval_every_epochs", 0, ">= 1"),
+    ("checkpoint_every_epochs", -1, ">= 1"),
+    ("num_devices", -1, ">= 0"),
+    ("scan_unroll", -2, ">= 0"),
+    ("num_classes", 1, ">= 2 (a softmax over one class is constant)"),
+    ("seed", -1, SEED_RANGE),
+    ("seed", 2 ** 32, SEED_RANGE),
+    ("learning_rate", 0.0, "> 0.0"),
+    ("learning_rate", float("nan"), "finite"),
+    ("learning_rate", "0.1", "a number"),
+    ("min_learning_rate", -1e-6, ">= 0.0"),
+    ("momentum", 1.0, "in [0.0, 1.0)"),
+    ("weight_decay", float("inf"), "finite"),
+    ("m_in", float("-inf"), "finite"),
+    ("m_out", None, "a number"),
+    ("energy_weight", -0.1, ">= 0.0"),
+    ("oe_weight", float("nan"), "finite"),
+    ("model.depth", 12, "6n+4 (10, 16, 22, 28, 40, ...: n blocks per group of the WRN)"),
+    ("model.depth", 4, ">= 10"),
+    ("model.widen_factor", 0, "a positive integer"),
+    ("model.dropout_rate", 1.0, "in [0.0, 1.0)"),
+    ("model.pooling", "max", "one of 'mean', 'reference'"),
+    ("model.dtype", "float16", "one of 'float32', 'bfloat16'"),
+    ("model.name", "resnet9", "one of 'wrn'"),
+    ("objective", "hinge", "one of 'ce', 'energy', 'oe'"),
+    ("input_pipeline", "grpc", "one of 'device', 'tfdata'"),
+    ("outlier_sampling", "random", "one of 'window', 'shuffle'"),
+    ("validation_sets", (), "a non-empty tuple of names"),
+    ("dataset", "", "a non-empty string"),
+    ("in_train", "", "a non-empty string"),
+    ("in_test", None, "a string"),
+    ("in_test_split", None, "a string"),
+    ("data_dir", 3, "a string"),
+    ("pretrained", None, "a string"),
+    ("drop_remainder", 0, "True or False"),
+    ("nesterov", "yes", "True or False"),
+    ("progress_bar", None, "True or False"),
+    ("tensorboard", 1, "True or False"),
+    ("resume_override", ("seed",), "a string"),
+]
+
+
+@pytest.mark.parametrize("field,value,requirement", BAD_VALUES,
+                         ids=[f"{f}={v!r}" for f, v, _ in BAD_VALUES])
+def test_a_bad_value_is_refused_naming_the_field_and_the_value(field, value, requirement):
+  with pytest.raises(ValueError) as e:
+    config_lib.validate(_config(**{field: value}))
+  assert str(e.value) == f"config.{field} must be {requirement}, got {value!r}"
+
+
+def test_every_field_is_among_the_bad_values_tried():
+  tried = {f for f, _, _ in BAD_VALUES} | {"validation_sets", "outliers", "outliers_split",
+                                           "validation_base", "validation_base_split",
+                                           "in_train_split"}
+  untried = {name for name, _, _ in config_lib.FIELDS} - tried
+  assert untried == set(), untried
+
+
+def test_sources_splits_and_validation_sets():
+  for field in ("outliers_split", "validation_base_split", "in_train_split"):
+    with pytest.raises(ValueError, match=rf"^config\.{field} must be a string, got 0$"):
+      config_lib.validate(_config(**{field: 0}))
+  with pytest.raises(ValueError, match=r"config.validation_sets = \('jigsaw', 'fog'\) holds "
+                                       r"unknown set\(s\) 'fog'; known .*uniform_noise"):
+    config_lib.validate(_config(validation_sets=("jigsaw", "fog")))
+  with pytest.raises(ValueError, match=r"config.validation_base must be a string, got None"):
+    config_lib.validate(_config(validation_base=None))
+  # '' is no source for the training set, but means "none" / "the ID test set" for these two.
+  config_lib.validate(_config("pretrain", outliers="", validation_base=""))
+
+
+def test_unknown_renamed_and_missing_fields():
+  with pytest.raises(ValueError, match=r"^config.batch_szie is not a config field; did you mean "
+                                       r"config.batch_size\?$"):
+    config_lib.validate(_config(batch_szie=128))
+  with pytest.raises(ValueError, match=r"^config.model.detph is not a field of model 'wrn' \(its "
+                                       r"fields: depth, dropout_rate, pooling, widen_factor\); "
+                                       r"did you mean config.model.depth\?$"):
+    config_lib.validate(_config(**{"model.detph": 16}))
+  with pytest.raises(ValueError, match=r"^config.zzz is not a config field$"):
+    config_lib.validate(_config(zzz=1))
+  with pytest.raises(ValueError, match="score -> objective"):
+    config_lib.validate(_config(score="energy"))
+  c = _config()
+  del c["seed"]
+  with pytest.raises(ValueError, match=r"^config has no field seed: start from"):
+    config_lib.validate(c)
+  c = _config()
+  c.model = None
+  with pytest.raises(ValueError, match="config.model must be a ConfigDict .* got None"):
+    config_lib.validate(c)
+
+
+def test_fields_that_must_agree():
+  with pytest.raises(ValueError, match=r"config.m_in = -2.0 must lie below config.m_out = -2.0"):
+    config_lib.validate(_config(m_in=-2.0, m_out=-2.0))
+  config_lib.validate(_config("pretrain", m_in=-2.0, m_out=-2.0))      # not read by "ce"
+  with pytest.raises(ValueError, match=r"config.outliers is empty, but config.objective = 'oe' "
+                                       "trains on outlier images"):
+    config_lib.validate(_config(objective="oe", outliers=""))
+  with pytest.raises(ValueError, match=r"config.min_learning_rate = 0.5 must not exceed "
+                                       r"config.learning_rate = 0.1"):
+    config_lib.validate(_config(learning_rate=0.1, min_learning_rate=0.5))
+
+
+class _Probe(nn.Module):
+  width: int
+  num_classes: int
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train=False, mask=None, example_ids=None):
+    features = jnp.mean(nn.Conv(self.width, (3, 3), name="conv")(x), axis=(1, 2))
+    return models.ModelOutput(nn.Dense(self.num_classes, name="head")(features), features,
+                              (features,))
+
+
+def _build_probe(*, num_classes, dtype, axis_name=None, width=4):
+  return _Probe(width=width, num_classes=num_classes, dtype=dtype)
+
+
+@pytest.fixture
+def probe_model():
+  models.register("probe", shape_fields=("width",), head="head")(_build_probe)
+  yield
+  models.MODELS.unregister("probe")
+
+
+def test_another_models_fields_are_checked_by_the_types_of_its_defaults(probe_model):
+  c = _config()
+  c.model = ml_collections.ConfigDict({"name": "probe", "dtype": "float32", "width": True})
+  with pytest.raises(ValueError, match=r"^config.model.width must be an integer, got True$"):
+    config_lib.validate(c)
+  c.model = ml_collections.ConfigDict({"name": "probe", "dtype": "float32", "width": 6})
+  config_lib.validate(c)
+  c.model.depth = 16                           # a WRN field
+  with pytest.raises(ValueError, match=r"config.model.depth is not a field of model 'probe' "
+                                       r"\(its fields: width\)"):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("field,value", [("keep_checkpoints", 0), ("batch_size", 0),
+                                         ("train_subset", -5), ("batch_size", -16)])
+def test_a_bad_value_stops_the_run_before_anything_is_read_or_written(tmp_path, field, value):
+  # The test preset's data (DATA/...) does not exist: reading it would fail otherwise.
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=re.escape(f"config.{field} must be")):
+    train.train_and_evaluate(_config("pretrain", **{field: value}), str(workdir))
+  assert not workdir.exists()
+
+
+def test_a_url_workdir_or_checkpoint_is_refused_before_any_work(tmp_path):
+  c = _config("pretrain")
+  with pytest.raises(ValueError, match=r"^workdir gs://bucket/run is a URL; energy-jax reads and "
+                                       r"writes runs on a local or shared file system"):
+    train.train_and_evaluate(c, "gs://bucket/run")
+  with pytest.raises(ValueError, match=r"^checkpoint gs://bucket/run is a URL"):
+    checkpoints.load_variables("gs://bucket/run", c)
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_evaluate_refuses_num_to_avg_below_one(value):
+  out = subprocess.run([sys.executable, "experiments/evaluate.py", "--checkpoint=/nowhere",
+                        f"--num_to_avg={value}"], cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+  assert out.returncode != 0
+  assert f"--num_to_avg={value}: {value} is not a positive integer" in out.stderr + out.stdout
+
+
+def _image_folder(root, split, classes, n=2):
+  for c in classes:
+    os.makedirs(root / split / c, exist_ok=True)
+    for i in range(n):
+      Image.new("RGB", (32, 32), color=(40 * i, 0, 0)).save(root / split / c / f"{i}.png")
+
+
+def test_train_and_test_classes_are_matched_by_name(tmp_path):
+  _image_folder(tmp_path / "f", "train", ("a", "b"), n=3)
+  _image_folder(tmp_path / "f", "test", ("a", "c"))
+  c = _config("pretrain", in_train=str(tmp_path / "f"), in_test=str(tmp_path / "f"),
+              num_classes=2)
+  with pytest.raises(ValueError, match=re.escape(
+      "config.in_test classes ['a', 'c'] differ from config.in_train classes ['a', 'b']: "
+      "missing 'b', extra 'c'")):
+    data.load_run_data(c, False)
+  with pytest.raises(ValueError, match=re.escape(
+      "classes ['b', 'a'] differ from config.in_train classes ['a', 'b']: the same names in "
+      "another order")):
+    run_data.check_same_classes(("a", "b"), ("b", "a"))
+  _image_folder(tmp_path / "g", "train", ("a", "b"), n=3)
+  _image_folder(tmp_path / "g", "test", ("a", "b"))
+  ok = data.load_run_data(_config("pretrain", in_train=str(tmp_path / "g"),
+                                  in_test=str(tmp_path / "g"), num_classes=2), False)
+  assert ok.train.class_names == ok.test.class_names == ("a", "b")
+  assert ok.train.labels.tolist() == [0, 0, 0, 1, 1, 1] and ok.test.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_train_subset_is_a_count_of_the_training_set(tmp_path):
+  _image_folder(tmp_path / "f", "train", ("a", "b"), n=3)
+  _image_folder(tmp_path / "f", "test", ("a", "b"))
+  c = _config("pretrain", in_train=str(tmp_path / "f"), in_test=str(tmp_path / "f"),
+              num_classes=2, train_subset=4)
+  assert len(data.load_run_data(c, False).train) == 4
+  assert data.count_run_data(c, False) == (4, 4, 0)
+  c.train_subset = 7
+  for fn in (data.load_run_data, data.count_run_data):
+    with pytest.raises(ValueError, match=r"config.train_subset = 7 exceeds the 6 images of "
+                                         r"config.in_train \(.*f"):
+      fn(c, False)
+
+
+def _tree(root):
+  """``{path: (size, mtime)}`` of everything under ``root``."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(root):
+    for name in dirnames + filenames:
+      st = os.lstat(os.path.join(dirpath, name))
+      out[os.path.relpath(os.path.join(dirpath, name), root)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def test_a_checkpoint_given_to_read_is_never_written(tmp_path, probe_model):
+  # A folder without a run: refused, and no checkpoints/ folder is made in it.
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  c = _config("pretrain")
+  with pytest.raises(FileNotFoundError, match=re.escape(f"{plain} holds no Orbax checkpoint")):
+    checkpoints.load_variables(str(plain), c)
+  assert os.listdir(plain) == []
+  checkpoints.RunCheckpoints(str(plain), read_only=True).close()
+  assert os.listdir(plain) == []
+  # A run directory: loading it (the run or its checkpoints/ folder) changes no file in it.
+  toy_id, _ = toy.make_toy_dataset(str(tmp_path / "data"), train_per_class=8, test_per_class=4,
+                                   num_outliers=0)
+  c.model = ml_collections.ConfigDict({"name": "probe", "dtype": "float32", "width": 4})
+  c.in_train = c.in_test = toy_id
+  c.num_devices, c.epochs, c.steps_per_call = 1, 1, 2
+  run = tmp_path / "run"
+  train.train_and_evaluate(c, str(run), log=lambda s: None)
+  before = _tree(run)
+  for path in (run, run / "checkpoints"):
+    variables = checkpoints.load_variables(str(path), c)
+    assert variables["params"]["conv"]["kernel"].shape == (3, 3, 3, 4)
+  assert _tree(run) == before
