@@ -142,3 +142,24 @@ def test_a_preempted_run_continues_mid_epoch_to_the_uninterrupted_numbers(toy_id
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   rows = [json.loads(l) for l in open(tmp_path / "cut" / "results.jsonl")]
   assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_a_run_resumed_on_another_device_count_continues_the_same_stream(toy_id, tmp_path,
+                                                                          monkeypatch):
+  # Dropout on; a small learning rate keeps the devices' float summation order from growing.
+  c = _config(toy_id, learning_rate=0.01)
+  c.model.dropout_rate = 0.3
+  full = train.train_and_evaluate(c, str(tmp_path / "full"), log=lambda s: None)
+  monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(4))   # epoch 2, step 2 of 4
+  assert train.train_and_evaluate(c, str(tmp_path / "cut"), log=lambda s: None)["preempted"]
+  monkeypatch.setattr(loop, "PreemptionWatch", preemption.PreemptionWatch)
+  c4 = _config(toy_id, learning_rate=0.01, num_devices=4)
+  c4.model.dropout_rate = 0.3
+  resumed = train.train_and_evaluate(c4, str(tmp_path / "cut"), log=lambda s: None)
+  # Another crop, flip, dropout mask or batch would move the loss by percents.
+  assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-5)
+  a = checkpoints.load_variables(str(tmp_path / "full"), c)
+  b = checkpoints.load_variables(str(tmp_path / "cut"), c)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    assert np.max(np.abs(x - y)) <= 1e-4 * np.max(np.abs(x)) + 1e-7
