@@ -117,14 +117,20 @@ class RunCheckpoints:
     self.manager = self._open()
 
   def _open(self):
-    if self.read_only:            # (no rotation or save cadence: Orbax warns about either)
-      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
-                                             save_interval_steps=0)
-    else:
-      options = ocp.CheckpointManagerOptions(
+    if not self.read_only:
+      return ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
           max_to_keep=self.max_to_keep, create=True, enable_async_checkpointing=False,
-          cleanup_tmp_directories=True)       # what a save cut short left behind
-    return ocp.CheckpointManager(self.directory, options=options)
+          cleanup_tmp_directories=True))      # what a save cut short left behind
+    # No rotation or save cadence (Orbax warns about either), and Orbax's warning that the
+    # folder is read-only silenced: it was asked for.
+    from absl import logging
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+      return ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False, max_to_keep=None, save_interval_steps=0))
+    finally:
+      logging.set_verbosity(level)
 
   def __enter__(self) -> "RunCheckpoints":
     return self
