@@ -11,6 +11,7 @@ registered converter (the reference's WRN checkpoints for ``"wrn"``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,9 +26,10 @@ import orbax.checkpoint as ocp
 
 from energy_jax import __version__, models
 
-# The training recipe's numbers: a change that alters them bumps it, and a run saved under
-# another format is not resumed (its remaining epochs would follow other rules).
-RUN_FORMAT = 3
+# The training recipe's numbers and the checkpoints' layout: a change to either bumps it, and a
+# run saved under another format is not resumed (its remaining epochs would follow other rules).
+# 4: checkpoints at global steps (mid-epoch after a preemption), each with an integrity record.
+RUN_FORMAT = 4
 
 
 def run_meta(config, epoch: int, finished: bool, row: Dict[str, Any], *,
@@ -56,7 +58,7 @@ def check_finite(tree, what: str) -> None:
   bad = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     x = np.asarray(leaf)
-    if np.issubdtype(x.dtype, np.floating):
+    if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):     # bfloat16 included
       count = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
       if count:
         bad.append((jax.tree_util.keystr(path, simple=True, separator="/"), count))
@@ -118,9 +120,11 @@ class RunCheckpoints:
 
   def _open(self):
     if not self.read_only:
+      # Rotation is done by save() after the new checkpoint's record is written (Orbax would
+      # delete the older ones before it); cleanup removes what a save cut short left behind.
       return ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-          max_to_keep=self.max_to_keep, create=True, enable_async_checkpointing=False,
-          cleanup_tmp_directories=True))      # what a save cut short left behind
+          max_to_keep=None, create=True, enable_async_checkpointing=False,
+          cleanup_tmp_directories=True))
     # No rotation or save cadence (Orbax warns about either), and Orbax's warning that the
     # folder is read-only silenced: it was asked for.
     from absl import logging
@@ -161,37 +165,48 @@ class RunCheckpoints:
       return f"file(s) changed since the save: {changed[:3]}"
     return None
 
+  def newest_format(self) -> Optional[int]:
+    """The run format the newest checkpoint's meta records (None: no checkpoint, or no readable
+    meta); read before verifying, so that a run of another format is refused, not moved aside."""
+    steps = self.steps()
+    if not steps:
+      return None
+    try:
+      return int(self.read_meta(steps[0]).get("format", 1))
+    except Exception:        # an unreadable meta: left to the verification
+      return None
+
   def latest_intact_step(self, move_damaged: bool = True,
                          require_record: bool = True) -> Optional[int]:
     """The newest intact step (None if there is none). Damaged checkpoints are named through
-    ``log`` and, with ``move_damaged``, moved out of the way (process 0 moves, all wait).
+    ``log`` and, with ``move_damaged``, moved out of the way. Process 0 verifies and moves, and
+    the others take its answer (their disks may not hold the records).
     ``require_record=False`` also takes a checkpoint without an integrity record (one written
     by energy-jax 0.1, read as pretrained weights)."""
     from energy_jax import distributed
-    found, moved = None, False
-    for step in self.steps():
-      problem = self.verify(step)
-      if problem is not None and not require_record and problem.startswith("no integrity"):
-        problem = None
-      if problem is None:
-        found = step
-        break
-      where = os.path.join(self.directory, str(step))
-      if move_damaged:
-        target = os.path.join(self.quarantine, f"{step}-{int(time.time())}")
-        if distributed.is_main_process():
+    found, moved = -1, 0
+    if distributed.is_main_process():
+      for step in self.steps():
+        problem = self.verify(step)
+        if problem is not None and not require_record and problem.startswith("no integrity"):
+          problem = None
+        if problem is None:
+          found = step
+          break
+        where = os.path.join(self.directory, str(step))
+        if move_damaged:
+          target = os.path.join(self.quarantine, f"{step}-{int(time.time())}")
           os.makedirs(self.quarantine, exist_ok=True)
           shutil.move(where, target)
-        moved = True
-        self.log(f"checkpoint {where} is damaged ({problem}): moved to {target}; "
-                 "continuing from the one before it")
-      else:
-        self.log(f"checkpoint {where} is damaged ({problem}): skipped")
+          moved = 1
+          self.log(f"checkpoint {where} is damaged ({problem}): moved to {target}")
+        else:
+          self.log(f"checkpoint {where} is damaged ({problem}): skipped")
+    found, moved = distributed.from_main_process(np.array([found, moved], np.int64)).tolist()
     if moved:
-      distributed.barrier("checkpoints: damaged moved aside")
       self.manager.close()
       self.manager = self._open()
-    return found
+    return None if found < 0 else int(found)
 
   def save(self, step: int, state, meta: Dict[str, Any]) -> None:
     """Saves ``state`` (after checking it is finite) and the JSON ``meta`` as ``step``, then
@@ -208,21 +223,32 @@ class RunCheckpoints:
       raise OSError(getattr(e, "errno", None), f"could not write checkpoint {step} to "
                     f"{self.directory}: {reason[-300:]}; the checkpoints before it are kept, and "
                     "the same command continues from the newest once there is room") from e
+    failed = ""
     if distributed.is_main_process():
-      files = _files(os.path.join(self.directory, str(step)))
-      record = {name: _sha256(path) for name, path in files.items()}
-      os.makedirs(self.records, exist_ok=True)
-      tmp = os.path.join(self.records, f".{step}.json.tmp")
-      with open(tmp, "w") as f:
-        json.dump(record, f, indent=0, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, os.path.join(self.records, f"{step}.json"))
-      kept = {f"{s}.json" for s in self.manager.all_steps()}
-      for name in os.listdir(self.records):          # records of rotated-away checkpoints
-        if name.endswith(".json") and name not in kept:
-          os.remove(os.path.join(self.records, name))
-    distributed.barrier(f"checkpoints: step {step} recorded")
+      try:
+        self._record(step)
+      except OSError as e:
+        failed = f"could not write the integrity record of checkpoint {step}: {e}"
+    if distributed.any_process(bool(failed)):
+      raise OSError(failed or f"process 0 could not write the integrity record of checkpoint "
+                    f"{step}; the checkpoints before it are kept")
+    for old in self.steps()[self.max_to_keep:]:           # oldest beyond max_to_keep
+      self.manager.delete(old)
+      if distributed.is_main_process():
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(os.path.join(self.records, f"{old}.json"))
+
+  def _record(self, step: int) -> None:
+    """Writes the SHA-256 of checkpoint ``step``'s files, atomically."""
+    files = _files(os.path.join(self.directory, str(step)))
+    record = {name: _sha256(path) for name, path in files.items()}
+    os.makedirs(self.records, exist_ok=True)
+    tmp = os.path.join(self.records, f".{step}.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(record, f, indent=0, sort_keys=True)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(self.records, f"{step}.json"))
 
   def restore(self, target_state, step: int, sharding=None) -> Tuple[Any, Dict[str, Any]]:
     """``(state, meta)`` of ``step``, shaped like ``target_state`` and placed with ``sharding``
@@ -302,6 +328,10 @@ def load_variables(path: str, config) -> Dict[str, Any]:
     if step is None:
       raise FileNotFoundError(f"{path} holds no intact Orbax checkpoint (looked in "
                               f"{ckpts.directory})")
-    models.check_architecture(architecture_of(ckpts.read_meta(step)), config,
-                              f"{ckpts.directory}/{step}")
+    meta = ckpts.read_meta(step)
+    models.check_architecture(architecture_of(meta), config, f"{ckpts.directory}/{step}")
+    if not meta.get("finished", True) and jax.process_index() == 0:
+      print(f"note: {workdir} holds a run that has not finished (epoch {meta['epoch'] + 1} of "
+            f"{meta['config']['epochs']}); its newest checkpoint, step {step}, is used",
+            file=sys.stderr)
     return ckpts.restore_variables(step)

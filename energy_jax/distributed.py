@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import jax
+import numpy as np
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -53,9 +54,16 @@ def any_process(flag: bool) -> bool:
   """Whether ``flag`` is set on any process (every process must call this at the same point)."""
   if jax.process_count() == 1:
     return bool(flag)
-  import numpy as np
   from jax.experimental import multihost_utils
   return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def from_main_process(values: np.ndarray) -> np.ndarray:
+  """Process 0's ``values`` on every process (every process must call this at the same point)."""
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.broadcast_one_to_all(values))
 
 
 def barrier(name: str) -> None:

@@ -59,6 +59,11 @@ def config_help(doc: str, spec: str) -> str:
   return text.replace("%", "%%")
 
 
+# The exit status of a run stopped by SIGTERM (saved; the same command continues it): BSD's
+# EX_TEMPFAIL, "try again later".
+PREEMPTED = 75
+
+
 def define_process_flags() -> None:
   """The flags that join a multi-process run (README: several hosts)."""
   from absl import flags
@@ -107,7 +112,9 @@ def run(default_config: str, default_workdir: str):
     from energy_jax import train
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or default_workdir.format(preset=_preset())
-    train.train_and_evaluate(config, workdir)
+    result = train.train_and_evaluate(config, workdir)
+    if result.get("preempted"):
+      return PREEMPTED      # not 0: a script that chains stages must not go on from here
 
   def _preset():
     spec = config_flags.get_config_filename(flags.FLAGS["config"])

@@ -21,6 +21,7 @@ def main():
   p.add_argument("--data", required=True)
   p.add_argument("--pipeline", default="device")
   p.add_argument("--epochs", type=int, default=2)
+  p.add_argument("--steps_per_call", type=int, default=3)
   args = p.parse_args()
   from energy_jax import distributed
   distributed.initialize(args.coordinator or None, args.num_processes, args.process_id,
@@ -33,10 +34,14 @@ def main():
   c.model.dropout_rate = 0.3
   c.input_pipeline = args.pipeline
   c.epochs = args.epochs
-  c.steps_per_call = 3
+  c.steps_per_call = args.steps_per_call
   c.batch_size = 16
   c.learning_rate = 0.002
   row = train.train_and_evaluate(c, args.workdir)
+  if row.get("preempted"):
+    print(f"process {jax.process_index()} preempted at epoch {row['epoch']}, step "
+          f"{row['steps_done']}", flush=True)
+    return
   print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices: "
         f"train_loss {row['train_loss']!r}", flush=True)
   variables = checkpoints.load_variables(args.workdir, c)    # every process: Orbax syncs them

@@ -69,6 +69,21 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
                                                  r"\d+ tensor\(s\), the first batch_stats/"):
       ckpts.save(3, state, {})
     assert ckpts.steps() == []
+  # bfloat16 (which numpy does not count as floating) is checked too.
+  bf16 = {"w": np.array([1.0, np.inf], dtype=jax.numpy.bfloat16)}
+  with pytest.raises(FloatingPointError, match=r"holds 1 non-finite value\(s\) in 1 tensor\(s\), "
+                                               r"the first w"):
+    checkpoints.check_finite(bf16, "x")
+
+
+def test_rotation_keeps_the_newest_recorded_checkpoints(tmp_path):
+  # keep_checkpoints = 1: the older checkpoint goes only after the new one's record is written.
+  c = config_lib.get_config("test", "pretrain")
+  with checkpoints.RunCheckpoints(str(tmp_path), max_to_keep=1) as ckpts:
+    for step in (4, 8, 12):
+      ckpts.save(step, _state(), checkpoints.run_meta(c, step // 4 - 1, False, {}))
+      assert ckpts.steps() == [step]
+      assert os.listdir(tmp_path / "checkpoints.sha256") == [f"{step}.json"]
 
 
 def test_a_second_live_run_on_a_workdir_is_refused_naming_the_first(tmp_path):
@@ -95,6 +110,11 @@ def test_resume_refuses_a_changed_config_naming_each_field(toy_id, tmp_path):
   longer = _config(toy_id, epochs=2, resume_override="epochs")
   train.train_and_evaluate(longer, str(tmp_path), log=lambda s: None)
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))[-1] == 2 * 4
+  # Even when overridden, a resumed run keeps its epochs' length (its step count is positions).
+  with pytest.raises(ValueError, match=r"was saved with 4 steps per epoch, this config gives 2"):
+    train.train_and_evaluate(_config(toy_id, epochs=2, batch_size=32,
+                                     resume_override="epochs,batch_size"),
+                             str(tmp_path), log=lambda s: None)
   with pytest.raises(ValueError, match=r"resume_override = 'epoch' names unknown field\(s\) "
                                        r"epoch; did you mean config\.epochs\?"):
     config_lib.validate(_config(toy_id, resume_override="epoch"))
@@ -125,8 +145,9 @@ def test_a_preempted_run_continues_mid_epoch_to_the_uninterrupted_numbers(toy_id
   c = _config(toy_id, input_pipeline=pipeline)
   c.model.dropout_rate = 0.3
   full = train.train_and_evaluate(c, str(tmp_path / "full"), log=lambda s: None)
-  # Asked after every step but an epoch's last: 3 times in epoch 1, then after step 2 of epoch 2.
-  monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(4))
+  # Asked after every step but an epoch's last and after each epoch: 4 times in epoch 1, then
+  # after steps 1 and 2 of epoch 2.
+  monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(5))
   said = []
   stopped = train.train_and_evaluate(c, str(tmp_path / "cut"), log=said.append)
   assert stopped == {"preempted": True, "epoch": 2, "steps_done": 2}
@@ -150,7 +171,7 @@ def test_a_run_resumed_on_another_device_count_continues_the_same_stream(toy_id,
   c = _config(toy_id, learning_rate=0.01)
   c.model.dropout_rate = 0.3
   full = train.train_and_evaluate(c, str(tmp_path / "full"), log=lambda s: None)
-  monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(4))   # epoch 2, step 2 of 4
+  monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(5))   # epoch 2, step 2 of 4
   assert train.train_and_evaluate(c, str(tmp_path / "cut"), log=lambda s: None)["preempted"]
   monkeypatch.setattr(loop, "PreemptionWatch", preemption.PreemptionWatch)
   c4 = _config(toy_id, learning_rate=0.01, num_devices=4)
@@ -163,3 +184,21 @@ def test_a_run_resumed_on_another_device_count_continues_the_same_stream(toy_id,
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     assert np.max(np.abs(x - y)) <= 1e-4 * np.max(np.abs(x)) + 1e-7
+
+
+def test_a_stop_asked_for_in_an_epochs_last_call_stops_after_that_epoch(toy_id, tmp_path,
+                                                                       monkeypatch):
+  c = _config(toy_id, steps_per_call=8, checkpoint_every_epochs=5)   # an epoch is one call
+  full = train.train_and_evaluate(c, str(tmp_path / "full"), log=lambda s: None)
+  monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(0))
+  said = []
+  stopped = train.train_and_evaluate(c, str(tmp_path / "cut"), log=said.append)
+  assert stopped == {"preempted": True, "epoch": 1, "steps_done": 4}
+  assert any("stopped by SIGTERM after epoch 1: saved" in s for s in said)
+  monkeypatch.setattr(loop, "PreemptionWatch", preemption.PreemptionWatch)
+  resumed = train.train_and_evaluate(c, str(tmp_path / "cut"), log=lambda s: None)
+  assert resumed["train_loss"] == full["train_loss"]
+  a = checkpoints.load_variables(str(tmp_path / "full"), c)
+  b = checkpoints.load_variables(str(tmp_path / "cut"), c)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -1,5 +1,6 @@
 """One run over 2 local processes x 2 CPU devices (jax.distributed on 127.0.0.1) computes what one
-process with 4 devices computes, on both input paths; one writer; killed and rerun, it resumes."""
+process with 4 devices computes, on both input paths; one writer; killed, or one process sent
+SIGTERM, and rerun, it resumes to the uninterrupted run; evaluate.py gives the one-process table."""
 
 import json
 import os
@@ -26,14 +27,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(num_processes, devices_per_process, workdir, data, pipeline, epochs=2):
+def _start(num_processes, devices_per_process, workdir, data, pipeline, epochs=2,
+           steps_per_call=3):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
   port = _free_port()
   procs = []
   for pid in range(num_processes):
     cmd = [sys.executable, WORKER, "--workdir", str(workdir), "--data", str(data),
-           "--pipeline", pipeline, "--epochs", str(epochs)]
+           "--pipeline", pipeline, "--epochs", str(epochs),
+           "--steps_per_call", str(steps_per_call)]
     if num_processes > 1:
       cmd += ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
               "--process_id", str(pid)]
@@ -92,19 +95,35 @@ def test_two_processes_of_two_devices_compute_what_one_of_four_computes(toy, tmp
   assert "Epoch   1" in two[0] and "Epoch   1" not in two[1]
 
 
-def test_both_processes_killed_then_rerun_resume_and_end_as_an_uninterrupted_run(toy, tmp_path):
-  full = _finish(_start(2, 2, tmp_path / "full", toy, "device", epochs=3))
-  procs = _start(2, 2, tmp_path / "cut", toy, "device", epochs=3)
+def test_both_processes_killed_then_one_sent_sigterm_resume_to_the_uninterrupted_run(toy,
+                                                                                   tmp_path):
+  # One step per call: a stop can fall inside an epoch.
+  full = _finish(_start(2, 2, tmp_path / "full", toy, "device", epochs=3, steps_per_call=1))
+  procs = _start(2, 2, tmp_path / "cut", toy, "device", epochs=3, steps_per_call=1)
   deadline = time.time() + TIMEOUT_S
-  while len(saved_steps(tmp_path / "cut")) < 2 and time.time() < deadline:
+  while len(saved_steps(tmp_path / "cut")) < 1 and time.time() < deadline:
     assert all(p.poll() is None for p in procs), "a process ended before the kill"
     time.sleep(0.2)
   for p in procs:
     p.send_signal(signal.SIGKILL)
     p.wait()
-  assert len(saved_steps(tmp_path / "cut")) >= 2
-  resumed = _finish(_start(2, 2, tmp_path / "cut", toy, "device", epochs=3))
-  assert "resuming" in resumed[0]
+  assert saved_steps(tmp_path / "cut")
+  # Rerun; SIGTERM to process 1 only: both stop at the same step, saved.
+  before = saved_steps(tmp_path / "cut")
+  procs = _start(2, 2, tmp_path / "cut", toy, "device", epochs=3, steps_per_call=1)
+  while saved_steps(tmp_path / "cut") == before and time.time() < deadline:
+    assert all(p.poll() is None for p in procs), "a process ended before the signal"
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  stopped = _finish(procs)
+  assert "resuming" in stopped[0]
+  if "preempted" in stopped[0]:                      # (else it had just finished)
+    where = [out.split("preempted at ")[1].split()[:3] for out in stopped]
+    assert where[0] == where[1], where
+    resumed = _finish(_start(2, 2, tmp_path / "cut", toy, "device", epochs=3, steps_per_call=1))
+    assert "resuming" in resumed[0]
+  else:
+    resumed = stopped
   assert _loss(resumed[0]) == pytest.approx(_loss(full[0]), rel=1e-5)
   _compare_params(tmp_path / "cut.npz", tmp_path / "full.npz", scale_tol=1e-5)
   rows = (tmp_path / "cut" / "training_results.csv").read_text().splitlines()

@@ -156,7 +156,7 @@ def _run(script, preset, workdir, toy_dir, *extra):
 
 
 @pytest.mark.heavy
-def test_scripts_pretrain_finetune_and_resume_after_kill(toy_dir, tmp_path):
+def test_scripts_pretrain_finetune_and_resume_after_kill_and_sigterm(toy_dir, tmp_path):
   pre = tmp_path / "pre"
   p = _run("pretrain", "test", pre, toy_dir)
   out = p.communicate(timeout=300)[0]
@@ -167,7 +167,7 @@ def test_scripts_pretrain_finetune_and_resume_after_kill(toy_dir, tmp_path):
   assert p.returncode != 0 and "holds a finished run" in out
 
   # Uninterrupted fine-tuning (3 epochs) ...
-  common = (f"--config.pretrained={pre}", "--config.epochs=3")
+  common = (f"--config.pretrained={pre}", "--config.epochs=3", "--config.steps_per_call=1")
   full = tmp_path / "full"
   p = _run("finetune", "test", full, toy_dir, *common)
   out = p.communicate(timeout=300)[0]
@@ -181,9 +181,20 @@ def test_scripts_pretrain_finetune_and_resume_after_kill(toy_dir, tmp_path):
   p.send_signal(signal.SIGKILL)
   p.wait()
   assert saved_steps(cut)
+  # Restarted (it resumes), then stopped by SIGTERM: saved, exit status 75 so that a `set -e`
+  # chain stops there; run again, it finishes.
+  before = saved_steps(cut)
   p = _run("finetune", "test", cut, toy_dir, *common)
+  while saved_steps(cut) == before and p.poll() is None and time.time() < deadline:
+    time.sleep(0.2)
+  p.send_signal(signal.SIGTERM)
   out = p.communicate(timeout=300)[0]
-  assert p.returncode == 0 and "resuming" in out, out
+  assert "resuming" in out, out[-3000:]
+  if p.returncode != 0:                       # (0: it had finished before the signal came)
+    assert p.returncode == 75 and "stopped by SIGTERM" in out, out[-3000:]
+    p = _run("finetune", "test", cut, toy_dir, *common)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0 and "resuming" in out, out
   # Epochs after the restored checkpoint ran twice; their first rows were dropped.
   for name in ("training_results.csv", "results.jsonl"):
     epochs = [int(l.split(",")[0]) if name.endswith(".csv") else json.loads(l)["epoch"]

@@ -87,6 +87,13 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
               config, epoch, finished, row, steps_done=steps, steps_per_epoch=steps))
         writer.write(row)
         times.setdefault("first_epoch", row["train_s"])
+        if not finished and watch.requested():   # asked during the epoch's last call or after
+          if (epoch + 1) % config.checkpoint_every_epochs:
+            ckpts.save((epoch + 1) * steps, jax.device_get(state), checkpoints.run_meta(
+                config, epoch, False, row, steps_done=steps, steps_per_epoch=steps))
+          log(f"stopped by SIGTERM after epoch {epoch + 1}: saved; the same command continues "
+              "from there")
+          return {"preempted": True, "epoch": epoch + 1, "steps_done": steps}
   log(timing_summary(times, t0))
   return row
 
@@ -134,17 +141,29 @@ def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps
   pretrained model, else a fresh model (pretraining only)."""
   rng = jax.random.PRNGKey(config.seed)
   total_steps = steps * config.epochs
+  run_format = ckpts.newest_format()         # before verifying: another format is refused
+  if run_format not in (None, checkpoints.RUN_FORMAT):
+    meta = ckpts.read_meta(ckpts.steps()[0])
+    raise ValueError(
+        f"{workdir} holds a run saved by energy-jax {meta.get('version', '0.1')} (run format "
+        f"{run_format}), whose training numbers or checkpoints differ from this version's "
+        f"(format {checkpoints.RUN_FORMAT}); finish it with that version, or start a new "
+        "--workdir")
+  saved = ckpts.steps()
   latest = ckpts.latest_intact_step()
+  if latest is None and saved:
+    log(f"no intact checkpoint in {ckpts.directory} (the damaged ones are in "
+        f"{ckpts.quarantine}): the run starts from the beginning")
   if latest is not None:
     meta = ckpts.read_meta(latest)
     source = f"{ckpts.directory}/{latest}"
     models.check_architecture(checkpoints.architecture_of(meta), config, source)
-    if meta.get("format") != checkpoints.RUN_FORMAT:
-      raise ValueError(
-          f"{workdir} holds a run saved by energy-jax {meta.get('version', '0.1')} (run format "
-          f"{meta.get('format', 1)}), whose training numbers differ from this version's (format "
-          f"{checkpoints.RUN_FORMAT}); finish it with that version, or start a new --workdir")
     resume.check_resumable(meta["config"], config, workdir)
+    if meta["steps_per_epoch"] != steps:
+      raise ValueError(
+          f"{source} was saved with {meta['steps_per_epoch']} steps per epoch, this config "
+          f"gives {steps} (batch_size, train_subset, drop_remainder or the data changed); a "
+          "resumed run keeps its epochs: restore them, or start a new --workdir")
     if meta.get("finished") and meta["epoch"] + 1 >= config.epochs:   # else: epochs overridden
       raise FileExistsError(
           f"{workdir} holds a finished run (epoch {meta['epoch'] + 1} of {config.epochs}); "
@@ -243,7 +262,7 @@ def check_losses_finite(step_losses: np.ndarray, epoch: int,
     saved = ckpts.steps()
     raise FloatingPointError(
         f"training loss became {step_losses[bad]} at epoch {epoch + 1}, step {bad + 1}; "
-        f"nothing of this epoch was saved, the last good checkpoint is "
+        f"nothing after the last good checkpoint was saved: "
         f"{f'{ckpts.directory}/{saved[0]}' if saved else 'none yet'}")
 
 

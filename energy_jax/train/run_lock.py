@@ -31,23 +31,35 @@ class WorkdirLock:
   def __enter__(self) -> "WorkdirLock":
     problem = ""
     if distributed.is_main_process():
-      os.makedirs(os.path.dirname(self.path), exist_ok=True)
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        problem = (f"{os.path.dirname(self.path)} is in use by a live run ({holder}); wait for "
-                   "it to end, or choose another --workdir")
-      else:
-        self._fd = fd
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
-                       f"{datetime.datetime.now().isoformat(timespec='seconds')}\n").encode(), 0)
+      problem = self._take()
     if distributed.any_process(bool(problem)):
       raise RunInProgress(problem or f"process 0 could not lock {os.path.dirname(self.path)}")
     return self
+
+  def _take(self) -> str:
+    """Takes the lock; '' if it did, else why not."""
+    workdir = os.path.dirname(self.path)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      return f"could not open the workdir lock {self.path}: {e.strerror or e}"
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+      os.close(fd)
+      return (f"{workdir} is in use by a live run ({holder}); wait for it to end, or choose "
+              "another --workdir")
+    except OSError as e:          # e.g. ENOLCK: a network file system without locking
+      os.close(fd)
+      return (f"could not lock {self.path} ({e.strerror or e}): the workdir's file system "
+              "offers no file locks; use a local or lock-capable shared disk")
+    self._fd = fd
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                   f"{datetime.datetime.now().isoformat(timespec='seconds')}\n").encode(), 0)
+    return ""
 
   def __exit__(self, *exc) -> None:
     if self._fd is not None:
