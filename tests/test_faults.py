@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -36,20 +37,31 @@ def _start(workdir, data, *extra, fsize=None):
       signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
       resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
-  return subprocess.Popen([sys.executable, WORKER, "--workdir", str(workdir), "--data", str(data),
-                           *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, preexec_fn=limit)
+  # The output goes to a file: a pipe nobody reads while the run goes on would block the run
+  # once it is full (a failed save's messages can fill it).
+  log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+  p = subprocess.Popen([sys.executable, WORKER, "--workdir", str(workdir), "--data", str(data),
+                        *extra], env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                       preexec_fn=limit)
+  log.close()
+  p.log = log.name
+  return p
+
+
+def _output(p) -> str:
+  with open(p.log) as f:
+    return f.read()
 
 
 def _run(workdir, data, *extra, fsize=None):
   p = _start(workdir, data, *extra, fsize=fsize)
-  return p.wait(timeout=TIMEOUT_S), p.stdout.read()
+  return p.wait(timeout=TIMEOUT_S), _output(p)
 
 
 def _wait_for(predicate, proc):
   deadline = time.time() + TIMEOUT_S
   while not predicate():
-    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert proc.poll() is None, _output(proc)[-3000:]
     assert time.time() < deadline, "timed out"
     time.sleep(0.1)
 
@@ -105,7 +117,8 @@ def test_a_run_through_every_fault_ends_where_an_uninterrupted_run_ends(toy, tmp
   before = saved_steps(run)
   _wait_for(lambda: saved_steps(run) != before, p)
   p.send_signal(signal.SIGTERM)
-  out = p.communicate(timeout=TIMEOUT_S)[0]
+  p.wait(timeout=TIMEOUT_S)
+  out = _output(p)
   assert p.returncode == 0, out[-3000:]
   assert f"{newest} is damaged" in out and "moved to" in out
   assert "stopped by SIGTERM" in out or "RESULT" in out     # or it had just finished

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import chex
@@ -151,26 +152,38 @@ def _run(script, preset, workdir, toy_dir, *extra):
          f"--config.in_train={toy_dir}/toy_id.zip", f"--config.in_test={toy_dir}/toy_id.zip",
          f"--config.outliers={toy_dir}/toy_outliers.npy", "--config.num_devices=1", *extra]
   env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  # Output to a file, read while the run goes on (a pipe read only at the end can fill and block).
+  log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+  p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+  log.close()
+  p.log = log.name
+  return p
+
+
+def _output(p, timeout=None) -> str:
+  """What ``p`` printed so far (with ``timeout``: after waiting for it to end)."""
+  if timeout is not None:
+    p.wait(timeout=timeout)
+  with open(p.log) as f:
+    return f.read()
 
 
 @pytest.mark.heavy
 def test_scripts_pretrain_finetune_and_resume_after_kill_and_sigterm(toy_dir, tmp_path):
   pre = tmp_path / "pre"
   p = _run("pretrain", "test", pre, toy_dir)
-  out = p.communicate(timeout=300)[0]
+  out = _output(p, timeout=300)
   assert p.returncode == 0, out
   # A finished run is refused, not overwritten.
   p = _run("pretrain", "test", pre, toy_dir)
-  out = p.communicate(timeout=300)[0]
+  out = _output(p, timeout=300)
   assert p.returncode != 0 and "holds a finished run" in out
 
   # Uninterrupted fine-tuning (3 epochs) ...
-  common = (f"--config.pretrained={pre}", "--config.epochs=3", "--config.steps_per_call=1")
+  common = (f"--config.pretrained={pre}", "--config.epochs=3")
   full = tmp_path / "full"
   p = _run("finetune", "test", full, toy_dir, *common)
-  out = p.communicate(timeout=300)[0]
+  out = _output(p, timeout=300)
   assert p.returncode == 0, out
   # ... against one killed for real after its first epoch, then restarted with the same command.
   cut = tmp_path / "cut"
@@ -181,20 +194,17 @@ def test_scripts_pretrain_finetune_and_resume_after_kill_and_sigterm(toy_dir, tm
   p.send_signal(signal.SIGKILL)
   p.wait()
   assert saved_steps(cut)
-  # Restarted (it resumes), then stopped by SIGTERM: saved, exit status 75 so that a `set -e`
-  # chain stops there; run again, it finishes.
-  before = saved_steps(cut)
+  # Restarted (it resumes at epoch 2), then sent SIGTERM: it stops within epoch 2 or after it,
+  # saved, with exit status 75 so that a `set -e` chain stops there; run again, it finishes.
   p = _run("finetune", "test", cut, toy_dir, *common)
-  while saved_steps(cut) == before and p.poll() is None and time.time() < deadline:
+  while "resuming" not in _output(p) and p.poll() is None and time.time() < deadline:
     time.sleep(0.2)
   p.send_signal(signal.SIGTERM)
-  out = p.communicate(timeout=300)[0]
-  assert "resuming" in out, out[-3000:]
-  if p.returncode != 0:                       # (0: it had finished before the signal came)
-    assert p.returncode == 75 and "stopped by SIGTERM" in out, out[-3000:]
-    p = _run("finetune", "test", cut, toy_dir, *common)
-    out = p.communicate(timeout=300)[0]
-    assert p.returncode == 0 and "resuming" in out, out
+  out = _output(p, timeout=300)
+  assert p.returncode == 75 and "stopped by SIGTERM" in out and "epoch 2" in out, out[-3000:]
+  p = _run("finetune", "test", cut, toy_dir, *common)
+  out = _output(p, timeout=300)
+  assert p.returncode == 0 and "resuming" in out, out
   # Epochs after the restored checkpoint ran twice; their first rows were dropped.
   for name in ("training_results.csv", "results.jsonl"):
     epochs = [int(l.split(",")[0]) if name.endswith(".csv") else json.loads(l)["epoch"]

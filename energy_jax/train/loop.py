@@ -70,32 +70,44 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
         metrics = joined(start.partial if epoch == start.epoch else None, metrics)
         check_losses_finite(metrics["loss"], epoch, ckpts)
         if done < steps:              # preempted: save where it stopped, write nothing else
-          ckpts.save(epoch * steps + done, jax.device_get(state), checkpoints.run_meta(
-              config, epoch, False, {}, steps_done=done, steps_per_epoch=steps,
-              partial={k: np.asarray(v).tolist() for k, v in metrics.items()}))
-          log(f"stopped by SIGTERM at epoch {epoch + 1}, step {done} of {steps}: saved; the "
-              "same command continues from there")
-          return {"preempted": True, "epoch": epoch + 1, "steps_done": done}
+          save_at(ckpts, config, state, epoch, done, steps, partial=metrics)
+          return stopped(epoch, done, steps, log)
         row = epoch_row(config, epoch, metrics, float(learning_rate((epoch + 1) * steps - 1)),
                         time.time() - t_epoch)
         finished = epoch + 1 == config.epochs
         if finished or (epoch + 1) % config.eval_every_epochs == 0:
           row.update(test_metrics(config, state, data.test, mesh))
         row.update(time_s=time.time() - t_epoch, eval_s=time.time() - t_epoch - row["train_s"])
-        if finished or (epoch + 1) % config.checkpoint_every_epochs == 0:
-          ckpts.save((epoch + 1) * steps, jax.device_get(state), checkpoints.run_meta(
-              config, epoch, finished, row, steps_done=steps, steps_per_epoch=steps))
+        saved = finished or (epoch + 1) % config.checkpoint_every_epochs == 0
+        if saved:
+          save_at(ckpts, config, state, epoch, steps, steps, row, finished)
         writer.write(row)
         times.setdefault("first_epoch", row["train_s"])
         if not finished and watch.requested():   # asked during the epoch's last call or after
-          if (epoch + 1) % config.checkpoint_every_epochs:
-            ckpts.save((epoch + 1) * steps, jax.device_get(state), checkpoints.run_meta(
-                config, epoch, False, row, steps_done=steps, steps_per_epoch=steps))
-          log(f"stopped by SIGTERM after epoch {epoch + 1}: saved; the same command continues "
-              "from there")
-          return {"preempted": True, "epoch": epoch + 1, "steps_done": steps}
+          if not saved:
+            save_at(ckpts, config, state, epoch, steps, steps, row)
+          return stopped(epoch, steps, steps, log)
   log(timing_summary(times, t0))
   return row
+
+
+def save_at(ckpts: checkpoints.RunCheckpoints, config, state: TrainState, epoch: int, done: int,
+            steps: int, row: Optional[Dict[str, Any]] = None, finished: bool = False,
+            partial: Optional[Dict[str, np.ndarray]] = None) -> None:
+  """Saves ``state`` after ``done`` of the ``steps`` steps of ``epoch`` (0-based), as global step
+  ``epoch * steps + done``; a preempted epoch keeps its per-step metrics so far in ``partial``."""
+  ckpts.save(epoch * steps + done, jax.device_get(state), checkpoints.run_meta(
+      config, epoch, finished, row or {}, steps_done=done, steps_per_epoch=steps,
+      partial=None if partial is None else {k: np.asarray(v).tolist()
+                                            for k, v in partial.items()}))
+
+
+def stopped(epoch: int, done: int, steps: int, log: Callable[[str], None]) -> Dict[str, Any]:
+  """Says where SIGTERM stopped the run (saved there); the run's return value."""
+  where = (f"at epoch {epoch + 1}, step {done} of {steps}" if done < steps
+           else f"after epoch {epoch + 1}")
+  log(f"stopped by SIGTERM {where}: saved; the same command continues from there")
+  return {"preempted": True, "epoch": epoch + 1, "steps_done": done}
 
 
 def run_summary(config, data: RunData, steps: int, mesh, times: Dict[str, float]) -> str:
