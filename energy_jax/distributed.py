@@ -64,10 +64,3 @@ def from_main_process(values: np.ndarray) -> np.ndarray:
     return values
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.broadcast_one_to_all(values))
-
-
-def barrier(name: str) -> None:
-  """Waits until every process has reached ``name`` (nothing to wait for with one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)

@@ -256,11 +256,16 @@ def _input_pipelines():
   return loop.INPUT_PIPELINES
 
 
+def field_names(text: str) -> List[str]:
+  """The names in a comma-separated list such as ``resume_override``."""
+  return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _field_names(name: str, value: Any) -> None:
   """Comma-separated names of fields of FIELDS ('' for none)."""
   string()(name, value)
   known = [field for field, _, _ in FIELDS]
-  unknown = [f for f in (part.strip() for part in value.split(",")) if f and f not in known]
+  unknown = [f for f in field_names(value) if f not in known]
   if unknown:
     raise ValueError(f"config.{name} = {value!r} names unknown field(s) {', '.join(unknown)}"
                      f"{_closest(unknown[0], known)}")

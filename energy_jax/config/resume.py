@@ -10,33 +10,28 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping
 
+import ml_collections
+
+from energy_jax import config as config_lib
+
 # How a run is watched, evaluated and laid out on the hardware: free to change on resume.
 MAY_CHANGE = ("progress_bar", "tensorboard", "eval_every_epochs", "eval_batch_size",
               "checkpoint_every_epochs", "keep_checkpoints", "num_devices", "steps_per_call",
               "scan_unroll", "data_dir", "resume_override")
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-  return out
-
-
-def overridden(config) -> set:
-  """The fields ``config.resume_override`` lists."""
-  return {f.strip() for f in str(config.get("resume_override", "") or "").split(",") if f.strip()}
+def _flat(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """``{dotted name: value}``, tuples as the lists a config saved as JSON holds."""
+  return {name: list(value) if isinstance(value, tuple) else value
+          for name, value in config_lib.flat_items(config)}
 
 
 def check_resumable(saved: Mapping[str, Any], config, source: str) -> None:
   """Raises naming every field where ``config`` differs from the ``saved`` config of the run at
   ``source``, other than :data:`MAY_CHANGE` and those ``config.resume_override`` lists."""
-  now = _flat(config.to_dict())
-  then = _flat(saved)
-  allowed = set(MAY_CHANGE) | overridden(config)
+  now = _flat(config)
+  then = _flat(ml_collections.ConfigDict(dict(saved)))
+  allowed = set(MAY_CHANGE) | set(config_lib.field_names(config.get("resume_override", "")))
   changed = [f"{k}: {then.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
              for k in sorted(set(now) | set(then))
              if k not in allowed and then.get(k) != now.get(k)]
