@@ -108,6 +108,19 @@ def test_a_second_live_run_on_a_workdir_is_refused_naming_the_first(tmp_path):
     pass
 
 
+def test_a_workdir_without_file_locks_is_refused_naming_the_lock(tmp_path, monkeypatch):
+  import errno
+  import fcntl
+
+  def no_locks(fd, op):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  with pytest.raises(run_lock.RunInProgress, match=rf"could not lock {tmp_path}/\.lock \(No locks "
+                                                   r"available\): the workdir's file system offers"):
+    with run_lock.WorkdirLock(str(tmp_path)):
+      pass
+
+
 def test_resume_refuses_a_changed_config_naming_each_field(toy_id, tmp_path):
   c = _config(toy_id, epochs=1)
   train.train_and_evaluate(c, str(tmp_path), log=lambda s: None)
