@@ -165,14 +165,14 @@ class RunCheckpoints:
       return f"file(s) changed since the save: {changed[:3]}"
     return None
 
-  def newest_format(self) -> Optional[int]:
-    """The run format the newest checkpoint's meta records (None: no checkpoint, or no readable
-    meta); read before verifying, so that a run of another format is refused, not moved aside."""
+  def newest_meta(self) -> Optional[Dict[str, Any]]:
+    """The newest checkpoint's meta (None: no checkpoint, or no readable meta); read before
+    verifying, so that a run of another format is refused, not moved aside."""
     steps = self.steps()
     if not steps:
       return None
     try:
-      return int(self.read_meta(steps[0]).get("format", 1))
+      return self.read_meta(steps[0])
     except Exception:        # an unreadable meta: left to the verification
       return None
 

@@ -153,12 +153,11 @@ def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps
   pretrained model, else a fresh model (pretraining only)."""
   rng = jax.random.PRNGKey(config.seed)
   total_steps = steps * config.epochs
-  run_format = ckpts.newest_format()         # before verifying: another format is refused
-  if run_format not in (None, checkpoints.RUN_FORMAT):
-    meta = ckpts.read_meta(ckpts.steps()[0])
+  newest = ckpts.newest_meta()               # before verifying: another format is refused
+  if newest is not None and newest.get("format", 1) != checkpoints.RUN_FORMAT:
     raise ValueError(
-        f"{workdir} holds a run saved by energy-jax {meta.get('version', '0.1')} (run format "
-        f"{run_format}), whose training numbers or checkpoints differ from this version's "
+        f"{workdir} holds a run saved by energy-jax {newest.get('version', '0.1')} (run format "
+        f"{newest.get('format', 1)}), whose training numbers or checkpoints differ from this version's "
         f"(format {checkpoints.RUN_FORMAT}); finish it with that version, or start a new "
         "--workdir")
   saved = ckpts.steps()
