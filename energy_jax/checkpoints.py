@@ -11,11 +11,8 @@ registered converter (the reference's WRN checkpoints for ``"wrn"``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
 import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -23,8 +20,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from energy_jax import __version__, models
+from energy_jax import __version__, models, storage
 
 # The training recipe's numbers and the checkpoints' layout: a change to either bumps it, and a
 # run saved under another format is not resumed (its remaining epochs would follow other rules).
@@ -67,31 +65,12 @@ def check_finite(tree, what: str) -> None:
                              f"{len(bad)} tensor(s), the first {bad[0][0]}; it is not saved")
 
 
-def _sha256(path: str) -> str:
+def _sha256(path) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
-
-
-def _files(root: str) -> Dict[str, str]:
-  """``{relative path: absolute path}`` of every file below ``root``."""
-  out = {}
-  for dirpath, _, names in os.walk(root):
-    for name in names:
-      full = os.path.join(dirpath, name)
-      out[os.path.relpath(full, root)] = full
-  return out
-
-
-def check_local_path(path: str, what: str = "workdir") -> None:
-  """Refuses a URL (``gs://...``): the run's lock (``fcntl``), its integrity records and its
-  writers need a local or shared file system; write there and copy the run to a bucket."""
-  if "://" in str(path):
-    raise ValueError(f"{what} {path} is a URL; energy-jax reads and writes runs on a local or "
-                     "shared file system (e.g. NFS): give a path there, and copy "
-                     "the run to the bucket afterwards")
 
 
 class RunCheckpoints:
@@ -107,12 +86,12 @@ class RunCheckpoints:
   intact checkpoint in favour of a bad one.
   """
 
-  def __init__(self, workdir: str, max_to_keep: int = 2, log: Callable[[str], None] = print,
+  def __init__(self, workdir, max_to_keep: int = 2, log: Callable[[str], None] = print,
                read_only: bool = False):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
-    self.records = os.path.join(self.workdir, "checkpoints.sha256")
-    self.quarantine = os.path.join(self.workdir, "checkpoints.damaged")
+    self.workdir = storage.run_path(workdir)
+    self.directory = self.workdir / "checkpoints"
+    self.records = self.workdir / "checkpoints.sha256"
+    self.quarantine = self.workdir / "checkpoints.damaged"
     self.max_to_keep = max_to_keep
     self.log = log
     self.read_only = read_only      # an input (pretrained weights): never written to
@@ -148,15 +127,14 @@ class RunCheckpoints:
 
   def verify(self, step: int) -> Optional[str]:
     """None if checkpoint ``step`` is as it was saved, else what is wrong with it."""
-    record = os.path.join(self.records, f"{step}.json")
-    if not os.path.exists(record):
+    record = self.records / f"{step}.json"
+    if not record.exists():
       return "no integrity record (saved by another version, or cut short)"
     try:
-      with open(record) as f:
-        want = json.load(f)
+      want = json.loads(storage.read_text(record))
     except (OSError, ValueError) as e:
       return f"unreadable integrity record {record}: {e}"
-    have = _files(os.path.join(self.directory, str(step)))
+    have = storage.files_below(self.directory / str(step))
     missing = sorted(set(want) - set(have))
     if missing:
       return f"missing file(s) {missing[:3]}"
@@ -193,11 +171,11 @@ class RunCheckpoints:
         if problem is None:
           found = step
           break
-        where = os.path.join(self.directory, str(step))
+        where = self.directory / str(step)
         if move_damaged:
-          target = os.path.join(self.quarantine, f"{step}-{int(time.time())}")
-          os.makedirs(self.quarantine, exist_ok=True)
-          shutil.move(where, target)
+          target = self.quarantine / f"{step}-{int(time.time())}"
+          self.quarantine.mkdir(parents=True, exist_ok=True)
+          where.rename(target)
           moved = 1
           self.log(f"checkpoint {where} is damaged ({problem}): moved to {target}")
         else:
@@ -235,20 +213,13 @@ class RunCheckpoints:
     for old in self.steps()[self.max_to_keep:]:           # oldest beyond max_to_keep
       self.manager.delete(old)
       if distributed.is_main_process():
-        with contextlib.suppress(FileNotFoundError):
-          os.remove(os.path.join(self.records, f"{old}.json"))
+        (self.records / f"{old}.json").unlink(missing_ok=True)
 
   def _record(self, step: int) -> None:
     """Writes the SHA-256 of checkpoint ``step``'s files, atomically."""
-    files = _files(os.path.join(self.directory, str(step)))
+    files = storage.files_below(self.directory / str(step))
     record = {name: _sha256(path) for name, path in files.items()}
-    os.makedirs(self.records, exist_ok=True)
-    tmp = os.path.join(self.records, f".{step}.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(record, f, indent=0, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(self.records, f"{step}.json"))
+    storage.write_text(self.records / f"{step}.json", json.dumps(record, indent=0, sort_keys=True))
 
   def restore(self, target_state, step: int, sharding=None) -> Tuple[Any, Dict[str, Any]]:
     """``(state, meta)`` of ``step``, shaped like ``target_state`` and placed with ``sharding``
@@ -280,14 +251,15 @@ class RunCheckpoints:
 def read_torch_state_dict(path: str) -> Mapping[str, Any]:
   """A ``.pt`` ``state_dict``, read with ``torch.load(weights_only=True)``: no pickled code runs.
   A ``module.`` prefix (``nn.DataParallel``) is left for the converter."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
   try:
     import torch
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("reading .pt checkpoints needs torch: pip install 'energy_jax[torch]'") from e
   try:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    with epath.Path(path).open("rb") as f:
+      state_dict = torch.load(f, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for truncated / foreign files
     raise ValueError(f"cannot read PyTorch checkpoint {path}: {type(e).__name__}: {e}") from e
   if isinstance(state_dict, Mapping) and "state_dict" in state_dict:
@@ -309,19 +281,19 @@ def load_torch_checkpoint(path: str, config) -> Dict[str, Any]:
 
 def load_variables(path: str, config) -> Dict[str, Any]:
   """``{'params', 'batch_stats'}`` from a run directory (latest epoch), its ``checkpoints/``
-  folder, or a PyTorch ``.pt`` state_dict, checked against ``config``'s model."""
+  folder, or a PyTorch ``.pt`` state_dict (on a disk or at a ``gs://`` URL), checked against
+  ``config``'s model."""
   if not path:
     raise ValueError("no pretrained checkpoint given (config.pretrained is empty)")
-  check_local_path(path, "checkpoint")
-  if not os.path.exists(path):
+  found = storage.check_reachable(path, "checkpoint")
+  if not found.exists():
     raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-  if os.path.isfile(path):
-    return load_torch_checkpoint(path, config)
-  workdir = os.path.dirname(path.rstrip("/")) if os.path.basename(
-      path.rstrip("/")) == "checkpoints" else path
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):   # read, never created
+  if found.is_file():
+    return load_torch_checkpoint(str(found), config)
+  workdir = found.parent if found.name == "checkpoints" else found
+  if not (workdir / "checkpoints").is_dir():                    # read, never created
     raise FileNotFoundError(f"{path} holds no Orbax checkpoint (no folder "
-                            f"{os.path.join(workdir, 'checkpoints')})")
+                            f"{workdir / 'checkpoints'})")
   with RunCheckpoints(workdir, read_only=True,               # an input: never written to
                       log=lambda message: print(message, file=sys.stderr)) as ckpts:
     step = ckpts.latest_intact_step(move_damaged=False, require_record=False)

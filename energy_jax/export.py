@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, Dict, NamedTuple
 
 import jax
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from energy_jax import __version__, detectors, models
+from energy_jax import __version__, detectors, models, storage
 from energy_jax.data import augment
 
 ARTIFACT_FORMAT = 1
@@ -52,9 +51,10 @@ def _checkpointer():
 
 def save(path: str, *, config, variables, detector: detectors.Detector, params,
          threshold: float) -> str:
-  """Writes the artifact to the new folder ``path`` (refused if it exists); returns its path."""
-  path = os.path.abspath(path)
-  if os.path.exists(path):
+  """Writes the artifact to the new folder ``path`` (a ``gs://`` URL too; refused if it exists);
+  returns its path."""
+  path = storage.check_reachable(path, "artifact")
+  if path.exists():
     raise FileExistsError(f"{path} exists: give a new folder for the artifact")
   if detector.name not in detectors.names():
     raise ValueError(f"detector {detector.name!r} is not registered: it could not be loaded")
@@ -73,14 +73,14 @@ def save(path: str, *, config, variables, detector: detectors.Detector, params,
   meta["empty_variables"] = sorted(set(variables) - set(arrays["variables"]))
   _checkpointer().save(path, ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
                                                 meta=ocp.args.JsonSave(meta)))
-  return path
+  return str(path)
 
 
 def load_artifact(path: str) -> Artifact:
   """The :class:`Artifact` saved at ``path``."""
   import ml_collections
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = storage.check_reachable(path, "artifact")
+  if not path.is_dir():
     raise FileNotFoundError(f"no OOD-detector artifact at {path}")
   restored = _checkpointer().restore(path, ocp.args.Composite(
       arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))

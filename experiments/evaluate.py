@@ -50,7 +50,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   _main.join_processes()
-  from energy_jax import detectors
+  from energy_jax import detectors, storage
   from energy_jax.ood import evaluation, protocol
   F = flags.FLAGS
   sources = {}
@@ -75,8 +75,9 @@ def main(argv):
     chosen = [detectors.create(d, **_typed(d, hparams[d])) for d in names]
   except ValueError as e:
     raise app.UsageError(str(e))
-  workdir = F.workdir or os.path.join(
-      F.checkpoint if os.path.isdir(F.checkpoint) else os.path.dirname(F.checkpoint) or ".", "eval")
+  checkpoint = storage.check_reachable(F.checkpoint, "--checkpoint")
+  workdir = F.workdir or str(
+      (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval")
   evaluation.run(F.config, F.checkpoint, sources, workdir, chosen, F.num_to_avg, F.seed,
                  F.validate, F.temperature_ablation, grid_source=F.grid,
                  ood_positive=F.ood_positive, progress_bar=F.progress)

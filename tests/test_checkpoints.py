@@ -42,6 +42,10 @@ def _assert_same_variables(run_a, run_b, config, scale_tol=0.0):
       np.testing.assert_array_equal(x, y)
 
 
+def _files_in(folder):
+  return sorted(os.path.join(d, n) for d, _, names in os.walk(folder) for n in names)
+
+
 def _state(seed=0):
   c = config_lib.get_config("test", "pretrain")
   return jax.device_get(train.create_train_state(c, jax.random.PRNGKey(seed), 10))
@@ -55,12 +59,11 @@ def test_a_damaged_latest_checkpoint_is_named_moved_aside_and_the_one_before_use
       ckpts.save(step, _state(step), checkpoints.run_meta(c, step // 4 - 1, False, {}))
     assert ckpts.latest_intact_step() == 12 and not said
     # Bytes changed in place (size unchanged) in the newest, a file missing from the next.
-    victim = max((p for p in checkpoints._files(str(tmp_path / "checkpoints" / "12")).values()),
-                 key=os.path.getsize)
+    victim = max(_files_in(tmp_path / "checkpoints" / "12"), key=os.path.getsize)
     blob = bytearray(open(victim, "rb").read())
     blob[len(blob) // 2] ^= 0xFF
     open(victim, "wb").write(bytes(blob))
-    os.remove(next(iter(checkpoints._files(str(tmp_path / "checkpoints" / "8")).values())))
+    os.remove(_files_in(tmp_path / "checkpoints" / "8")[0])
     assert ckpts.latest_intact_step() == 4
   assert "checkpoints/12 is damaged (file(s) changed since the save" in said[0]
   assert "checkpoints/8 is damaged (missing file(s)" in said[1]

@@ -287,7 +287,7 @@ def test_resume_drops_log_rows_after_the_checkpoint_and_cut_rows(tmp_path):
   csv.write_text("epoch,time(s),train_loss,test_loss,test_error(%)\n001,00001,0.5,,\n"
                  "002,00001,0.4,0.3,10.00\n003,00001,0.3,,\n00")          # a kill cut the last row
   jsonl.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)) + '{"epo')
-  writer.drop_rows_after(str(csv), str(jsonl), epochs_done=2)
+  writer.RunWriter(tiny_config(tensorboard=False), str(tmp_path), start_epoch=2, log=print)
   assert csv.read_text() == ("epoch,time(s),train_loss,test_loss,test_error(%)\n"
                              "001,00001,0.5,,\n002,00001,0.4,0.3,10.00\n")
   assert [json.loads(l)["epoch"] for l in jsonl.read_text().splitlines()] == [1, 2]

@@ -203,13 +203,25 @@ def test_a_bad_value_stops_the_run_before_anything_is_read_or_written(tmp_path, 
   assert not workdir.exists()
 
 
-def test_a_url_workdir_or_checkpoint_is_refused_before_any_work(tmp_path):
+def test_a_url_other_than_gs_or_an_unreachable_bucket_is_refused_before_any_work(monkeypatch):
+  # The test preset's data does not exist: reading it would fail with another message.
   c = _config("pretrain")
-  with pytest.raises(ValueError, match=r"^workdir gs://bucket/run is a URL; energy-jax reads and "
-                                       r"writes runs on a local or shared file system"):
+  with pytest.raises(ValueError, match=r"^workdir s3://bucket/run: s3:// is not supported; a run "
+                                       r"lives on a local or shared disk or at gs://$"):
+    train.train_and_evaluate(c, "s3://bucket/run")
+  with pytest.raises(ValueError, match=r"^checkpoint http://host/run: http:// is not supported"):
+    checkpoints.load_variables("http://host/run", c)
+  with pytest.raises(ValueError, match=r"^workdir gs:// names no bucket"):
+    train.train_and_evaluate(c, "gs://")
+  # gs:// with neither of epath's backends (TensorFlow's gfile, fsspec's gcsfs) installed.
+  from etils.epath import backend
+  monkeypatch.setenv("EPATH_USE_TF", "false")
+  monkeypatch.setitem(sys.modules, "gcsfs", None)
+  backend.fsspec_backend._get_filesystem.cache_clear()
+  with pytest.raises(OSError, match=r"^workdir gs://bucket/run cannot be reached \(ImportError: "
+                                    r".*gs:// paths need TensorFlow or `pip install gcsfs`"):
     train.train_and_evaluate(c, "gs://bucket/run")
-  with pytest.raises(ValueError, match=r"^checkpoint gs://bucket/run is a URL"):
-    checkpoints.load_variables("gs://bucket/run", c)
+  backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 @pytest.mark.parametrize("value", ["0", "-3"])

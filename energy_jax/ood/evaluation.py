@@ -9,7 +9,6 @@ numbers, less compute). Draws are seeded: a run can be repeated exactly.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -228,11 +227,11 @@ def run(config, checkpoint: str, ood_sources: Mapping[str, Any], workdir: str,
   FPR95 on them, never on the test sets; detectors fitted on validation data (the multi-layer
   Mahalanobis) are fitted on them.
   """
-  from energy_jax import checkpoints, distributed
+  from energy_jax import checkpoints, distributed, storage
   from energy_jax.data import sources
   # Every process scores its share of each batch (the gathers are collective); process 0 alone
   # prints and writes.
-  checkpoints.check_local_path(workdir)
+  workdir = storage.check_reachable(workdir)
   writer = distributed.is_main_process()
   log = distributed.main_process_only(log)
   variables = checkpoints.load_variables(checkpoint, config)
@@ -282,6 +281,6 @@ def run(config, checkpoint: str, ood_sources: Mapping[str, Any], workdir: str,
   s_out = {n: scorer.score(energy, o.images) for n, o in ood.items()}
   if writer:
     report.save_results(results, workdir, extra)
-    report.plot_energy_histograms(s_in, s_out, os.path.join(workdir, "energy_histograms.png"))
-    report.plot_roc_curves(s_in, s_out, os.path.join(workdir, "roc_energy.png"))
+    report.plot_energy_histograms(s_in, s_out, workdir / "energy_histograms.png")
+    report.plot_roc_curves(s_in, s_out, workdir / "roc_energy.png")
   return {"results": results, **extra}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from energy_jax import storage
 from energy_jax.ood import metrics
 
 
@@ -26,17 +27,18 @@ def markdown_table(results, ood_names: Sequence[str]) -> str:
   return "\n".join(rows)
 
 
-def save_results(results, workdir: str, extra: Optional[Dict] = None):
-  """Writes ``ood_results.json`` and ``ood_results.csv`` into ``workdir``."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "ood_results.json"), "w") as f:
-    json.dump({"results": results, **(extra or {})}, f, indent=1)
-  with open(os.path.join(workdir, "ood_results.csv"), "w") as f:
-    f.write("detector,ood_set,fpr95,auroc,aupr_in,aupr_out,detection_error\n")
-    for label, per_set in results.items():
-      for name, m in per_set.items():
-        f.write(f"\"{label}\",{name},{m['fpr']:.6f},{m['auroc']:.6f},{m['aupr_in']:.6f},"
-                f"{m['aupr_out']:.6f},{m['detection_error']:.6f}\n")
+def save_results(results, workdir, extra: Optional[Dict] = None):
+  """Writes ``ood_results.json`` and ``ood_results.csv`` into ``workdir`` (a folder or a
+  ``gs://`` URL)."""
+  workdir = storage.run_path(workdir)
+  storage.write_text(workdir / "ood_results.json",
+                     json.dumps({"results": results, **(extra or {})}, indent=1))
+  rows = ["detector,ood_set,fpr95,auroc,aupr_in,aupr_out,detection_error\n"]
+  for label, per_set in results.items():
+    for name, m in per_set.items():
+      rows.append(f"\"{label}\",{name},{m['fpr']:.6f},{m['auroc']:.6f},{m['aupr_in']:.6f},"
+                  f"{m['aupr_out']:.6f},{m['detection_error']:.6f}\n")
+  storage.write_text(workdir / "ood_results.csv", "".join(rows))
 
 
 def plot_energy_histograms(scores_in: np.ndarray, scores_out: Mapping[str, np.ndarray],
@@ -78,7 +80,9 @@ def _pyplot():
   return plt
 
 
-def _save_figure(plt, fig, path: str):
+def _save_figure(plt, fig, path):
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  png = io.BytesIO()
+  fig.savefig(png, dpi=110, format="png")
   plt.close(fig)
+  storage.write_bytes(path, png.getvalue())

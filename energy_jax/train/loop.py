@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from energy_jax import (checkpoints, config as config_lib, distributed, inference, losses, models,
-                        parallel, progress)
+                        parallel, progress, storage)
 from energy_jax.data import host_stream_available, load_run_data, sampling
 from energy_jax.data.run_data import RunData
 from energy_jax.config import resume
@@ -46,8 +46,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   see :func:`energy_jax.data.load_run_data`.
   """
   objective, mesh = check_config(config)
-  checkpoints.check_local_path(workdir)
   log = distributed.main_process_only(log)
+  workdir = storage.check_reachable(workdir)
   log(f"config of {workdir}:\n{config}")
   t0 = time.time()
   data = load_run_data(config, objective.uses_outliers, data_cache)
@@ -56,7 +56,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   learning_rate = make_optimizer(config, steps * config.epochs).learning_rate
   times = {"data": time.time() - t0}
   row: Dict[str, Any] = {}
-  with WorkdirLock(workdir), PreemptionWatch() as watch, checkpoints.RunCheckpoints(
+  with WorkdirLock(workdir, log), PreemptionWatch() as watch, checkpoints.RunCheckpoints(
       workdir, config.keep_checkpoints, log) as ckpts:
     state, start = initial_state(config, workdir, ckpts, steps, log, mesh)
     run_epoch = epoch_runner(config, data, mesh, steps, watch)

@@ -3,6 +3,9 @@
 A second run on the same workdir is refused, naming the process that holds it; the lock goes
 with the process, so a killed run leaves nothing stale. The lock belongs to the run: in a
 multi-process run process 0 holds it and the others learn at a barrier whether it did.
+
+A bucket (``gs://``) has no file locks: a run there takes none and says so, and keeping to one
+run per bucket workdir is up to whoever starts them.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ import datetime
 import fcntl
 import os
 import socket
+from typing import Callable
 
-from energy_jax import distributed
+from energy_jax import distributed, storage
 
 LOCK = ".lock"
 
@@ -24,11 +28,17 @@ class RunInProgress(RuntimeError):
 class WorkdirLock:
   """``with WorkdirLock(workdir):`` the body runs as the workdir's only run."""
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(os.path.abspath(workdir), LOCK)
+  def __init__(self, workdir, log: Callable[[str], None] = print):
+    self.url = storage.is_url(workdir)
+    self.path = os.fspath(storage.run_path(workdir) / LOCK)
+    self.log = log
     self._fd = None
 
   def __enter__(self) -> "WorkdirLock":
+    if self.url:
+      self.log(f"note: {os.path.dirname(self.path)} is in a bucket, which has no file locks: no "
+               "lock is taken, so make sure no other run uses this workdir")
+      return self
     problem = ""
     if distributed.is_main_process():
       problem = self._take()

@@ -1,6 +1,7 @@
 """One writer for a run's epochs: each row goes to stdout, ``training_results.csv`` (the
 reference's format), ``results.jsonl`` and TensorBoard event files (``tensorboard --logdir
-WORKDIR``).
+WORKDIR``). The workdir may be a ``gs://`` URL (:mod:`energy_jax.storage`): the CSV and JSONL
+are rewritten whole after each epoch, since objects in a bucket cannot be appended to.
 
 TensorBoard scalars are written with TensorFlow's summary op, tagged for the scalars plugin as
 ``tensorboard.summary.scalar`` tags them (viewing needs ``pip install tensorboard``, writing does
@@ -11,8 +12,11 @@ hold the same numbers.
 from __future__ import annotations
 
 import json
-import os
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from etils import epath
+
+from energy_jax import storage
 
 CSV = "training_results.csv"
 JSONL = "results.jsonl"
@@ -57,7 +61,7 @@ def open_scalar_writer(config, workdir: str, log: Callable[[str], None]) -> Opti
     log(f"TensorBoard scalars off: TensorFlow cannot be imported ({e}); the epoch rows still go "
         f"to {CSV} and {JSONL}")
     return None
-  return ScalarWriter(os.path.join(workdir, TENSORBOARD))
+  return ScalarWriter(str(epath.Path(workdir) / TENSORBOARD))
 
 
 def read_scalars(logdir: str) -> Dict[str, Dict[int, float]]:
@@ -65,8 +69,8 @@ def read_scalars(logdir: str) -> Dict[str, Dict[int, float]]:
   from energy_jax.tf_support import import_tensorflow
   tf = import_tensorflow()
   out: Dict[str, Dict[int, float]] = {}
-  for name in sorted(os.listdir(logdir)):
-    for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+  for path in sorted(epath.Path(logdir).iterdir()):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
       for value in event.summary.value:
         out.setdefault(value.tag, {})[int(event.step)] = float(tf.make_ndarray(value.tensor))
   return out
@@ -77,19 +81,21 @@ class RunWriter:
   of epochs after the restored checkpoint (and a row a kill cut short) are dropped first, since
   those epochs run again."""
 
-  def __init__(self, config, workdir: str, start_epoch: int, log: Callable[[str], None] = print):
+  def __init__(self, config, workdir, start_epoch: int, log: Callable[[str], None] = print):
     self.log = log
-    with open(os.path.join(workdir, CONFIG), "w") as f:
-      f.write(config.to_json(indent=1, sort_keys=True) + "\n")
-    self.csv_path = os.path.join(workdir, CSV)
-    self.jsonl_path = os.path.join(workdir, JSONL)
-    if start_epoch == 0 or not os.path.exists(self.csv_path):
-      with open(self.csv_path, "w") as f:
-        f.write(CSV_HEADER)
-      open(self.jsonl_path, "w").close()
-    else:
-      drop_rows_after(self.csv_path, self.jsonl_path, start_epoch)
+    workdir = storage.run_path(workdir)
+    storage.write_text(workdir / CONFIG, config.to_json(indent=1, sort_keys=True) + "\n")
+    self.csv_path, self.jsonl_path = workdir / CSV, workdir / JSONL
+    self.csv_rows: List[str] = []
+    self.jsonl_rows: List[str] = []
+    if start_epoch > 0 and self.csv_path.exists():
+      self.csv_rows, self.jsonl_rows = rows_up_to(self.csv_path, self.jsonl_path, start_epoch)
+    self._flush()
     self.scalars = open_scalar_writer(config, workdir, log)
+
+  def _flush(self) -> None:
+    storage.write_text(self.csv_path, CSV_HEADER + "".join(r + "\n" for r in self.csv_rows))
+    storage.write_text(self.jsonl_path, "".join(r + "\n" for r in self.jsonl_rows))
 
   def __enter__(self) -> "RunWriter":
     return self
@@ -101,13 +107,12 @@ class RunWriter:
     """Writes one epoch's ``row`` (``epoch``, ``train_loss``, ``time_s``, ``mean_*``,
     ``learning_rate`` and, when evaluated, ``test_loss`` / ``test_error``) everywhere."""
     epoch = row["epoch"]
-    with open(self.csv_path, "a") as f:
-      f.write("%03d,%05d,%0.6f,%s,%s\n" % (
-          epoch, row["time_s"], row["train_loss"],
-          "%0.5f" % row["test_loss"] if "test_loss" in row else "",
-          "%0.2f" % row["test_error"] if "test_error" in row else ""))
-    with open(self.jsonl_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    self.csv_rows.append("%03d,%05d,%0.6f,%s,%s" % (
+        epoch, row["time_s"], row["train_loss"],
+        "%0.5f" % row["test_loss"] if "test_loss" in row else "",
+        "%0.2f" % row["test_error"] if "test_error" in row else ""))
+    self.jsonl_rows.append(json.dumps(row))
+    self._flush()
     if self.scalars is not None:
       # Step = epoch, as the CSV; the rate is that of the epoch's last update.
       self.scalars.write(epoch, {
@@ -148,8 +153,9 @@ def open_run_writer(config, workdir: str, start_epoch: int, log: Callable[[str],
   return RunWriter(config, workdir, start_epoch, log)
 
 
-def drop_rows_after(csv_path: str, jsonl_path: str, epochs_done: int) -> None:
-  """Keeps the log rows of epochs ``1..epochs_done`` that parse (a kill may cut the last one)."""
+def rows_up_to(csv_path, jsonl_path, epochs_done: int):
+  """``(csv rows, jsonl rows)`` of epochs ``1..epochs_done`` in a run's logs, without the CSV
+  header; rows that do not parse (a kill may cut the last one) are left out."""
   def epoch_of_csv(line):
     fields = line.split(",")
     return int(fields[0]) if len(fields) == 5 and fields[0].isdigit() else None
@@ -160,13 +166,9 @@ def drop_rows_after(csv_path: str, jsonl_path: str, epochs_done: int) -> None:
     except (ValueError, KeyError, TypeError):
       return None
 
+  out = []
   for path, epoch_of, header in ((csv_path, epoch_of_csv, 1), (jsonl_path, epoch_of_json, 0)):
-    if not os.path.exists(path):
-      continue
-    with open(path) as f:
-      lines = f.read().splitlines()
-    epochs = [epoch_of(l) for l in lines[header:]]
-    keep = lines[:header] + [l for l, e in zip(lines[header:], epochs)
-                             if e is not None and e <= epochs_done]
-    with open(path, "w") as f:
-      f.write("".join(l + "\n" for l in keep))
+    path = epath.Path(path)
+    lines = storage.read_text(path).splitlines()[header:] if path.exists() else []
+    out.append([l for l in lines if (e := epoch_of(l)) is not None and e <= epochs_done])
+  return tuple(out)
