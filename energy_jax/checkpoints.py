@@ -88,7 +88,7 @@ class RunCheckpoints:
 
   def __init__(self, workdir, max_to_keep: int = 2, log: Callable[[str], None] = print,
                read_only: bool = False):
-    self.workdir = storage.run_path(workdir)
+    self.workdir = storage.location(workdir)
     self.directory = self.workdir / "checkpoints"
     self.records = self.workdir / "checkpoints.sha256"
     self.quarantine = self.workdir / "checkpoints.damaged"
@@ -174,8 +174,7 @@ class RunCheckpoints:
         where = self.directory / str(step)
         if move_damaged:
           target = self.quarantine / f"{step}-{int(time.time())}"
-          self.quarantine.mkdir(parents=True, exist_ok=True)
-          where.rename(target)
+          storage.move_tree(where, target)
           moved = 1
           self.log(f"checkpoint {where} is damaged ({problem}): moved to {target}")
         else:
@@ -279,15 +278,15 @@ def load_torch_checkpoint(path: str, config) -> Dict[str, Any]:
   return entry.from_torch(read_torch_state_dict(path), models.from_config(config))
 
 
-def load_variables(path: str, config) -> Dict[str, Any]:
+def load_variables(path: str, config, what: str = "checkpoint") -> Dict[str, Any]:
   """``{'params', 'batch_stats'}`` from a run directory (latest epoch), its ``checkpoints/``
   folder, or a PyTorch ``.pt`` state_dict (on a disk or at a ``gs://`` URL), checked against
-  ``config``'s model."""
+  ``config``'s model. ``what`` names ``path`` in errors."""
   if not path:
     raise ValueError("no pretrained checkpoint given (config.pretrained is empty)")
-  found = storage.check_reachable(path, "checkpoint")
+  found = storage.check_reachable(path, what)
   if not found.exists():
-    raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+    raise FileNotFoundError(f"{what} not found: {path}")
   if found.is_file():
     return load_torch_checkpoint(str(found), config)
   workdir = found.parent if found.name == "checkpoints" else found

@@ -75,7 +75,12 @@ def main(argv):
     chosen = [detectors.create(d, **_typed(d, hparams[d])) for d in names]
   except ValueError as e:
     raise app.UsageError(str(e))
-  checkpoint = storage.check_reachable(F.checkpoint, "--checkpoint")
+  try:
+    checkpoint = storage.check_reachable(F.checkpoint, "--checkpoint")
+    if F.workdir:
+      storage.check_reachable(F.workdir, "--workdir")
+  except (ValueError, OSError) as e:
+    raise app.UsageError(str(e))
   workdir = F.workdir or str(
       (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval")
   evaluation.run(F.config, F.checkpoint, sources, workdir, chosen, F.num_to_avg, F.seed,

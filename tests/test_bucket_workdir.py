@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from energy_jax import checkpoints, config as config_lib, detectors, export, train
+from energy_jax import checkpoints, config as config_lib, detectors, export, storage, train
 from energy_jax.data import augment, toy
 from energy_jax.ood import evaluation
 from energy_jax.train import loop, preemption
@@ -116,3 +116,15 @@ def test_an_exported_detector_round_trips_through_a_bucket(fake_gcs):
                              np.asarray(jax.nn.logsumexp(logits, axis=1)), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(is_ood(images)),
                                 np.asarray(jax.nn.logsumexp(logits, axis=1)) < -2.5)
+
+
+def test_a_write_cut_short_on_a_disk_leaves_the_old_file_whole(tmp_path, monkeypatch):
+  path = tmp_path / "run" / "training_results.csv"
+  storage.write_text(path, "epoch\n001\n")
+  def full_disk(*args):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(os, "replace", full_disk)
+  with pytest.raises(OSError, match="No space left on device"):
+    storage.write_text(path, "epoch\n001\n002\n")
+  assert path.read_text() == "epoch\n001\n"
+  assert os.listdir(path.parent) == ["training_results.csv"]       # no temporary file left

@@ -203,7 +203,8 @@ def test_a_bad_value_stops_the_run_before_anything_is_read_or_written(tmp_path, 
   assert not workdir.exists()
 
 
-def test_a_url_other_than_gs_or_an_unreachable_bucket_is_refused_before_any_work(monkeypatch):
+def test_a_url_other_than_gs_or_an_unreachable_bucket_is_refused_before_any_work(monkeypatch,
+                                                                                tmp_path):
   # The test preset's data does not exist: reading it would fail with another message.
   c = _config("pretrain")
   with pytest.raises(ValueError, match=r"^workdir s3://bucket/run: s3:// is not supported; a run "
@@ -213,13 +214,26 @@ def test_a_url_other_than_gs_or_an_unreachable_bucket_is_refused_before_any_work
     checkpoints.load_variables("http://host/run", c)
   with pytest.raises(ValueError, match=r"^workdir gs:// names no bucket"):
     train.train_and_evaluate(c, "gs://")
-  # gs:// with neither of epath's backends (TensorFlow's gfile, fsspec's gcsfs) installed.
-  from etils.epath import backend
-  monkeypatch.setenv("EPATH_USE_TF", "false")
+  with pytest.raises(ValueError, match=r"^workdir gs:/bucket/run reads as a URL without its '//' "
+                                       r"\(e\.g\. gs://BUCKET/PATH\)"):
+    train.train_and_evaluate(c, "gs:/bucket/run")
+  with pytest.raises(ValueError, match=r"^config\.pretrained s3://b/w\.pt: s3:// is not supported"):
+    train.train_and_evaluate(_config("pretrain", pretrained="s3://b/w.pt"), str(tmp_path))
+  # gs:// without google-cloud-storage (Orbax lists a bucket's checkpoints with it) ...
+  monkeypatch.setitem(sys.modules, "google.cloud.storage", None)
+  with pytest.raises(OSError, match=r"^workdir gs://bucket/run is in a bucket, where Orbax lists "
+                                    r"and deletes checkpoints through google-cloud-storage, which "
+                                    r"cannot be imported .*pip install 'energy_jax\[gcs\]'"):
+    train.train_and_evaluate(c, "gs://bucket/run")
+  # ... and with neither of epath's backends (TensorFlow's gfile, fsspec's gcsfs).
+  from energy_jax import storage
+  from etils.epath import backend, gpath
+  monkeypatch.setattr(storage, "require_bucket_client", lambda path, what: None)
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
   monkeypatch.setitem(sys.modules, "gcsfs", None)
   backend.fsspec_backend._get_filesystem.cache_clear()
   with pytest.raises(OSError, match=r"^workdir gs://bucket/run cannot be reached \(ImportError: "
-                                    r".*gs:// paths need TensorFlow or `pip install gcsfs`"):
+                                    r".*gs:// paths need TensorFlow or gcsfs"):
     train.train_and_evaluate(c, "gs://bucket/run")
   backend.fsspec_backend._get_filesystem.cache_clear()
 

@@ -30,7 +30,7 @@ def markdown_table(results, ood_names: Sequence[str]) -> str:
 def save_results(results, workdir, extra: Optional[Dict] = None):
   """Writes ``ood_results.json`` and ``ood_results.csv`` into ``workdir`` (a folder or a
   ``gs://`` URL)."""
-  workdir = storage.run_path(workdir)
+  workdir = storage.location(workdir)
   storage.write_text(workdir / "ood_results.json",
                      json.dumps({"results": results, **(extra or {})}, indent=1))
   rows = ["detector,ood_set,fpr95,auroc,aupr_in,aupr_out,detection_error\n"]

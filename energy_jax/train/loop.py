@@ -48,6 +48,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   objective, mesh = check_config(config)
   log = distributed.main_process_only(log)
   workdir = storage.check_reachable(workdir)
+  if config.pretrained:
+    storage.check_reachable(config.pretrained, "config.pretrained")
   log(f"config of {workdir}:\n{config}")
   t0 = time.time()
   data = load_run_data(config, objective.uses_outliers, data_cache)
@@ -154,10 +156,11 @@ def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps
   rng = jax.random.PRNGKey(config.seed)
   total_steps = steps * config.epochs
   newest = ckpts.newest_meta()               # before verifying: another format is refused
-  if newest is not None and newest.get("format", 1) != checkpoints.RUN_FORMAT:
+  saved_format = None if newest is None else newest.get("format", 1)
+  if saved_format not in (None, checkpoints.RUN_FORMAT):
     raise ValueError(
         f"{workdir} holds a run saved by energy-jax {newest.get('version', '0.1')} (run format "
-        f"{newest.get('format', 1)}), whose training numbers or checkpoints differ from this version's "
+        f"{saved_format}), whose training numbers or checkpoints differ from this version's "
         f"(format {checkpoints.RUN_FORMAT}); finish it with that version, or start a new "
         "--workdir")
   saved = ckpts.steps()
@@ -187,7 +190,7 @@ def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps
       return state, Start(epoch + 1)
     return state, Start(epoch, done, meta["partial"])
   if config.pretrained:
-    variables = checkpoints.load_variables(config.pretrained, config)
+    variables = checkpoints.load_variables(config.pretrained, config, "config.pretrained")
     log(f"loaded pretrained weights from {config.pretrained}")
     state = create_train_state(config, rng, total_steps, variables)
   elif objectives.get(config.objective).uses_outliers:

@@ -29,26 +29,27 @@ class WorkdirLock:
   """``with WorkdirLock(workdir):`` the body runs as the workdir's only run."""
 
   def __init__(self, workdir, log: Callable[[str], None] = print):
-    self.url = storage.is_url(workdir)
-    self.path = os.fspath(storage.run_path(workdir) / LOCK)
+    self.workdir = storage.location(workdir)
+    self.in_bucket = storage.is_url(self.workdir)
+    self.path = os.fspath(self.workdir / LOCK)
     self.log = log
     self._fd = None
 
   def __enter__(self) -> "WorkdirLock":
-    if self.url:
-      self.log(f"note: {os.path.dirname(self.path)} is in a bucket, which has no file locks: no "
-               "lock is taken, so make sure no other run uses this workdir")
+    if self.in_bucket:
+      self.log(f"note: {self.workdir} is in a bucket, which has no file locks: no lock is taken, "
+               "so make sure no other run uses this workdir")
       return self
     problem = ""
     if distributed.is_main_process():
       problem = self._take()
     if distributed.any_process(bool(problem)):
-      raise RunInProgress(problem or f"process 0 could not lock {os.path.dirname(self.path)}")
+      raise RunInProgress(problem or f"process 0 could not lock {self.workdir}")
     return self
 
   def _take(self) -> str:
     """Takes the lock; '' if it did, else why not."""
-    workdir = os.path.dirname(self.path)
+    workdir = os.fspath(self.workdir)
     try:
       os.makedirs(workdir, exist_ok=True)
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

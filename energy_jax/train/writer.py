@@ -83,7 +83,7 @@ class RunWriter:
 
   def __init__(self, config, workdir, start_epoch: int, log: Callable[[str], None] = print):
     self.log = log
-    workdir = storage.run_path(workdir)
+    workdir = storage.location(workdir)
     storage.write_text(workdir / CONFIG, config.to_json(indent=1, sort_keys=True) + "\n")
     self.csv_path, self.jsonl_path = workdir / CSV, workdir / JSONL
     self.csv_rows: List[str] = []
