@@ -243,3 +243,6 @@ def test_evaluate_script_rejects_unknown_names(tiny_checkpoint, tmp_path):
   out = _evaluate(toy, ckpt, tmp_path, "--ood=n=synthetic:uniform_noise", "--detectors=knn",
                   "--hparam=knn.k=2.5")
   assert out.returncode != 0 and "--hparam knn.k=2.5: expected a int" in out.stderr
+  out = _evaluate(toy, "s3://bucket/run", tmp_path, "--ood=n=synthetic:uniform_noise")
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert "--checkpoint s3://bucket/run: s3:// is not supported" in out.stderr
