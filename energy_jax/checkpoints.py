@@ -65,7 +65,7 @@ def check_finite(tree, what: str) -> None:
                              f"{len(bad)} tensor(s), the first {bad[0][0]}; it is not saved")
 
 
-def _sha256(path) -> str:
+def _sha256(path: epath.PathLike) -> str:
   h = hashlib.sha256()
   with epath.Path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):

@@ -13,9 +13,8 @@ import pytest
 from energy_jax import checkpoints, config as config_lib, detectors, export, storage, train
 from energy_jax.data import augment, toy
 from energy_jax.ood import evaluation
-from energy_jax.train import loop, preemption
 from fake_gcs import fake_gcs  # noqa: F401  (the fixture)
-from test_checkpoints import _StopAfter
+from test_checkpoints import _files_in, _run_stopped
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +47,9 @@ def test_a_preempted_run_in_a_bucket_resumes_to_the_run_on_disk(toy_id, tmp_path
                                                                   monkeypatch):
   c = _config(toy_id)
   full = train.train_and_evaluate(c, str(tmp_path / "disk"), log=lambda s: None)
-  monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(5))   # epoch 2, step 2 of 4
   said = []
-  assert train.train_and_evaluate(c, "gs://bucket/run", log=said.append)["preempted"]
+  assert _run_stopped(c, "gs://bucket/run", monkeypatch, 5, said.append)["preempted"]  # 2, 2/4
   assert any("is in a bucket, which has no file locks" in s for s in said)
-  monkeypatch.setattr(loop, "PreemptionWatch", preemption.PreemptionWatch)
   resumed = train.train_and_evaluate(c, "gs://bucket/run", log=said.append)
   assert any("resuming gs://bucket/run at epoch 2, step 2 of 4" in s for s in said)
   assert resumed["train_loss"] == full["train_loss"]
@@ -86,11 +83,10 @@ def test_a_preempted_run_in_a_bucket_resumes_to_the_run_on_disk(toy_id, tmp_path
       json.load(open(tmp_path / "eval" / "ood_results.json"))["results"]
 
   # A changed byte in the bucket's checkpoint: named and moved aside inside the bucket.
-  victim = max((bucket / "checkpoints" / "8" / f for f in _files(bucket / "checkpoints" / "8")),
-               key=os.path.getsize)
-  blob = bytearray(victim.read_bytes())
+  victim = max(_files_in(bucket / "checkpoints" / "8"), key=os.path.getsize)
+  blob = bytearray(open(victim, "rb").read())
   blob[len(blob) // 2] ^= 0xFF
-  victim.write_bytes(bytes(blob))
+  open(victim, "wb").write(bytes(blob))
   said.clear()
   with checkpoints.RunCheckpoints("gs://bucket/run", log=said.append) as ckpts:
     assert ckpts.latest_intact_step() is None

@@ -166,6 +166,16 @@ class _StopAfter:
     return self.n < 0
 
 
+def _run_stopped(config, workdir, monkeypatch, stops, log=lambda s: None):
+  """Runs ``config`` in ``workdir`` with SIGTERM asked for at the ``stops + 1``-th boundary;
+  returns the run's value."""
+  monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(stops))
+  try:
+    return train.train_and_evaluate(config, str(workdir), log=log)
+  finally:
+    monkeypatch.setattr(loop, "PreemptionWatch", preemption.PreemptionWatch)
+
+
 @pytest.mark.parametrize("pipeline", ["device", "tfdata"])
 def test_a_preempted_run_continues_mid_epoch_to_the_uninterrupted_numbers(toy_id, tmp_path,
                                                                          monkeypatch, pipeline):
@@ -176,12 +186,10 @@ def test_a_preempted_run_continues_mid_epoch_to_the_uninterrupted_numbers(toy_id
   full = train.train_and_evaluate(c, str(tmp_path / "full"), log=lambda s: None)
   # Asked after every step but an epoch's last and after each epoch: 4 times in epoch 1, then
   # after steps 1 and 2 of epoch 2.
-  monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(5))
   said = []
-  stopped = train.train_and_evaluate(c, str(tmp_path / "cut"), log=said.append)
+  stopped = _run_stopped(c, tmp_path / "cut", monkeypatch, 5, said.append)
   assert stopped == {"preempted": True, "epoch": 2, "steps_done": 2}
   assert any("stopped by SIGTERM at epoch 2, step 2 of 4" in s for s in said)
-  monkeypatch.setattr(loop, "PreemptionWatch", preemption.PreemptionWatch)
   said.clear()
   resumed = train.train_and_evaluate(c, str(tmp_path / "cut"), log=said.append)
   assert any("resuming" in s and "at epoch 2, step 2 of 4" in s for s in said)
@@ -197,9 +205,7 @@ def test_a_run_resumed_on_another_device_count_continues_the_same_stream(toy_id,
   c = _config(toy_id, learning_rate=0.01)
   c.model.dropout_rate = 0.3
   full = train.train_and_evaluate(c, str(tmp_path / "full"), log=lambda s: None)
-  monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(5))   # epoch 2, step 2 of 4
-  assert train.train_and_evaluate(c, str(tmp_path / "cut"), log=lambda s: None)["preempted"]
-  monkeypatch.setattr(loop, "PreemptionWatch", preemption.PreemptionWatch)
+  assert _run_stopped(c, tmp_path / "cut", monkeypatch, 5)["preempted"]   # epoch 2, step 2 of 4
   c4 = _config(toy_id, learning_rate=0.01, num_devices=4)
   c4.model.dropout_rate = 0.3
   resumed = train.train_and_evaluate(c4, str(tmp_path / "cut"), log=lambda s: None)
@@ -212,12 +218,10 @@ def test_a_stop_asked_for_in_an_epochs_last_call_stops_after_that_epoch(toy_id, 
                                                                        monkeypatch):
   c = _config(toy_id, steps_per_call=8, checkpoint_every_epochs=5)   # an epoch is one call
   full = train.train_and_evaluate(c, str(tmp_path / "full"), log=lambda s: None)
-  monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(0))
   said = []
-  stopped = train.train_and_evaluate(c, str(tmp_path / "cut"), log=said.append)
+  stopped = _run_stopped(c, tmp_path / "cut", monkeypatch, 0, said.append)
   assert stopped == {"preempted": True, "epoch": 1, "steps_done": 4}
   assert any("stopped by SIGTERM after epoch 1: saved" in s for s in said)
-  monkeypatch.setattr(loop, "PreemptionWatch", preemption.PreemptionWatch)
   resumed = train.train_and_evaluate(c, str(tmp_path / "cut"), log=lambda s: None)
   assert resumed["train_loss"] == full["train_loss"]
   _assert_same_variables(tmp_path / "full", tmp_path / "cut", c)
