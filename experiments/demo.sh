@@ -5,6 +5,8 @@
 # outliers, and is evaluated against patches of their right halves and synthetic OOD sets.
 # Prints MSP vs energy (pretrained) vs energy (fine-tuned). The CIFAR commands are in README.md.
 # DEMO_WORKDIR (default workdirs/demo): a folder this script creates; it refuses any other.
+# PYTHON (default python3): the interpreter, e.g. a venv's. Arguments are passed to both training
+# scripts (e.g. --config.seed=2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${DEMO_WORKDIR:-workdirs/demo}
@@ -17,17 +19,18 @@ fi
 [ -e "$MARK" ] && rm -rf "$W/pretrain" "$W/finetune"
 mkdir -p "$W" && touch "$MARK"
 
+PYTHON=${PYTHON:-python3}
 cfg=experiments/configs
 ood="photos=sklearn:photos,noise=synthetic:uniform_noise,gaussian=synthetic:gaussian_noise"
 ood="$ood,jigsaw=synthetic:jigsaw,invert=synthetic:invert"
-python experiments/pretrain.py --config=$cfg/pretrain.py:digits --workdir="$W/pretrain"
-python experiments/finetune.py --config=$cfg/finetune.py:digits --workdir="$W/finetune" \
-  --config.pretrained="$W/pretrain"
+"$PYTHON" experiments/pretrain.py --config=$cfg/pretrain.py:digits --workdir="$W/pretrain" "$@"
+"$PYTHON" experiments/finetune.py --config=$cfg/finetune.py:digits --workdir="$W/finetune" \
+  --config.pretrained="$W/pretrain" "$@"
 for run in pretrain finetune; do
-  python experiments/evaluate.py --config=$cfg/finetune.py:digits --checkpoint="$W/$run" \
+  "$PYTHON" experiments/evaluate.py --config=$cfg/finetune.py:digits --checkpoint="$W/$run" \
     --ood="$ood" --detectors=msp,energy --num_to_avg=5
 done
-python - "$W" <<'PY'
+"$PYTHON" - "$W" <<'PY'
 import json, sys
 from energy_jax.ood import report
 w = sys.argv[1]
