@@ -1,11 +1,22 @@
-"""Shared entry point of the training scripts: parse --config / --workdir, call the library.
+"""Shared entry point of the scripts (pretrain.py, finetune.py, evaluate.py): ``--help``, the
+checks of the command line before any work, and one short message per mistake.
 
 ``--help`` lists every config field with the default of the chosen preset and its meaning.
+
+A mistake on the command line (an unknown flag or config field, a bad value, an unknown preset,
+objective, model or detector, a path that does not exist) ends before anything is read or
+compiled in ``SCRIPT: error: WHAT`` and a line on where to look, on stderr, with exit status 1.
+An error the library raises for the user once the run has started (a finished run in the
+workdir, a checkpoint of another model, ...) ends the same way; ``ENERGY_JAX_TRACEBACK=1``
+shows its traceback instead.
 """
 
+import functools
 import importlib.util
 import os
+import re
 import sys
+from typing import NoReturn, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -14,6 +25,32 @@ from energy_jax.tf_support import quiet_environment  # noqa: E402
 
 quiet_environment()
 
+TRACEBACK_ENV = "ENERGY_JAX_TRACEBACK"
+
+# The exception types of the library's messages to the user that a run can end in once it has
+# started; shown as one line when the library raised them itself (see guarded()).
+USER_ERRORS = (ValueError, OSError, ImportError, RuntimeError, FloatingPointError)
+
+
+def script() -> str:
+  return os.path.basename(sys.argv[0]) or "energy-jax"
+
+
+def fail(message, hint: Optional[str] = None) -> NoReturn:
+  """Exits with status 1 after ``SCRIPT: error: MESSAGE`` (one line) and a hint on stderr."""
+  name = script()
+  text = " ".join(str(message).split())
+  help_hint = f"python {os.path.relpath(sys.argv[0])} --help lists every flag and config field"
+  print(f"{name}: error: {text}\n{name}: {hint or help_hint}", file=sys.stderr)
+  sys.exit(1)
+
+
+def error_text(e: BaseException) -> str:
+  """The message of ``e`` (a KeyError's without the quotes of its repr)."""
+  if isinstance(e, KeyError) and len(e.args) == 1:
+    return str(e.args[0])
+  return str(e) or type(e).__name__
+
 
 def refuse_renamed_keys(argv):
   """Exits naming the new path of any energy-jax 0.1 key given as ``--config.KEY=...``."""
@@ -21,8 +58,8 @@ def refuse_renamed_keys(argv):
   for arg in argv[1:]:
     key = arg.split("=", 1)[0][len("--config."):] if arg.startswith("--config.") else None
     if key in RENAMED:
-      sys.exit(f"--config.{key} was renamed --config.{RENAMED[key]} in energy-jax 0.2 "
-               "(README: renamed config keys)")
+      fail(f"--config.{key} was renamed --config.{RENAMED[key]} in energy-jax 0.2 (README: "
+           "renamed config keys)")
 
 
 def config_spec(argv, default: str) -> str:
@@ -36,12 +73,17 @@ def config_spec(argv, default: str) -> str:
   return os.path.join(HERE, default)
 
 
+@functools.lru_cache(maxsize=None)
 def _load_config(spec: str):
-  """What ``--config=spec`` gives: the file's ``get_config(PRESET)``."""
+  """What ``--config=spec`` gives: the file's ``get_config(PRESET)`` (not to be modified)."""
   path, _, preset = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no such config file {path}")
   module_spec = importlib.util.spec_from_file_location("_help_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path} defines no get_config(preset)")
   return module.get_config(preset) if preset else module.get_config()
 
 
@@ -51,12 +93,143 @@ def config_help(doc: str, spec: str) -> str:
   from energy_jax import config as config_lib
   try:
     values, source = _load_config(spec), f"--config={os.path.relpath(spec)}"
-  except Exception as e:           # a bad --config: absl reports it; list the base defaults
+  except Exception as e:           # a bad --config: reported when the flags are defined
     values, source = None, f"the base config ({type(e).__name__}: {e})"
   text = (f"{doc.rstrip()}\n\nConfig fields, with their values under {source}. Set one with "
           f"--config.NAME=VALUE; another preset with --config=FILE.py:PRESET (presets: "
           f"{', '.join(config_lib.presets())}):\n{config_lib.describe(values)}\n")
   return text.replace("%", "%%")
+
+
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+
+
+def check_config_args(argv, spec: str) -> None:
+  """Exits naming the mistake if ``--config`` names no config (a missing file, an unknown
+  preset) or an override ``--config.NAME`` names no field of it (with the closest field)."""
+  from energy_jax import config as config_lib
+  try:
+    config = _load_config(spec)
+  except (FileNotFoundError, ValueError) as e:
+    fail(f"--config={spec}: {error_text(e)}")
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    match = _OVERRIDE.match(arg)
+    problem = match and config_lib.unknown_field(config, match.group(1))
+    if problem:
+      fail(problem)
+
+
+def define_config(default: str, help_string: str) -> None:
+  """``--config`` (``FILE.py:PRESET``, default ``default`` relative to this folder) and its
+  ``--config.NAME=VALUE`` overrides, after :func:`check_config_args`."""
+  from absl import flags
+  from ml_collections import config_flags
+  refuse_renamed_keys(sys.argv)
+  check_config_args(sys.argv, config_spec(sys.argv, default))
+  try:       # without --config on the command line, the overrides are parsed here
+    config_flags.DEFINE_config_file("config", os.path.join(HERE, default), help_string)
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    fail(error_text(e))
+
+
+def parse_flags(argv):
+  """absl's flag parsing (``--help`` as absl prints it), a mistake in one line (absl would print
+  the whole help)."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.UnrecognizedFlagError as e:
+    fail(error_text(e) + config_field_hint(e.flagname))
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    fail(error_text(e))
+
+
+def config_field_hint(flag: str) -> str:
+  """For an unknown flag ``--NAME`` where NAME is (the last part of) a config field: how to set
+  that field."""
+  from energy_jax import config as config_lib
+  fields = [name for name, _, _ in config_lib.FIELDS]
+  match = next((f for f in fields if flag in (f, f.rsplit(".", 1)[-1])), None)
+  return f"; config fields are set as --config.{match}=VALUE" if match else ""
+
+
+def check_config(config) -> None:
+  """Exits naming the field and its value for any value a run cannot start with."""
+  from energy_jax import config as config_lib
+  try:
+    config_lib.validate(config)
+  except ValueError as e:
+    fail(e)
+
+
+def _raised_by_energy_jax(e: BaseException) -> bool:
+  """Whether ``e`` was raised by this project's code (a message written for the user), not
+  inside a library it calls."""
+  import energy_jax
+  tb = e.__traceback__
+  if tb is None:
+    return False
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+  roots = (os.path.dirname(os.path.abspath(energy_jax.__file__)), HERE)
+  return any(path.startswith(root + os.sep) for root in roots)
+
+
+def guarded(main):
+  """``main`` with its usage errors, and the errors the library raises for the user, ended by
+  :func:`fail` instead of absl's whole help or a traceback."""
+  def run_main(argv):
+    from absl import app
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      fail(e)
+    except USER_ERRORS as e:
+      if os.environ.get(TRACEBACK_ENV) or not _raised_by_energy_jax(e):
+        raise
+      fail(e, f"{TRACEBACK_ENV}=1 shows where it was raised")
+  return run_main
+
+
+def start(main) -> None:
+  """``app.run(main)`` with the flag parsing and error messages above."""
+  from absl import app
+  app.run(guarded(main), flags_parser=parse_flags)
+
+
+def check_local_path(path: str, message: str) -> None:
+  """Exits with ``message`` if ``path`` is a local path that does not exist."""
+  from energy_jax import storage
+  if path and not storage.is_url(path) and not os.path.exists(path):
+    fail(message)
+
+
+def check_workdir(workdir: str, what: str = "--workdir") -> None:
+  """Exits if ``workdir`` is a local file (a run's folder cannot be made there)."""
+  from energy_jax import storage
+  if workdir and not storage.is_url(workdir) and os.path.isfile(workdir):
+    fail(f"{what} {workdir} is a file, not a folder: name another folder")
+
+
+def check_run_paths(config, workdir: str) -> None:
+  """Exits naming the field if a source the run reads, or its pretrained weights, are missing."""
+  from energy_jax import config as config_lib
+  from energy_jax.train import objectives
+  uses_outliers = objectives.get(config.objective).uses_outliers
+  try:
+    config_lib.check_sources_exist(config, ("in_train", "in_test")
+                                   + (("outliers",) if uses_outliers else ()))
+  except FileNotFoundError as e:
+    fail(e)
+  check_workdir(workdir)
+  resuming = os.path.isdir(os.path.join(workdir, "checkpoints"))
+  if config.pretrained and not resuming:
+    check_local_path(config.pretrained, f"config.pretrained = {config.pretrained!r}: no such run "
+                     "directory or .pt file; set it to a --workdir of experiments/pretrain.py "
+                     "or a reference .pt file")
 
 
 # The exit status of a run stopped by SIGTERM (saved; the same command continues it): BSD's
@@ -91,15 +264,13 @@ def run(default_config: str, default_workdir: str):
   from absl import app, flags
   from ml_collections import config_flags
 
-  refuse_renamed_keys(sys.argv)
   main_module = sys.modules["__main__"]
   workdir = default_workdir.format(preset="PRESET")
   doc = (f"{(main_module.__doc__ or '').rstrip()}\n\nFlags: --config=FILE.py:PRESET (default "
          f"experiments/{default_config}), --workdir=DIR (default {workdir}; a run there "
          f"resumes), --config.NAME=VALUE for any field below.")
   main_module.__doc__ = config_help(doc, config_spec(sys.argv, default_config))
-  config_flags.DEFINE_config_file("config", os.path.join(HERE, default_config),
-                                  "experiment config (file.py:preset)")
+  define_config(default_config, "experiment config (file.py:preset)")
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, CSV); default per preset")
   define_process_flags()
 
@@ -108,10 +279,12 @@ def run(default_config: str, default_workdir: str):
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
     logging.set_verbosity(logging.WARNING)     # Orbax logs every save at INFO
-    join_processes()
-    from energy_jax import train
     config = flags.FLAGS.config
+    check_config(config)
+    join_processes()
     workdir = flags.FLAGS.workdir or default_workdir.format(preset=_preset())
+    check_run_paths(config, workdir)
+    from energy_jax import train
     result = train.train_and_evaluate(config, workdir)
     if result.get("preempted"):
       return PREEMPTED      # not 0: a script that chains stages must not go on from here
@@ -120,4 +293,4 @@ def run(default_config: str, default_workdir: str):
     spec = config_flags.get_config_filename(flags.FLAGS["config"])
     return spec.split(":", 1)[1] if ":" in spec else "cifar10"
 
-  app.run(main)
+  start(main)

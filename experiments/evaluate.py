@@ -16,13 +16,11 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import _main  # noqa: E402  the scripts' shared --help
+import _main  # noqa: E402  the scripts' shared --help and command-line checks
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file("config", os.path.join(HERE, "configs/finetune.py:cifar10"),
-                                "the model / ID data config")
+DEFAULT_CONFIG = "configs/finetune.py:cifar10"
+_main.define_config(DEFAULT_CONFIG, "the model / ID data config")
 flags.DEFINE_string("checkpoint", None, "run directory (Orbax) or reference .pt", required=True)
 flags.DEFINE_list("ood", ["textures", "svhn", "places365", "lsun_c", "lsun_r", "isun"],
                   "OOD sets: paper names (each prepared as the reference does), NAME=SOURCE "
@@ -47,12 +45,13 @@ _main.define_process_flags()
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  _main.join_processes()
-  from energy_jax import detectors, storage
-  from energy_jax.ood import evaluation, protocol
   F = flags.FLAGS
+  _main.check_config(F.config)
+  from energy_jax import config as config_lib, detectors, storage
+  from energy_jax.ood import evaluation, protocol
   sources = {}
   for item in F.ood:
     try:
@@ -63,7 +62,8 @@ def main(argv):
   names = list(detectors.names()) if F.detectors == ["all"] else F.detectors
   unknown = [d for d in names if d not in detectors.names()]
   if unknown:
-    raise app.UsageError(f"unknown detector(s) {unknown}; choose from {list(detectors.names())}")
+    raise app.UsageError(f"unknown detector(s) {unknown}; choose from {list(detectors.names())}"
+                         f"{config_lib.did_you_mean(unknown[0], detectors.names())}")
   hparams = {d: {} for d in names}
   for item in F.hparam:
     key, _, value = item.partition("=")
@@ -75,17 +75,38 @@ def main(argv):
     chosen = [detectors.create(d, **_typed(d, hparams[d])) for d in names]
   except ValueError as e:
     raise app.UsageError(str(e))
+  _main.join_processes()
   try:
     checkpoint = storage.check_reachable(F.checkpoint, "--checkpoint")
     if F.workdir:
       storage.check_reachable(F.workdir, "--workdir")
   except (ValueError, OSError) as e:
     raise app.UsageError(str(e))
+  _main.check_local_path(F.checkpoint, f"--checkpoint {F.checkpoint}: no such run directory or "
+                         ".pt file; name a --workdir of experiments/pretrain.py or finetune.py, "
+                         "or a reference .pt file")
+  _main.check_workdir(F.workdir)
+  check_sources(F.config, sources, any(d.fit_needs for d in chosen))
   workdir = F.workdir or str(
       (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval")
   evaluation.run(F.config, F.checkpoint, sources, workdir, chosen, F.num_to_avg, F.seed,
                  F.validate, F.temperature_ablation, grid_source=F.grid,
                  ood_positive=F.ood_positive, progress_bar=F.progress)
+
+
+def check_sources(config, ood_sets, fits: bool) -> None:
+  """Exits naming the first missing path among the sets the evaluation reads: the ID test set,
+  the training set (when a detector is fitted on it) and the OOD sets."""
+  from energy_jax import config as config_lib
+  try:
+    config_lib.check_sources_exist(config, ("in_test", "in_train") if fits else ("in_test",))
+  except FileNotFoundError as e:
+    _main.fail(e)
+  for name, spec in ood_sets.items():
+    if not spec.source.startswith("synthetic:"):
+      problem = config_lib.missing_source(spec.source, config.data_dir)
+      if problem:
+        _main.fail(f"--ood {name} = {problem}")
 
 
 def _typed(name, values):
@@ -114,5 +135,5 @@ def _typed(name, values):
 
 
 if __name__ == "__main__":
-  __doc__ = _main.config_help(__doc__, _main.config_spec(sys.argv, "configs/finetune.py:cifar10"))
-  app.run(main)
+  __doc__ = _main.config_help(__doc__, _main.config_spec(sys.argv, DEFAULT_CONFIG))
+  _main.start(main)

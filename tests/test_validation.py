@@ -94,12 +94,17 @@ BAD_VALUES = [
 ]
 
 
+# A choice close to a misspelt one is named after the message.
+SUGGESTED = {("model.dtype", "float16"): "; did you mean 'bfloat16'?"}
+
+
 @pytest.mark.parametrize("field,value,requirement", BAD_VALUES,
                          ids=[f"{f}={v!r}" for f, v, _ in BAD_VALUES])
 def test_a_bad_value_is_refused_naming_the_field_and_the_value(field, value, requirement):
   with pytest.raises(ValueError) as e:
     config_lib.validate(_config(**{field: value}))
-  assert str(e.value) == f"config.{field} must be {requirement}, got {value!r}"
+  assert str(e.value) == (f"config.{field} must be {requirement}, got {value!r}"
+                          f"{SUGGESTED.get((field, value), '')}")
 
 
 def test_every_field_is_among_the_bad_values_tried():

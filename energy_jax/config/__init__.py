@@ -10,7 +10,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import numbers
+import os
 import pkgutil
+import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import ml_collections
@@ -111,7 +113,8 @@ def get_config(preset: str = "cifar10", stage: str = "pretrain") -> ml_collectio
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
   if preset not in presets():
-    raise ValueError(f"unknown preset {preset!r}; choose one of {presets()}")
+    raise ValueError(f"unknown preset {preset!r}; choose one of {presets()}"
+                     f"{did_you_mean(preset, presets())}")
   c = base_config()
   importlib.import_module(f"{_presets.__name__}.{preset}").override(c, stage)
   return c
@@ -189,11 +192,14 @@ def string(nonempty: bool = False) -> Check:
 
 
 def choice(choices: Callable[[], Sequence[str]]) -> Check:
-  """One of ``choices()`` (a callable: registries fill in after this module is imported)."""
+  """One of ``choices()`` (a callable: registries fill in after this module is imported); the
+  message names the closest choice to a misspelt one."""
   def check(name, value):
     known = tuple(choices())
     if not isinstance(value, str) or value not in known:
-      _fail(name, value, f"one of {', '.join(map(repr, known))}")
+      close = did_you_mean(value, known) if isinstance(value, str) else ""
+      raise ValueError(f"config.{name} must be one of {', '.join(map(repr, known))}, got "
+                       f"{value!r}{close}")
   return check
 
 
@@ -347,9 +353,38 @@ def _typed_like(default: Any) -> Check:
   return lambda name, value: None
 
 
+def did_you_mean(name: str, known: Sequence[str], prefix: str = "", quote: bool = True) -> str:
+  """``"; did you mean 'X'?"`` for the entry X of ``known`` closest to ``name`` ('' if none is
+  close): ``prefix`` goes before X, which is quoted unless ``quote`` is False."""
+  close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+  if not close:
+    return ""
+  return f"; did you mean {prefix}{close[0]!r}?" if quote else f"; did you mean {prefix}{close[0]}?"
+
+
 def _closest(name: str, known: Sequence[str]) -> str:
-  close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-  return f"; did you mean config.{close[0]}?" if close else ""
+  return did_you_mean(name, known, "config.", quote=False)
+
+
+def _not_a_field(name: str, model: Any, model_fields: Sequence[str], known: Sequence[str]) -> str:
+  """The message for ``config.NAME``, which is none of the ``known`` fields (``model_fields``:
+  those of ``model``, dotted)."""
+  where = (f"not a field of model {model!r} (its fields: "
+           f"{', '.join(sorted(k[len('model.'):] for k in model_fields))})"
+           if name.startswith("model.") else "not a config field")
+  return f"config.{name} is {where}{_closest(name, known)}"
+
+
+def unknown_field(config, name: str) -> Optional[str]:
+  """The message for an override ``--config.NAME=...`` that ``config`` has no field for (None
+  when it has one, or a group of them such as ``model``)."""
+  values = dict(flat_items(config))
+  groups = {n.rsplit(".", i)[0] for n in values for i in range(1, n.count(".") + 1)}
+  if name in values or name in groups:
+    return None
+  model_fields = [n for n in values if n.startswith("model.") and n not in ("model.name",
+                                                                           "model.dtype")]
+  return _not_a_field(name, values.get("model.name"), model_fields, list(values))
 
 
 def _check_keys(config) -> Dict[str, Any]:
@@ -366,10 +401,7 @@ def _check_keys(config) -> Dict[str, Any]:
       "model.name", "model.dtype", *model_fields]
   for name in values:
     if name not in known:
-      where = (f"not a field of model {model!r} (its fields: "
-               f"{', '.join(sorted(k[len('model.'):] for k in model_fields))})"
-               if name.startswith("model.") else "not a config field")
-      raise ValueError(f"config.{name} is {where}{_closest(name, known)}")
+      raise ValueError(_not_a_field(name, model, list(model_fields), known))
   missing = [name for name in known if name not in values and name not in model_fields]
   if missing:
     raise ValueError(f"config has no field {', '.join(missing)}: start from "
@@ -421,6 +453,38 @@ def flat_items(config, prefix: str = "") -> List[Tuple[str, Any]]:
     else:
       out.append((f"{prefix}{k}", v))
   return out
+
+
+def missing_source(source: str, data_dir: str = "") -> Optional[str]:
+  """Why ``source`` cannot be read, for a source of a path kind (folder, ``.zip``, ``.npy``)
+  that is not on the disk (relative paths read from ``data_dir``); None otherwise. Other kinds
+  (``tfds:``, ``sklearn:``) and URLs are checked when they are read."""
+  from energy_jax import storage
+  from energy_jax.data import sources
+  path = sources.under(data_dir, source)
+  kind, location = sources.resolve(path)
+  if (sources.SOURCES.get(kind).claims is None or storage.is_url(location)
+      or os.path.exists(location)):
+    return None
+  where = f" (read from config.data_dir: {path})" if path != source else ""
+  prefixed = [k for k in sources.SOURCES.names() if sources.SOURCES.get(k).claims is None]
+  kinds = ", ".join(f"{k}:NAME" for k in prefixed) + ", or a path: folder, .zip or .npy"
+  prefix = re.match(r"^([A-Za-z][\w.-]+):(?!//)", source)
+  if prefix:
+    return (f"{source!r}{where}: no such file or folder, and {prefix.group(1)!r} is no source "
+            f"kind{did_you_mean(prefix.group(1), prefixed)} (sources: {kinds})")
+  return f"{source!r}{where}: no such file or folder"
+
+
+def check_sources_exist(config, names: Sequence[str]) -> None:
+  """Raises ``FileNotFoundError`` naming the field and the path at the first of the fields
+  ``names`` (sources; '' is none) that :func:`missing_source` finds missing. Only the disk is
+  looked at: the complement of :func:`validate` for a run about to read the sources."""
+  for name in names:
+    value = config.get(name)
+    problem = missing_source(value, config.get("data_dir", "")) if value else None
+    if problem:
+      raise FileNotFoundError(f"config.{name} = {problem}")
 
 
 def describe(config=None) -> str:

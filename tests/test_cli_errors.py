@@ -1,0 +1,98 @@
+"""A mistake at the scripts' command line ends in a few lines that name it and the fix: no
+traceback, no help dump, exit status 1, before any data is read or anything compiled."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+FT = "--config=experiments/configs/finetune.py:test"
+PRE = "--config=experiments/configs/pretrain.py:test"
+
+# (script, arguments ({tmp}: a folder that exists, holding the file afile, the run directory run
+# and outliers.npy), what the output must say)
+MISTAKES = [
+    ("finetune", ["--config.m_inn=-20"],
+     ["error: config.m_inn is not a config field; did you mean config.m_in?"]),
+    ("pretrain", ["--config.model.dpth=16"],
+     ["config.model.dpth is not a field of model 'wrn' (its fields: depth, dropout_rate, pooling, "
+      "widen_factor); did you mean config.model.depth?"]),
+    ("pretrain", ["--config.depth=16"],
+     ["--config.depth was renamed --config.model.depth"]),
+    ("pretrain", ["--epochs=3"],
+     ["Unknown command line flag 'epochs'; config fields are set as --config.epochs=VALUE"]),
+    ("evaluate", ["--chekpoint={tmp}/run"],
+     ["Unknown command line flag 'chekpoint'. Did you mean: checkpoint ?"]),
+    ("finetune", ["--config.objective=logitnorm"],
+     ["config.objective must be one of 'ce', 'energy', 'oe', got 'logitnorm'"]),
+    ("pretrain", ["--config.model.name=wrm"],
+     ["config.model.name must be one of 'wrn', got 'wrm'; did you mean 'wrn'?"]),
+    ("pretrain", ["--config.epochs=0"],
+     ["config.epochs must be a positive integer, got 0"]),
+    ("finetune", ["--config.m_in=-2", "--config.m_out=-5"],
+     ["config.m_in = -2", "must lie below config.m_out = -5"]),
+    ("pretrain", ["--config.epochs=abc"],
+     ["--config.epochs=abc: invalid literal for int()"]),
+    ("finetune", ["--config=experiments/configs/finetune.py:cifar1O"],
+     ["unknown preset 'cifar1O'; choose one of ('cifar10', 'cifar100', 'demo', 'digits', "
+      "'offline', 'test'); did you mean 'cifar10'?"]),
+    ("finetune", ["--config=experiments/configs/fine_tune.py:test"],
+     ["--config=experiments/configs/fine_tune.py:test: no such config file"]),
+    ("evaluate", ["--checkpoint={tmp}/run", "--detectors=enrgy"],
+     ["unknown detector(s) ['enrgy']; choose from ['msp', ", "did you mean 'energy'?"]),
+    ("evaluate", ["--checkpoint={tmp}/run", "--ood=svhn10"],
+     ["unknown OOD set 'svhn10': use one of"]),
+    ("evaluate", ["--checkpoint=/nonexistent/run"],
+     ["--checkpoint /nonexistent/run: no such run directory or .pt file; name a --workdir of "
+      "experiments/pretrain.py or finetune.py, or a reference .pt file"]),
+    ("evaluate", [], ["--checkpoint must have a value"]),
+    ("evaluate", ["--checkpoint={tmp}/run", "--ood=mine=/nonexistent/ood.npy"],
+     ["--ood mine = '/nonexistent/ood.npy': no such file or folder"]),
+    ("pretrain", [PRE, "--config.in_train=/nonexistent"],
+     ["config.in_train = '/nonexistent': no such file or folder"]),
+    ("pretrain", ["--config.in_train=tfsd:cifar10"],
+     ["config.in_train = 'tfsd:cifar10': no such file or folder, and 'tfsd' is no source kind; "
+      "did you mean 'tfds'? (sources: ", "tfds:NAME"]),
+    ("finetune", [FT, "--config.in_train={tmp}", "--config.in_test={tmp}",
+                  "--config.outliers={tmp}/outliers.npy", "--config.pretrained={tmp}/nowhere"],
+     ["config.pretrained = '{tmp}/nowhere': no such run directory or .pt file; set it to a "
+      "--workdir of experiments/pretrain.py or a reference .pt file"]),
+    ("pretrain", [PRE, "--config.in_train={tmp}", "--config.in_test={tmp}",
+                  "--workdir={tmp}/afile"],
+     ["--workdir {tmp}/afile is a file, not a folder"]),
+    ("pretrain", ["stray"], ["unexpected arguments: ['stray']"]),
+]
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+  d = tmp_path_factory.mktemp("cli")
+  (d / "afile").write_text("")
+  (d / "run").mkdir()
+  np.save(d / "outliers.npy", np.zeros((4, 32, 32, 3), np.uint8))
+  return str(d)
+
+
+def run_script(script, args):
+  """``(exit status, stdout + stderr)`` of ``experiments/SCRIPT.py ARGS``."""
+  out = subprocess.run([sys.executable, f"experiments/{script}.py", *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  return out.returncode, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("script,args,said", MISTAKES,
+                         ids=[f"{s}:{' '.join(a)}" for s, a, _ in MISTAKES])
+def test_a_mistake_ends_in_a_short_message_naming_it(tmp, script, args, said):
+  status, out = run_script(script, [a.format(tmp=tmp) for a in args])
+  assert status == 1, out
+  assert "Traceback" not in out and "Try --helpfull" not in out, out
+  lines = out.splitlines()
+  assert len(lines) <= 4, out
+  assert lines[0].startswith(f"{script}.py: error: "), out
+  for text in said:
+    assert text.format(tmp=tmp) in out, out
