@@ -35,6 +35,11 @@ MISTAKES = [
      ["config.epochs must be a positive integer, got 0"]),
     ("finetune", ["--config.m_in=-2", "--config.m_out=-5"],
      ["config.m_in = -2", "must lie below config.m_out = -5"]),
+    ("pretrain", ["--config.m_in=auto"],
+     ["config.m_in = 'auto' is computed for the energy objective, but config.objective = 'ce': "
+      "set a number, or objective 'energy'"]),
+    ("finetune", ["--config.m_out=automatic"],
+     ["config.m_out must be a number or 'auto', got 'automatic'"]),
     ("pretrain", ["--config.epochs=abc"],
      ["--config.epochs=abc: invalid literal for int()"]),
     ("finetune", ["--config=experiments/configs/finetune.py:cifar1O"],

@@ -6,8 +6,8 @@ from sklearn import metrics as skm
 
 import os
 
-from energy_jax.ood.metrics import (auroc, average_precision, fpr_at_tpr, ood_metrics,
-                                    suggest_margins, threshold_at_tpr)
+from energy_jax.ood.metrics import (InvertedEnergiesWarning, auroc, average_precision, fpr_at_tpr,
+                                    ood_metrics, suggest_margins, threshold_at_tpr)
 
 ENERGIES = os.path.join(os.path.dirname(__file__), "data", "toy_pretrained_energies.npz")
 
@@ -175,11 +175,44 @@ def test_suggest_margins_on_stored_energies_of_a_pretrained_model():
   assert np.mean(e_out >= m_out) == pytest.approx(0.05, abs=0.01)
   assert suggest_margins(e_in, e_out, quantiles=(0.5, 0.5)) == pytest.approx(
       (np.median(e_in), np.median(e_out)), abs=1e-12)
-  with pytest.raises(ValueError, match=r"median -3.99\) must lie above the ID energies \(median "
-                                       r"-1.52\).*in that order"):
-    suggest_margins(e_out, e_in)                                    # the arrays swapped
   with pytest.raises(ValueError, match=r"quantiles must lie in \[0, 1\]"):
     suggest_margins(e_in, e_out, quantiles=(5, 95))
+  with pytest.raises(ValueError, match=r"is not below m_out .* choose quantiles\[0\] lower"):
+    suggest_margins(e_in, e_out, quantiles=(0.99, 0.01))
+
+
+def test_suggest_margins_when_outliers_look_more_in_distribution_than_the_id_data():
+  """A pretrained model that gives the outliers lower energies than the ID images (the demo's:
+  median -17.3 against -9.4): both margins come from the ID energies, with a warning."""
+  rng = np.random.default_rng(0)
+  e_in = rng.normal(-9.4, 1.5, 2000)
+  e_out = rng.normal(-17.3, 2.0, 3000)
+  with pytest.warns(InvertedEnergiesWarning) as caught:
+    m_in, m_out = suggest_margins(e_in, e_out)
+  assert (m_in, m_out) == pytest.approx((np.quantile(e_in, 0.05), np.quantile(e_in, 0.95)),
+                                        abs=1e-12)
+  assert m_in < m_out
+  # Both bounds bite: 95% of the ID energies lie above m_in, (nearly) every outlier below m_out.
+  assert np.mean(e_in > m_in) == pytest.approx(0.95, abs=0.01) and np.mean(e_out < m_out) > 0.99
+  message = str(caught[0].message)
+  assert re.search(r"the outliers' energies \(median -17\.\d\d\) do not lie above the ID energies "
+                   r"\(median -9\.\d\d\): the model scores the outliers as more in-distribution "
+                   r"than the ID data", message), message
+  assert (f"chosen from the ID energies alone: m_in {m_in:.2f} = their 5% quantile, m_out "
+          f"{m_out:.2f} = their 95% quantile") in message
+  # Other quantiles, of the ID energies too; the stored toy energies swapped are such a case.
+  with pytest.warns(InvertedEnergiesWarning, match="their 10% quantile, m_out .* their 90%"):
+    assert suggest_margins(e_in, e_out, quantiles=(0.1, 0.9)) == pytest.approx(
+        (np.quantile(e_in, 0.1), np.quantile(e_in, 0.9)), abs=1e-12)
+  stored = np.load(ENERGIES)
+  toy_out = stored["outliers"].astype(np.float64)
+  with pytest.warns(InvertedEnergiesWarning, match=r"median -3.99\) do not lie above the ID "
+                                                   r"energies \(median -1.52\)"):
+    assert suggest_margins(toy_out, stored["id_train"]) == pytest.approx(
+        (np.quantile(toy_out, 0.05), np.quantile(toy_out, 0.95)), abs=1e-12)
+  # ID energies that are all equal leave no room between the margins.
+  with pytest.raises(ValueError, match="is not below m_out"):
+    suggest_margins(np.full(10, -5.0), e_out)
 
 
 def _sk_all(s_in, s_out):

@@ -66,7 +66,9 @@ BAD_VALUES = [
     ("momentum", 1.0, "in [0.0, 1.0)"),
     ("weight_decay", float("inf"), "finite"),
     ("m_in", float("-inf"), "finite"),
-    ("m_out", None, "a number"),
+    ("m_out", None, "a number or 'auto'"),
+    ("m_in", "automatic", "a number or 'auto'"),
+    ("auto_margins", "m_in,seed", "'' or some of m_in, m_out, comma-separated"),
     ("energy_weight", -0.1, ">= 0.0"),
     ("oe_weight", float("nan"), "finite"),
     ("model.depth", 12, "6n+4 (10, 16, 22, 28, 40, ...: n blocks per group of the WRN)"),
@@ -154,6 +156,16 @@ def test_fields_that_must_agree():
   with pytest.raises(ValueError, match=r"config.m_in = -2.0 must lie below config.m_out = -2.0"):
     config_lib.validate(_config(m_in=-2.0, m_out=-2.0))
   config_lib.validate(_config("pretrain", m_in=-2.0, m_out=-2.0))      # not read by "ce"
+  # "auto" margins are computed by the energy objective from the outliers; m_in < m_out is
+  # checked once they are numbers (energy_jax.train.margins).
+  config_lib.validate(_config(m_in="auto", m_out="auto"))
+  config_lib.validate(_config(m_in="auto", m_out=-30.0))
+  with pytest.raises(ValueError, match=r"^config.m_out = 'auto' is computed for the energy "
+                                       r"objective, but config.objective = 'oe'"):
+    config_lib.validate(_config(objective="oe", m_out="auto"))
+  with pytest.raises(ValueError, match=r"config.outliers is empty, but config.objective = "
+                                       r"'energy' trains on outlier images"):
+    config_lib.validate(_config(m_in="auto", outliers=""))
   with pytest.raises(ValueError, match=r"config.outliers is empty, but config.objective = 'oe' "
                                        "trains on outlier images"):
     config_lib.validate(_config(objective="oe", outliers=""))

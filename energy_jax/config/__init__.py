@@ -63,8 +63,11 @@ FIELDS: Tuple[Tuple[str, Any, str], ...] = (
     ("weight_decay", 5e-4, "L2 decay added to the gradient of every parameter"),
     ("min_learning_rate", 1e-6, "the cosine ends at this rate (absolute, as the reference's "
      "LambdaLR floor 1e-6 / learning_rate)"),
-    ("m_in", -23.0, "energy objective: in-distribution energies are pushed below m_in"),
-    ("m_out", -5.0, "energy objective: outlier energies are pushed above m_out"),
+    ("m_in", -23.0, "energy objective: in-distribution energies are pushed below m_in ('auto': "
+     "from the pretrained model's energies, energy_jax.train.margins)"),
+    ("m_out", -5.0, "energy objective: outlier energies are pushed above m_out ('auto': as m_in)"),
+    ("auto_margins", "", "which of m_in, m_out the run computed from 'auto' (comma-separated; "
+     "the run fills it in and saves the numbers it computed)"),
     ("energy_weight", 0.1, "weight of the energy-bounded term"),
     ("oe_weight", 0.5, "weight of the Outlier Exposure term"),
     ("pretrained", "", "weights to start from: a run directory or a reference .pt file"),
@@ -89,6 +92,11 @@ RENAMED = {"score": "objective", "depth": "model.depth", "widen_factor": "model.
            "min_lr_ratio": "min_learning_rate (absolute: learning_rate * min_lr_ratio)"}
 
 
+# The fields that take a number or "auto" (computed by the run: energy_jax.train.margins).
+AUTO = "auto"
+AUTO_FIELDS = ("m_in", "m_out")
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field at its default: the paper's pretraining recipe on CIFAR-10 (TFDS)."""
   c = ml_collections.ConfigDict()
@@ -99,7 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
       if p not in node:
         node[p] = ml_collections.ConfigDict()
       node = node[p]
-    node[leaf] = default
+    # A field of type object takes a number or "auto", also from the command line (where
+    # ml_collections' config_flags reads its value as a Python literal, else a string).
+    node[leaf] = (ml_collections.FieldReference(default, field_type=object)
+                  if name in AUTO_FIELDS else default)
   return c
 
 
@@ -175,6 +186,22 @@ def real(low: float = -np.inf, high: float = np.inf, *, low_open: bool = False,
             f"{'>' if low_open else '>='} {low}" if np.isfinite(low) else
             f"{'<' if high_open else '<='} {high}")
   return check
+
+
+def margin(name: str, value: Any) -> None:
+  """A finite number, or "auto"."""
+  if isinstance(value, str) and value == AUTO:
+    return
+  if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
+    _fail(name, value, f"a number or {AUTO!r}")
+  real()(name, value)
+
+
+def _auto_margins(name: str, value: Any) -> None:
+  """'' or some of AUTO_FIELDS, comma-separated."""
+  string()(name, value)
+  if any(f not in AUTO_FIELDS for f in field_names(value)):
+    _fail(name, value, f"'' or some of {', '.join(AUTO_FIELDS)}, comma-separated")
 
 
 def boolean(name: str, value: Any) -> None:
@@ -316,8 +343,9 @@ CHECKS: Dict[str, Check] = {
     "nesterov": boolean,
     "weight_decay": real(0.0),
     "min_learning_rate": real(0.0),
-    "m_in": real(),
-    "m_out": real(),
+    "m_in": margin,
+    "m_out": margin,
+    "auto_margins": _auto_margins,
     "energy_weight": real(0.0),
     "oe_weight": real(0.0),
     "pretrained": string(),
@@ -416,8 +444,9 @@ def validate(config) -> None:
   Checks: renamed and unknown fields (naming the closest field), missing fields, each field's
   type and range or choices (:data:`CHECKS`; another model's fields by the types of its
   factory's defaults), sources some registered kind reads, and the fields that must agree: an
-  outlier objective has ``outliers``, the energy objective ``m_in < m_out``, and
-  ``min_learning_rate <= learning_rate`` (the cosine falls from one to the other).
+  outlier objective has ``outliers``, the energy objective ``m_in < m_out`` (once neither is
+  "auto", which only the energy objective takes), and ``min_learning_rate <= learning_rate``
+  (the cosine falls from one to the other).
   """
   check_renamed(config)
   values = _check_keys(config)
@@ -434,7 +463,12 @@ def validate(config) -> None:
   if objectives.get(values["objective"]).uses_outliers and not values["outliers"]:
     raise ValueError(f"config.outliers is empty, but config.objective = {values['objective']!r} "
                      "trains on outlier images: set it to a source of them")
-  if values["objective"] == "energy" and not values["m_in"] < values["m_out"]:
+  auto = [name for name in AUTO_FIELDS if values[name] == AUTO]
+  if auto and values["objective"] != "energy":
+    raise ValueError(f"config.{auto[0]} = {AUTO!r} is computed for the energy objective, but "
+                     f"config.objective = {values['objective']!r}: set a number, or "
+                     "objective 'energy'")
+  if values["objective"] == "energy" and not auto and not values["m_in"] < values["m_out"]:
     raise ValueError(f"config.m_in = {values['m_in']} must lie below config.m_out = "
                      f"{values['m_out']}: the energy objective pushes in-distribution energies "
                      "below m_in and outlier energies above m_out")

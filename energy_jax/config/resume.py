@@ -4,6 +4,9 @@ Resuming a run under a config that differs in any other field (learning rate, se
 data, model, ...) would continue a different run; it is refused, naming each changed field,
 unless ``config.resume_override`` lists it (comma-separated, e.g.
 ``--config.resume_override=epochs,learning_rate``).
+
+Margins a run computed from "auto" (``auto_margins``, :mod:`energy_jax.train.margins`) are its
+own: "auto" on the command line of the resumed run stands for the numbers the run saved.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ def check_resumable(saved: Mapping[str, Any], config, source: str) -> None:
   ``source``, other than :data:`MAY_CHANGE` and those ``config.resume_override`` lists."""
   now = _flat(config)
   then = _flat(ml_collections.ConfigDict(dict(saved)))
+  # auto_margins records how the run got its margins (absent from runs saved before it).
+  computed = config_lib.field_names(then.pop("auto_margins", ""))
+  now.pop("auto_margins", None)
+  for name in computed:
+    if now.get(name) == config_lib.AUTO:
+      now[name] = then.get(name)
   allowed = set(MAY_CHANGE) | set(config_lib.field_names(config.get("resume_override", "")))
   changed = [f"{k}: {then.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}"
              for k in sorted(set(now) | set(then))

@@ -10,6 +10,7 @@ on the host.
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -210,6 +211,11 @@ def threshold_at_tpr(scores_in, tpr: float = 0.95) -> Union[float, int]:
 MARGIN_QUANTILES = (0.05, 0.95)
 
 
+class InvertedEnergiesWarning(UserWarning):
+  """:func:`suggest_margins` was given outliers less energetic than the ID images: the model
+  scores the outliers as more in-distribution than the ID data."""
+
+
 def suggest_margins(energies_in, energies_out,
                     quantiles: Tuple[float, float] = MARGIN_QUANTILES) -> Tuple[float, float]:
   """``(m_in, m_out)`` for the energy-bounded fine-tuning loss, from a pretrained model's free
@@ -222,23 +228,42 @@ def suggest_margins(energies_in, energies_out,
   energy scale, beyond the two distributions but not far from them (the authors' advice for new
   data: take them from the pretrained model's energies and do not move them far, wetliu/energy_ood
   issues #13 and #21). They are a starting point for the validation of ``m_in`` / ``m_out``.
-  The outliers' median energy must lie above the ID images' and ``m_in`` below ``m_out``:
-  otherwise the outliers already look as in-distribution as the ID images (or the arrays are
-  swapped), and the energies say nothing about where to put the margins.
+
+  When the outliers' median energy does not lie above the ID images' (the model scores the
+  outliers as more in-distribution than the ID data, the case where fine-tuning has the most to
+  do; or the arrays are swapped), the outliers' own quantile would put ``m_out`` below the ID
+  energies. Both margins then come from the ID energies: ``m_in`` their ``quantiles[0]``
+  quantile, ``m_out`` their ``quantiles[1]`` quantile, so that fine-tuning pulls the ID energies
+  down and pushes the outliers above nearly all of them; an :class:`InvertedEnergiesWarning`
+  says so.
 
   Returns:
-    ``(m_in, m_out)``.
+    ``(m_in, m_out)``, ``m_in < m_out``.
+
+  Raises:
+    ValueError: for quantiles outside [0, 1], or where the rule gives ``m_in >= m_out`` (e.g.
+      ``quantiles[0] >= quantiles[1]``, or ID energies all equal).
   """
   e_in = _as_scores(energies_in, "energies_in")
   e_out = _as_scores(energies_out, "energies_out")
   if np.shape(quantiles) != (2,) or not all(_is_fraction(q, low_open=False) for q in quantiles):
     raise ValueError(f"quantiles must lie in [0, 1] (two of them), got {quantiles!r}")
   q_in, q_out = quantiles
+  median_in, median_out = float(np.median(e_in)), float(np.median(e_out))
+  inverted = median_out <= median_in
   m_in = float(np.quantile(e_in, q_in))
-  m_out = float(np.quantile(e_out, q_out))
-  if np.median(e_in) >= np.median(e_out) or m_in >= m_out:
-    raise ValueError(f"the outliers' energies (median {np.median(e_out):.2f}) must lie above the "
-                     f"ID energies (median {np.median(e_in):.2f}) and m_in {m_in:.2f} below m_out "
-                     f"{m_out:.2f}; check that energies_in and energies_out are free energies "
-                     "(-logsumexp) of the ID and outlier images, in that order")
+  m_out = float(np.quantile(e_in if inverted else e_out, q_out))
+  if m_in >= m_out:
+    of = "the ID energies" if inverted else "the outliers' energies"
+    raise ValueError(f"m_in {m_in:.4g} (the {q_in:g} quantile of the ID energies) is not below "
+                     f"m_out {m_out:.4g} (the {q_out:g} quantile of {of}): choose "
+                     "quantiles[0] lower or quantiles[1] higher")
+  if inverted:
+    warnings.warn(InvertedEnergiesWarning(
+        f"the outliers' energies (median {median_out:.2f}) do not lie above the ID energies "
+        f"(median {median_in:.2f}): the model scores the outliers as more in-distribution than "
+        "the ID data (or energies_in and energies_out are swapped). The margins are chosen from "
+        f"the ID energies alone: m_in {m_in:.2f} = their {100 * q_in:g}% quantile, m_out "
+        f"{m_out:.2f} = their {100 * q_out:g}% quantile, so that fine-tuning pulls the ID "
+        "energies down and pushes the outliers above nearly all of them"), stacklevel=2)
   return m_in, m_out

@@ -14,7 +14,7 @@ from energy_jax import (checkpoints, config as config_lib, distributed, inferenc
 from energy_jax.data import host_stream_available, load_run_data, sampling
 from energy_jax.data.run_data import RunData
 from energy_jax.config import resume
-from energy_jax.train import objectives
+from energy_jax.train import margins, objectives
 from energy_jax.train.optim import make_optimizer
 from energy_jax.train.preemption import PreemptionWatch
 from energy_jax.train.run_lock import WorkdirLock
@@ -28,10 +28,12 @@ INPUT_PIPELINES = ("device", "tfdata")
 
 class Start(NamedTuple):
   """Where a run starts: ``epoch`` (0-based) at ``step`` of it, with the per-step metrics of
-  the steps before ``step`` when a preempted epoch resumes."""
+  the steps before ``step`` when a preempted epoch resumes, and the config saved with the
+  checkpoint it resumes from (None on a new run)."""
   epoch: int
   step: int = 0
   partial: Optional[Dict[str, List[float]]] = None
+  saved_config: Optional[Dict[str, Any]] = None
 
 
 def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
@@ -42,8 +44,10 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   Each epoch writes a row (:class:`~energy_jax.train.writer.RunWriter`); the test set is
   evaluated every ``config.eval_every_epochs`` epochs and after the last, a verified checkpoint
   is saved every ``config.checkpoint_every_epochs`` and after the last. The same command
-  continues a killed run from its newest intact checkpoint with identical results. ``data_cache``:
-  see :func:`energy_jax.data.load_run_data`.
+  continues a killed run from its newest intact checkpoint with identical results. Margins
+  given as "auto" are computed from the starting model before the first step (a resumed run
+  takes those it computed then), and the run's config with the numbers is the one saved
+  (:mod:`energy_jax.train.margins`). ``data_cache``: see :func:`energy_jax.data.load_run_data`.
   """
   objective, mesh = check_config(config)
   log = distributed.main_process_only(log)
@@ -61,6 +65,10 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   with WorkdirLock(workdir, log), PreemptionWatch() as watch, checkpoints.RunCheckpoints(
       workdir, config.keep_checkpoints, log) as ckpts:
     state, start = initial_state(config, workdir, ckpts, steps, log, mesh)
+    config = margins.resolve(
+        config, state.variables, data.train.images,
+        data.outliers.images if data.outliers is not None else None, mesh, start.saved_config,
+        log)
     run_epoch = epoch_runner(config, data, mesh, steps, watch)
     times["setup"] = time.time() - t0 - times["data"]
     log(run_summary(config, data, steps, mesh, times))
@@ -187,8 +195,8 @@ def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps
     epoch, done = meta["epoch"], meta["steps_done"]
     log(f"resuming {workdir} at epoch {epoch + 1}, step {done} of {steps}")
     if done == meta["steps_per_epoch"]:
-      return state, Start(epoch + 1)
-    return state, Start(epoch, done, meta["partial"])
+      return state, Start(epoch + 1, saved_config=meta["config"])
+    return state, Start(epoch, done, meta["partial"], meta["config"])
   if config.pretrained:
     variables = checkpoints.load_variables(config.pretrained, config, "config.pretrained")
     log(f"loaded pretrained weights from {config.pretrained}")
