@@ -42,11 +42,12 @@ def test_the_readme_sentences_on_the_demo_hold(demo_runs):
     s_out = _scores(demo_runs[run], det, photos.images)
     auroc[name] = metrics.auroc(s_in, s_out)
     if name == "energy":
-      # "The pretrained classifier is more confident on photo patches than on digits": their
+      # "The pretrained classifier gives photo patches a lower energy than digits": their
       # median energy lies below the digits' (score = -energy).
       assert np.median(-s_out) < np.median(-s_in), (np.median(-s_out), np.median(-s_in))
-  # "... so both scores rank them as in-distribution": AUROC below chance.
-  assert auroc["msp"] < 0.5 and auroc["energy"] < 0.5, auroc
+  # "... so the pretrained energy score ranks them as in-distribution": AUROC below chance (MSP
+  # lies near chance, on either side of it from run to run).
+  assert auroc["energy"] < 0.5, auroc
   # "Fine-tuning with the energy-bounded loss reverses that": the fine-tuned energy tells the
   # photo patches from the digits, far better than either score of the pretrained model. At a
   # third of the demo's length (measured here: 0.86 against 0.45 and 0.25; the full demo's
