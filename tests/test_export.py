@@ -43,6 +43,15 @@ def _score(det, params, t, images):
                               model=(models.inference_fn(t["model"]), t["variables"])))
 
 
+# The exported scores (model and detector in one jitted program) against the detector called on
+# the model's outputs (other programs): equal up to float32 rounding, which KNN's sqrt(2 - 2 cos)
+# near cos = 1 and relative Mahalanobis' pseudo-inverse of a singular covariance (48 examples, 64
+# dims) amplify. Tolerance: max |got - want| over max |want|. Measured 2026-12-06 (native AVX2 /
+# AVX / SSE4_2): energy 1.0e-7, knn 1.5e-6, relative_mahalanobis 8.9e-6, odin 8.8e-8; the
+# tolerances are about 100x those.
+SCORE_TOL = {"energy": 1e-5, "knn": 1e-4, "relative_mahalanobis": 1e-3, "odin": 1e-5}
+
+
 @pytest.mark.parametrize("name,hparams", [("energy", {}), ("knn", {"k": 4}),
                                           ("relative_mahalanobis", {}),
                                           ("odin", {"temperature": 10.0, "epsilon": 0.002})])
@@ -56,15 +65,17 @@ def test_exported_detector_flags_what_its_scores_and_threshold_say(tiny, tmp_pat
   is_ood = export.load(path)
   want = _score(det, params, tiny, tiny["query"])
   got = np.asarray(is_ood.scores(tiny["query"]))
-  # The same float32 formula in another program: equal to a few ulps of the largest score.
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.max(np.abs(want)))
+  tol = SCORE_TOL[name] * np.max(np.abs(want))
+  np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+  # Bit for bit: is_ood runs the compiled program of is_ood.scores, then the float32 comparison.
   np.testing.assert_array_equal(np.asarray(is_ood(tiny["query"])), got < threshold)
-  near = np.abs(want - threshold) <= 1e-5 * np.max(np.abs(want))
+  # The flags of the two programs agree except within the score tolerance of the threshold.
+  near = np.abs(want - threshold) <= tol
   np.testing.assert_array_equal((got < threshold)[~near], (want < threshold)[~near])
   assert is_ood.artifact.detector == det and is_ood.artifact.threshold == threshold
-  # On the held-out ID set itself, 95% are accepted (up to the ulps at the threshold itself).
+  # On the held-out ID set itself, 95% are accepted (up to the score tolerance at the threshold).
   held_out = np.asarray(is_ood.scores(tiny["held_out"]))
-  assert np.mean(held_out >= threshold - 1e-5 * np.max(np.abs(held_out))) >= 0.95
+  assert np.mean(held_out >= threshold - SCORE_TOL[name] * np.max(np.abs(held_out))) >= 0.95
 
 
 def test_export_refuses_what_it_could_not_load(tiny, tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from test_train import saved_steps
+from test_train import child_xla_flags, saved_steps
 
 pytestmark = pytest.mark.heavy
 WORKER = os.path.join(REPO, "tests", "fault_worker.py")
@@ -36,7 +36,7 @@ def _start(workdir, data, *extra, fsize=None):
     if fsize is not None:                # a full disk: writes past fsize bytes fail with EFBIG
       signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
       resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=child_xla_flags(), PYTHONPATH=REPO)
   # The output goes to a file: a pipe nobody reads while the run goes on would block the run
   # once it is full (a failed save's messages can fill it).
   log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)

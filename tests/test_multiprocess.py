@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from test_train import saved_steps
+from test_train import child_xla_flags, saved_steps
 
 pytestmark = pytest.mark.heavy
 WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
@@ -30,7 +30,8 @@ def _free_port() -> int:
 def _start(num_processes, devices_per_process, workdir, data, pipeline, epochs=2,
            steps_per_call=3):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+             XLA_FLAGS=child_xla_flags(
+                 f"--xla_force_host_platform_device_count={devices_per_process}"))
   port = _free_port()
   procs = []
   for pid in range(num_processes):
@@ -132,7 +133,8 @@ def test_both_processes_killed_then_one_sent_sigterm_resume_to_the_uninterrupted
 
 def _evaluate(toy, ckpt, workdir, num_processes, devices_per_process):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+             XLA_FLAGS=child_xla_flags(
+                 f"--xla_force_host_platform_device_count={devices_per_process}"))
   cmd = [sys.executable, "experiments/evaluate.py", "--config=experiments/configs/pretrain.py:test",
          f"--config.in_train={toy / 'toy_id.zip'}", f"--config.in_test={toy / 'toy_id.zip'}",
          f"--checkpoint={ckpt}", f"--workdir={workdir}", "--num_to_avg=2", "--noprogress",

@@ -146,12 +146,19 @@ def test_energy_finetuning_separates_energies():
   assert float(jnp.mean(scores.free_energy(x_out @ w))) > e_out0 + 0.2
 
 
+def child_xla_flags(*flags: str) -> str:
+  """XLA_FLAGS for a child process: ``flags`` plus this process's ``--xla_cpu_max_isa`` (the
+  stand-in for another CPU), so that the children of a run held to it are held to it too."""
+  isa = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_cpu_max_isa")]
+  return " ".join([*flags, *isa])
+
+
 def _run(script, preset, workdir, toy_dir, *extra):
   cmd = [sys.executable, f"experiments/{script}.py",
          f"--config=experiments/configs/{script}.py:{preset}", f"--workdir={workdir}",
          f"--config.in_train={toy_dir}/toy_id.zip", f"--config.in_test={toy_dir}/toy_id.zip",
          f"--config.outliers={toy_dir}/toy_outliers.npy", "--config.num_devices=1", *extra]
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)
+  env = dict(os.environ, XLA_FLAGS=child_xla_flags(), PYTHONPATH=REPO)
   # Output to a file, read while the run goes on (a pipe read only at the end can fill and block).
   log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
   p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
