@@ -23,6 +23,10 @@ from energy_jax.ood import logistic
 N, D, C = 40, 24, 6
 TRAIN = 400
 
+# Tolerances: each detector (float32, XLA) against a float64 reference of its formula, so within
+# float32 rounding. "measured": the largest max |got - want| / |want| (or |got - want| where
+# said) with XLA:CPU held to SSE4_2, AVX and AVX2 (2026-12-06); every tolerance is at least 10x it.
+
 
 def _softmax(l):
   e = np.exp(l - l.max(-1, keepdims=True))
@@ -64,12 +68,13 @@ def _energy(logits):
 def test_msp_maxlogit_energy(data):
   l = data["logits"].astype(np.float64)
   np.testing.assert_allclose(_fit_score(detectors.create("msp"), data)[0],
-                             _softmax(l).max(-1), rtol=1e-5)
+                             _softmax(l).max(-1), rtol=1e-5)                 # measured 1.4e-7
+  # Exact in fact (a max of float32 values), measured 0.
   np.testing.assert_allclose(_fit_score(detectors.create("max_logit"), data)[0], l.max(-1),
                              rtol=1e-6)
   for t in (1.0, 3.0, 1000.0):
     np.testing.assert_allclose(_fit_score(detectors.create("energy", temperature=t), data)[0],
-                               t * _energy(l / t), rtol=1e-5)
+                               t * _energy(l / t), rtol=1e-5)                # measured 8.9e-8
 
 
 @pytest.mark.parametrize("gamma,m", [(0.1, 100), (0.5, 3), (2.0, 1)])
@@ -80,7 +85,7 @@ def test_gen(data, gamma, m):
   terms = np.take_along_axis(p ** gamma * rest ** gamma, np.argsort(p, axis=1), axis=1)[:, -m:]
   want = -np.sum(terms, axis=1)                                         # over the M largest p
   got, _ = _fit_score(detectors.create("gen", gamma=gamma, top_classes=m), data)
-  np.testing.assert_allclose(got, want, rtol=2e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-4)                           # measured 3.7e-6
 
 
 def test_kl_matching(data):
@@ -91,7 +96,7 @@ def test_kl_matching(data):
   p = _softmax(data["logits"].astype(np.float64))
   want = -np.array([min(entropy(pi, q) for q in templates) for pi in p])   # KL(p || d_k)
   got, _ = _fit_score(detectors.create("klm"), data)
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)               # measured 1.1e-6
 
 
 # ----- activation shaping ---------------------------------------------------------------------
@@ -105,8 +110,8 @@ def test_react(data, p):
   c = np.percentile(data["train"].astype(np.float64).ravel(), p)
   want = _head_energy(np.minimum(data["feats"].astype(np.float64), c), data)
   got, params = _fit_score(detectors.create("react", percentile=p), data)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-  assert float(params["threshold"]) == pytest.approx(c, rel=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-5)                           # measured 2.1e-7
+  assert float(params["threshold"]) == pytest.approx(c, rel=1e-6)           # measured 2.5e-8
 
 
 def _torch_topk_prune(z, p):
@@ -129,6 +134,7 @@ def test_ash_p_b_s_and_scale(data, p):
           "scale": x * torch.exp(s1 / s2)}
   for name, shaped in want.items():
     got, _ = _fit_score(detectors.create(name, percentile=p), data)
+    # measured 7.3e-7
     np.testing.assert_allclose(got, _head_energy(shaped.numpy(), data), rtol=2e-5, err_msg=name)
 
 
@@ -139,7 +145,7 @@ def test_dice(data):
     masked = data["w"] * (contribution > np.percentile(contribution, p))
     got, _ = _fit_score(detectors.create("dice", sparsity=p), data)
     np.testing.assert_allclose(got, _head_energy(data["feats"].astype(np.float64), data, masked),
-                               rtol=1e-5)
+                               rtol=1e-5)                                    # measured 1.9e-7
 
 
 @pytest.mark.parametrize("t", [1.0, 2.0])
@@ -155,7 +161,7 @@ def test_gradnorm_equals_torch_autograd_of_the_head(data, t):
     loss.backward()
     want.append(fc.weight.grad.abs().sum().item())
   got, _ = _fit_score(detectors.create("gradnorm", temperature=t), data)
-  np.testing.assert_allclose(got, want, rtol=1e-4)
+  np.testing.assert_allclose(got, want, rtol=1e-4)                           # measured 3.1e-7
 
 
 # ----- feature space --------------------------------------------------------------------------
@@ -170,6 +176,7 @@ def test_relative_mahalanobis_against_sklearn(data):
   md = np.stack([np.einsum("nd,de,ne->n", q - m, prec, q - m) for m in means], 1)
   md0 = np.einsum("nd,de,ne->n", q - mean0, prec0, q - mean0)
   got, _ = _fit_score(detectors.create("relative_mahalanobis"), data)
+  # A difference of two distances (cancellation): measured |got - want| 4.0e-5.
   np.testing.assert_allclose(got, np.max(-(md - md0[:, None]), axis=1), rtol=1e-3, atol=1e-3)
 
 
@@ -178,6 +185,7 @@ def test_she(data):
   correct = data["train_logits"].argmax(1) == y
   patterns = np.stack([z[correct & (y == k)].mean(0) for k in range(C)])
   want = np.sum(data["feats"] * patterns[data["logits"].argmax(1)], axis=1)
+  # measured 1.7e-7, here and below
   np.testing.assert_allclose(_fit_score(detectors.create("she"), data)[0], want, rtol=1e-5)
   # A class never classified correctly keeps the mean of all its examples.
   wrong = dict(data, labels=np.where((y == 2) & correct, 3, y).astype(np.int32))
@@ -210,6 +218,7 @@ def _vim_reference(d, dim):
 @pytest.mark.parametrize("dim", [0, 5])
 def test_vim_and_residual(data, dim):
   want_vim, want_residual = _vim_reference(data, dim or D // 2)
+  # measured |got - want| 8.2e-6 (ViM), 1.6e-6 (residual); rel 1.9e-7 where |want| > 1
   np.testing.assert_allclose(_fit_score(detectors.create("vim", dim=dim), data)[0], want_vim,
                              rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(_fit_score(detectors.create("residual", dim=dim), data)[0],
@@ -230,7 +239,7 @@ def test_knn_exact_in_chunks(data, k, memory):
   # memory = 8 * N * 13 bytes: chunks of 13 rows (not dividing 400), so the last is shifted.
   want = _knn_reference(data["train"].astype(np.float64), data["feats"].astype(np.float64), k)
   got, _ = _fit_score(detectors.create("knn", k=k, memory_bytes=memory), data)
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)               # measured 7.3e-7
 
 
 def test_knn_sharded_over_a_mesh_equals_one_device(data):
@@ -240,6 +249,7 @@ def test_knn_sharded_over_a_mesh_equals_one_device(data):
   params = det.fit(train_features=bank)
   assert params["bank"].sharding.spec[0] == parallel.AXIS and int(params["bank_size"]) == 397
   got = det.score(params, features=data["feats"])
+  # Against the float64 reference, as on one device: measured 2.9e-7.
   np.testing.assert_allclose(got, _knn_reference(bank.astype(np.float64),
                                                  data["feats"].astype(np.float64), 9),
                              rtol=1e-4, atol=1e-5)
@@ -283,7 +293,7 @@ def test_odin_is_the_published_perturbation(tiny):
     want = _softmax(logits_of(_per_example_step(tiny["test"], loss, eps)) / t).max(-1)
     got = detectors.create("odin", temperature=t, epsilon=eps).score(
         {}, images=tiny["test"], model=tiny["model"])
-    np.testing.assert_allclose(got, want, rtol=2e-4)
+    np.testing.assert_allclose(got, want, rtol=2e-4)                         # measured 9.5e-8
 
 
 def _gaussians(z, y):
@@ -313,7 +323,7 @@ def test_mahalanobis_last_layer_with_noise(tiny):
                    head=tiny["head"])
   want = _noisy_layer_score(tiny["variables"], tiny["test"], -1, means, prec, 0.002)
   got = det.score(params, images=tiny["test"], model=tiny["model"])
-  np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-2)
+  np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-2)               # measured 1.8e-6
 
 
 def test_mahalanobis_ensemble_weights_are_sklearns_logistic_regression(tiny):
@@ -332,6 +342,8 @@ def test_mahalanobis_ensemble_weights_are_sklearns_logistic_regression(tiny):
   y_val = np.r_[np.ones(20), np.zeros(16)]
   lr = LogisticRegression(C=1.0, tol=1e-12, max_iter=100000).fit(s_val, y_val)
   assert np.all(np.abs(lr.coef_) > 1e-4)                    # every block counts
+  # Against sklearn's solver (to its tol): measured rel 1.6e-4 (|diff| 8.7e-8 on weights of 2e-2),
+  # 2.2e-7 (bias), 2.1e-6 (scores).
   np.testing.assert_allclose(params["weights"], lr.coef_[0], rtol=2e-3, atol=1e-7)
   np.testing.assert_allclose(params["bias"], lr.intercept_[0], rtol=2e-3)
   got = det.score(params, images=tiny["test"], model=tiny["model"])
@@ -345,6 +357,7 @@ def test_logistic_regression_matches_sklearn_on_separable_scales():
   y = np.r_[np.ones(80), np.zeros(60)]
   w, b = logistic.fit_logistic_regression(x, y)
   lr = LogisticRegression(C=1.0, tol=1e-12, max_iter=100000).fit(x, y)
+  # float64 (numpy) against sklearn: measured 1.8e-9.
   np.testing.assert_allclose(w, lr.coef_[0], rtol=1e-4, atol=1e-7)
   assert b == pytest.approx(lr.intercept_[0], rel=1e-4, abs=1e-6)
   with pytest.raises(ValueError, match="both classes"):
@@ -482,6 +495,7 @@ def test_each_score_traces_once_per_shape_whatever_its_traced_hyper_parameters(d
   plain = [detectors.create(name, **{k: getattr(p, k) for k in grid}) for p in points]
   for point, reference in zip(points, plain):
     got, params = _fit_score(point, data)               # one shape: one trace for all points
+    # The same formula with its hyper-parameters traced in both: measured equal bit for bit.
     np.testing.assert_allclose(got, _fit_score(reference, data)[0], rtol=1e-6)
   half = {k: v[: N // 2] for k, v in dict(logits=data["logits"], features=data["feats"]).items()}
   chex.assert_shape(points[0].score(params, **half, blocks=(half["features"],)), (N // 2,))
@@ -551,6 +565,7 @@ def test_singular_gaussian_fits_are_warned_about_and_use_the_pseudo_inverse(data
                     rf"around {C} mean\(s\) give at most {16 - C}; 0 dimension\(s\) constant"):
     params = detectors.create("mahalanobis").fit(train_features=z, train_labels=y, head=head)
   means, precision = _pinv_of_class_covariance(z, y)
+  # Against numpy's float64 pinv: measured 5.8e-8 (means, precision), 5.3e-8 (below).
   np.testing.assert_allclose(params["means"], means, rtol=1e-6)
   np.testing.assert_allclose(params["precision"], precision, rtol=1e-4, atol=1e-4)
   # A dead unit (a feature constant everywhere), enough examples otherwise.
