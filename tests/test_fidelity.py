@@ -40,7 +40,8 @@ def test_learning_rate_of_every_update_is_the_references(stage, epochs, lr):
   want = reference_rates(lr, epochs, steps)
   got = np.asarray(train.make_optimizer(c, epochs * steps).learning_rate(
       jnp.arange(epochs * steps)), np.float64)
-  np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-12)
+  # optax's float32 schedule against torch's float64: measured 4.4e-7 (SSE4_2, AVX, AVX2).
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
   assert got[-1] == pytest.approx(1e-6, rel=1e-4)    # the floor is absolute, whatever the lr
 
 
