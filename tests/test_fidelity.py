@@ -101,10 +101,16 @@ def _step(c, tx, state, batch, mesh=None):
 
 
 def _assert_same_step(a, b):
+  """Two programs (other batch shapes or device counts): equal up to float32 summation order.
+  The metrics (the forward pass) agree to 1.7e-7; one padding image let through moves the loss
+  by 5e-3 and the cross-entropy by 2e-2 (relative). The weights after the step come through the
+  backward pass's long sums (16 images x 32 x 32 positions), which some of XLA:CPU's programs
+  round far more: measured max |x - y| 3.4e-5 with XLA:CPU held to SSE4_2, 2.3e-6 to AVX,
+  1.2e-7 to AVX2 (2026-12-06); a padding image let through moves a tensor by up to 7e-3."""
   (sa, ma), (sb, mb) = a, b
   for x, y in zip(jax.tree_util.tree_leaves((sa.params, sa.batch_stats)),
                   jax.tree_util.tree_leaves((sb.params, sb.batch_stats))):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=5e-4)
   for key in ("loss", "ce", "energy_in", "energy_out", "accuracy"):
     np.testing.assert_allclose(float(ma[key]), float(mb[key]), rtol=2e-5, atol=1e-6)
 
