@@ -123,7 +123,9 @@ def test_a_run_through_every_fault_ends_where_an_uninterrupted_run_ends(toy, tmp
   assert f"{newest} is damaged" in out and "moved to" in out
   assert "stopped by SIGTERM" in out or "RESULT" in out     # or it had just finished
 
-  # Continued with the same command: where the uninterrupted run ends, bit for bit.
+  # Continued with the same command: where the uninterrupted run ends, bit for bit. Both are
+  # processes on this machine with the same XLA_FLAGS running the same compiled programs (one
+  # device, one step a call) on the same inputs; XLA:CPU's results are deterministic there.
   if "stopped by SIGTERM" in out:
     rc, out = _run(run, toy)
     assert rc == 0 and "resuming" in out, out[-3000:]
