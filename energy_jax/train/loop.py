@@ -88,10 +88,12 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
         if finished or (epoch + 1) % config.eval_every_epochs == 0:
           row.update(test_metrics(config, state, data.test, mesh))
         row.update(time_s=time.time() - t_epoch, eval_s=time.time() - t_epoch - row["train_s"])
+        # The row first, then the checkpoint: a kill between the two resumes from the checkpoint
+        # before, which drops the row and writes it again; the other order lost the row.
+        writer.write(row)
         saved = finished or (epoch + 1) % config.checkpoint_every_epochs == 0
         if saved:
           save_at(ckpts, config, state, epoch, steps, steps, row, finished)
-        writer.write(row)
         times.setdefault("first_epoch", row["train_s"])
         if not finished and watch.requested():   # asked during the epoch's last call or after
           if not saved:
