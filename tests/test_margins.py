@@ -12,6 +12,7 @@ from energy_jax import checkpoints, config as config_lib, data, inference, model
 from energy_jax.config import resume
 from energy_jax.data import toy
 from energy_jax.train import loop
+from test_checkpoints import _StopAfter  # a preemption watch that stops after n boundaries
 
 
 def _margins_rule(e_in, e_out):
@@ -51,21 +52,6 @@ def test_resume_takes_auto_as_the_numbers_the_run_computed():
   resume.check_resumable(saved, c, "RUN")
 
 
-class _StopAfter:
-  """A preemption watch that asks to stop after ``n`` boundaries (as SIGTERM would)."""
-
-  def __init__(self, n):
-    self.n = n
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    pass
-
-  def requested(self):
-    self.n -= 1
-    return self.n < 0
 
 
 def test_finetune_with_auto_margins_prints_saves_and_keeps_them(tmp_path, capsys, monkeypatch):
