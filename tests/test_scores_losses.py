@@ -289,3 +289,15 @@ def test_bad_temperatures_are_refused_naming_the_value(bad, error, message):
       fn(EXTREME, bad)
   with pytest.raises(TypeError, match=re.escape("epsilon must be a number, got 'x'")):
     scores.odin_score(_apply, _tiny()[1], np.zeros((1, 32, 32, 3), np.float32), epsilon="x")
+
+
+def test_half_precision_host_arrays_reach_xla_as_float32():
+  # XLA:CPU's float16 convert needs F16C (absent on some x86 CPUs; `--xla_cpu_max_isa=SSE4_2`
+  # stands in for one): host float16 arrays are widened, exactly, before the jitted call.
+  h = np.array([[1.5, -2.25], [65504.0, 6e-8]], np.float16)
+  for x in (h, jnp.asarray(h)):
+    w = scores.widen_host_half(x)
+    assert isinstance(w, np.ndarray) and w.dtype == np.float32
+    np.testing.assert_array_equal(w, h.astype(np.float32))
+  for other in (h.astype(np.float32), jnp.asarray(h, jnp.bfloat16)):
+    assert scores.widen_host_half(other) is other

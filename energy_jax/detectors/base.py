@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from energy_jax.ood import scores
 from energy_jax.registry import Registry
 
 Array = jax.Array
@@ -208,7 +209,7 @@ def _float_array(name: str, x, ndim: int, what: str):
     raise TypeError(f"{name} must be floating point, got dtype {dtype}")
   if 0 in shape[1:]:
     raise ValueError(f"{name} has an empty axis: shape {tuple(shape)}")
-  return x
+  return scores.widen_host_half(x)
 
 
 def check_score_inputs(detector: Detector, params, inputs: Dict[str, Any]) -> Dict[str, Any]:

@@ -43,6 +43,18 @@ def _check_logits(logits: Array, name: str = "logits") -> Array:
   return logits.astype(jnp.float32) if logits.dtype != jnp.float64 else logits
 
 
+def widen_host_half(x: Any) -> Any:
+  """``x`` with a float16 array on the host (numpy, or a jax array on a CPU device) widened to
+  float32 there, exactly. XLA:CPU converts half precision with the F16C instructions; on an x86
+  CPU without them its compiled convert fails to link (``__extendhfsf2``), so half-precision
+  inputs reach the jitted scores as float32. Other arrays, tracers and GPU/TPU arrays pass."""
+  if getattr(x, "dtype", None) != np.float16 or isinstance(x, jax.core.Tracer):
+    return x
+  if isinstance(x, jax.Array) and not all(d.platform == "cpu" for d in x.devices()):
+    return x
+  return np.asarray(x).astype(np.float32)
+
+
 def _as_array(x: Any, name: str) -> Any:
   """``x`` as an array the jitted scores take: arrays (numpy of any float dtype, jax, tracers)
   pass as they are; other array-likes (lists, tuples, scalars) go through ``np.asarray``, integer
@@ -51,7 +63,7 @@ def _as_array(x: Any, name: str) -> Any:
   if isinstance(x, (np.ndarray, jax.Array, jax.core.Tracer)):
     if not jnp.issubdtype(x.dtype, jnp.floating):   # named before JAX narrows int64 to int32
       raise TypeError(f"{name} must be floating point, got dtype {x.dtype}")
-    return x
+    return widen_host_half(x)
   try:
     arr = np.asarray(x)
   except (TypeError, ValueError) as e:           # ragged lists
@@ -61,7 +73,7 @@ def _as_array(x: Any, name: str) -> Any:
   if arr.dtype.kind not in "f" and arr.dtype != jnp.bfloat16:
     raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__} of dtype "
                     f"{arr.dtype}")
-  return arr
+  return widen_host_half(arr)
 
 
 # XLA flushes subnormal floats to zero: below float32's smallest normal number a temperature
