@@ -126,10 +126,13 @@ class RunCheckpoints:
     return sorted(self.manager.all_steps(), reverse=True)
 
   def verify(self, step: int) -> Optional[str]:
-    """None if checkpoint ``step`` is as it was saved, else what is wrong with it."""
+    """None if checkpoint ``step`` is as it was saved, else what is wrong with it. A checkpoint
+    without an integrity record (a kill between Orbax's commit and the record, a run copied
+    without ``checkpoints.sha256/``, energy-jax 0.1) is verified another way: Orbax committed it,
+    its meta reads and its arrays read back finite (:meth:`verify_unrecorded`)."""
     record = self.records / f"{step}.json"
     if not record.exists():
-      return "no integrity record (saved by another version, or cut short)"
+      return self.verify_unrecorded(step)
     try:
       want = json.loads(storage.read_text(record))
     except (OSError, ValueError) as e:
@@ -143,6 +146,28 @@ class RunCheckpoints:
       return f"file(s) changed since the save: {changed[:3]}"
     return None
 
+  def verify_unrecorded(self, step: int) -> Optional[str]:
+    """None if checkpoint ``step``, which has no integrity record, was committed by Orbax and
+    reads back whole and finite; else what is wrong with it. Without a record a changed byte
+    that leaves the arrays finite cannot be seen: the record is written for it now (unless
+    read-only), so that later reads compare against today's bytes."""
+    where = self.directory / str(step)
+    if not ocp.step.is_path_finalized(where):
+      return "no integrity record, and Orbax did not commit it (a save cut short)"
+    try:
+      check_finite(self.restore_variables(step), f"checkpoint {where}")
+      self.read_meta(step)
+    except FloatingPointError as e:
+      return f"no integrity record, and {str(e).split('; it is')[0]}"
+    except Exception as e:      # Orbax / TensorStore raise several types for unreadable files
+      return (f"no integrity record, and it does not read back: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+    if not self.read_only:
+      self._record(step)
+      self.log(f"checkpoint {where} had no integrity record: Orbax committed it and it reads "
+               f"back finite, so it is used; its record is written now")
+    return None
+
   def newest_meta(self) -> Optional[Dict[str, Any]]:
     """The newest checkpoint's meta (None: no checkpoint, or no readable meta); read before
     verifying, so that a run of another format is refused, not moved aside."""
@@ -154,20 +179,15 @@ class RunCheckpoints:
     except Exception:        # an unreadable meta: left to the verification
       return None
 
-  def latest_intact_step(self, move_damaged: bool = True,
-                         require_record: bool = True) -> Optional[int]:
+  def latest_intact_step(self, move_damaged: bool = True) -> Optional[int]:
     """The newest intact step (None if there is none). Damaged checkpoints are named through
     ``log`` and, with ``move_damaged``, moved out of the way. Process 0 verifies and moves, and
-    the others take its answer (their disks may not hold the records).
-    ``require_record=False`` also takes a checkpoint without an integrity record (one written
-    by energy-jax 0.1, read as pretrained weights)."""
+    the others take its answer (their disks may not hold the records)."""
     from energy_jax import distributed
     found, moved = -1, 0
     if distributed.is_main_process():
       for step in self.steps():
         problem = self.verify(step)
-        if problem is not None and not require_record and problem.startswith("no integrity"):
-          problem = None
         if problem is None:
           found = step
           break
@@ -295,7 +315,7 @@ def load_variables(path: str, config, what: str = "checkpoint") -> Dict[str, Any
                             f"{workdir / 'checkpoints'})")
   with RunCheckpoints(workdir, read_only=True,               # an input: never written to
                       log=lambda message: print(message, file=sys.stderr)) as ckpts:
-    step = ckpts.latest_intact_step(move_damaged=False, require_record=False)
+    step = ckpts.latest_intact_step(move_damaged=False)
     if step is None:
       raise FileNotFoundError(f"{path} holds no intact Orbax checkpoint (looked in "
                               f"{ckpts.directory})")

@@ -3,6 +3,7 @@ preempted run that continues mid-epoch to the uninterrupted run's numbers."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -70,11 +71,31 @@ def test_a_damaged_latest_checkpoint_is_named_moved_aside_and_the_one_before_use
   assert "checkpoints/8 is damaged (missing file(s)" in said[1]
   assert sorted(os.listdir(tmp_path / "checkpoints.damaged"))[0].startswith("12-")
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
-  # A checkpoint without its integrity record (a save cut short) is not trusted either.
-  os.remove(tmp_path / "checkpoints.sha256" / "4.json")
+
+
+
+def test_a_checkpoint_without_its_record_is_read_back_and_used_or_moved_aside(tmp_path):
+  # A kill between Orbax's commit and the record, or a run copied without checkpoints.sha256/:
+  # a whole, finite checkpoint is used and recorded; a non-finite one is damage.
+  said = []
+  c = config_lib.get_config("test", "pretrain")
+  with checkpoints.RunCheckpoints(str(tmp_path), max_to_keep=3, log=said.append) as ckpts:
+    ckpts.save(4, _state(4), checkpoints.run_meta(c, 0, False, {}))
+    # Step 8 written by Orbax itself with NaN weights (RunCheckpoints.save refuses them).
+    bad = _state(8)
+    bad = bad.replace(params=jax.tree_util.tree_map(lambda x: x * np.nan, bad.params))
+    ckpts.manager.save(8, args=checkpoints.ocp.args.Composite(
+        state=checkpoints.ocp.args.StandardSave(bad),
+        meta=checkpoints.ocp.args.JsonSave({})))
+  shutil.rmtree(tmp_path / "checkpoints.sha256")
   with checkpoints.RunCheckpoints(str(tmp_path), log=said.append) as ckpts:
-    assert ckpts.latest_intact_step() is None
-  assert "no integrity record" in said[-1]
+    assert ckpts.latest_intact_step() == 4
+  assert "checkpoints/8 is damaged (no integrity record, and checkpoint" in said[0], said
+  assert "non-finite value(s)" in said[0]
+  assert "checkpoints/4 had no integrity record: Orbax committed it" in said[1], said
+  assert os.path.exists(tmp_path / "checkpoints.sha256" / "4.json")
+  # Recorded now: a byte changed later is seen as any other damage.
+  assert checkpoints.RunCheckpoints(str(tmp_path)).verify(4) is None
 
 
 def test_a_non_finite_state_is_never_saved(tmp_path):

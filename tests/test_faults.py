@@ -72,20 +72,22 @@ def test_a_run_through_every_fault_ends_where_an_uninterrupted_run_ends(toy, tmp
   assert rc == 0, out[-3000:]
   run = tmp_path / "run"
 
-  # Killed inside its second save, after Orbax wrote the files but before their record.
+  # Killed inside its second save, after Orbax committed the files but before their record.
   rc, out = _run(run, toy, "--kill_in_save", "2")
   assert rc == -signal.SIGKILL and saved_steps(run) == [4]
 
-  # A NaN state at the next save: refused, nothing saved; the damaged step-8 files moved aside.
-  rc, out = _run(run, toy, "--nan_at_step", "8")
-  assert rc != 0 and "checkpoints/8 is damaged (no integrity record" in out, out[-3000:]
-  assert "at step 8 holds" in out and "non-finite value(s)" in out and "it is not saved" in out
-  assert saved_steps(run) == [4]
+  # A NaN state at the next save: refused, nothing saved. Step 8, committed by Orbax and whole
+  # but unrecorded, is verified by reading it back, recorded and resumed from (with its row).
+  rc, out = _run(run, toy, "--nan_at_step", "12")
+  assert rc != 0 and "checkpoints/8 had no integrity record" in out, out[-3000:]
+  assert "resuming" in out and "at epoch 2, step 4 of 4" in out, out[-3000:]
+  assert "at step 12 holds" in out and "non-finite value(s)" in out and "it is not saved" in out
+  assert saved_steps(run) == [4, 8]
 
-  # A full disk (a file-size limit): the save fails with a clear message, step 4 is kept.
+  # A full disk (a file-size limit): the save fails with a clear message, step 8 is kept.
   rc, out = _run(run, toy, fsize=64 * 1024)
-  assert rc != 0 and "could not write checkpoint 8" in out, out[-3000:]
-  assert "the checkpoints before it are kept" in out and saved_steps(run) == [4]
+  assert rc != 0 and "could not write checkpoint 12" in out, out[-3000:]
+  assert "the checkpoints before it are kept" in out and saved_steps(run) == [4, 8]
 
   # kill -9 at a random moment (FAULT_SEED draws it: compile, training or a save).
   p = _start(run, toy)
