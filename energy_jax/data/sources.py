@@ -10,9 +10,12 @@ A source is a string:
   or a ``.zip`` of such a folder, read in place.
 
 Images are brought to ``image_size`` x ``image_size`` RGB as the reference's OOD loaders do
-(``Resize(size)`` on the short side, bilinear, then ``CenterCrop(size)``; grayscale and RGBA
-become RGB) unless they have that size already. Nothing is skipped: an unreadable image raises an
-error naming it.
+(``Resize(size)`` on the short side, bilinear, then ``CenterCrop(size)``; grayscale, palette and
+RGBA become RGB, alpha dropped, as PIL's ``convert("RGB")``) unless they have that size already.
+Samples of 16 bits (PNG, TIFF, PGM/PPM) become 8 bits as ``round(v / 257)``, the 8-bit value
+nearest ``v / 65535``: ``convert("RGB")`` would clip 16-bit grayscale at 255 (white) and keep
+only the high byte of 16-bit colour. Pixels without a defined range (32-bit integers or floats,
+as TIFF can hold) are refused. Nothing is skipped: an unreadable image raises an error naming it.
 
 A new kind is one file: ``@sources.register("hf", count=...)`` on its
 ``load(location, split, image_size) -> ImageSet``.
@@ -127,7 +130,7 @@ def load_cached(cache: Optional[Dict[Tuple[str, Optional[str], int], ImageSet]],
 def resize_center_crop(image, size: int) -> np.ndarray:
   """PIL image -> ``uint8 [size, size, 3]``: RGB, then Resize(size) + CenterCrop(size) if needed."""
   from PIL import Image
-  image = image.convert("RGB")
+  image = to_rgb(image)
   w, h = image.size
   if (w, h) != (size, size):
     # torchvision Resize(int): the short side becomes size, the long side int(size * long / short).
@@ -143,17 +146,98 @@ def resize_center_crop(image, size: int) -> np.ndarray:
   return np.asarray(image, dtype=np.uint8)
 
 
+class UnsupportedImageError(ValueError):
+  """A readable image whose pixels cannot be brought to 8-bit RGB without guessing."""
+
+
+# PIL's modes of one 16-bit sample per pixel.
+GRAY16_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+# PIL decodes 16-bit colour to 8 bits through the rawmode of each tile, keeping the high byte of
+# every sample. A second decode through another rawmode of the same bits per pixel (so that the
+# PNG row filters undo the same way) reads the low bytes: the rawmode, and the channel of its
+# output that holds the low byte of R, G and B. (16-bit LA opens as RGBA with R = G = B = L.)
+_LOW_BYTES = {"RGB;16B": ("RGB;16L", (0, 1, 2)), "RGB;16L": ("RGB;16B", (0, 1, 2)),
+              "RGBA;16B": ("RGBA;16L", (0, 1, 2)), "RGBA;16L": ("RGBA;16B", (0, 1, 2)),
+              "LA;16B": ("RGBA", (1, 1, 1))}
+
+
+def to_8_bits(samples: np.ndarray) -> np.ndarray:
+  """16-bit samples (0 .. 65535) -> uint8 ``round(v / 257)``, the nearest 8-bit value of the
+  same fraction of full scale (``v / 257`` is never halfway between two integers)."""
+  return ((samples.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _rawmode(tile) -> Optional[str]:
+  args = tile[3]
+  return args if isinstance(args, str) else (
+      args[0] if isinstance(args, tuple) and args and isinstance(args[0], str) else None)
+
+
+def _with_rawmode(tile, rawmode: str):
+  args = tile[3]
+  args = rawmode if isinstance(args, str) else (rawmode, *args[1:])
+  return tile._replace(args=args) if hasattr(tile, "_replace") else (*tile[:3], args)
+
+
+def _wide_rawmode(image) -> Optional[str]:
+  """The 16-bit colour rawmode (of :data:`_LOW_BYTES`) ``image``'s tiles decode through, before
+  ``load``; None for any other image."""
+  modes = {_rawmode(t) for t in getattr(image, "tile", None) or ()}
+  return modes.pop() if len(modes) == 1 and modes <= set(_LOW_BYTES) else None
+
+
+def _decode_16_bit_colour(data: bytes, rawmode: str, high: np.ndarray):
+  """8-bit RGB of a 16-bit colour image whose high bytes PIL decoded as ``high``."""
+  from PIL import Image
+  low_rawmode, channels = _LOW_BYTES[rawmode]
+  with Image.open(io.BytesIO(data)) as image:
+    image.tile = [_with_rawmode(t, low_rawmode) for t in image.tile]
+    image.load()
+    low = np.asarray(image)[..., list(channels)]
+  samples = high[..., :3].astype(np.uint16) * 256 + low
+  return Image.fromarray(to_8_bits(samples), "RGB")
+
+
+def to_rgb(image, data: Optional[bytes] = None, wide_rawmode: Optional[str] = None):
+  """A loaded PIL image as 8-bit RGB: 16-bit samples as ``round(v / 257)`` (see the module
+  docstring), every other mode through ``convert("RGB")``. ``data`` and ``wide_rawmode`` (from
+  :func:`_wide_rawmode` before ``load``) let a 16-bit colour image be decoded again for its low
+  bytes; without them its 8 bits are PIL's high bytes (at most one level below)."""
+  from PIL import Image
+  mode = image.mode
+  # PIL opens 16-bit PGM (scaled to 16 bits from its maxval), and 16-bit grayscale PNG in older
+  # versions, as 32-bit integers.
+  if mode in GRAY16_MODES or (mode == "I" and image.format in ("PNG", "PPM")):
+    samples = np.asarray(image)
+    if samples.size and (samples.min() < 0 or samples.max() > 65535):
+      raise UnsupportedImageError(f"{image.format} {mode} pixels span [{samples.min()}, {samples.max()}], "
+                       "beyond 16 bits")
+    return Image.fromarray(np.repeat(to_8_bits(samples)[..., None], 3, axis=-1), "RGB")
+  if mode in ("I", "F"):
+    kind = "32-bit integer" if mode == "I" else "32-bit floating-point"
+    raise UnsupportedImageError(f"{kind} pixels (PIL mode {mode}, {image.format}) have no defined range "
+                     "to bring to 8 bits: save the image with 8 or 16 bits per sample")
+  if wide_rawmode is not None and data is not None:
+    return _decode_16_bit_colour(data, wide_rawmode, np.asarray(image))
+  return image.convert("RGB")
+
+
 def _decode(name: str, data: bytes, size: Optional[int]) -> np.ndarray:
   """RGB ``uint8 [size, size, 3]``, or the image's own size when ``size`` is None."""
   from PIL import Image
   try:
     with Image.open(io.BytesIO(data)) as image:
+      wide = _wide_rawmode(image)
       image.load()
-      if image.mode == "RGB" and (size is None or image.size == (size, size)):
+      if (image.mode == "RGB" and wide is None
+          and (size is None or image.size == (size, size))):
         return np.asarray(image)       # the common case: no conversion, no resize
+      image = to_rgb(image, data, wide)
       if size is None:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.asarray(image, dtype=np.uint8)
       return resize_center_crop(image, size)
+  except UnsupportedImageError as e:
+    raise UnsupportedImageError(f"{name}: {e}") from None
   except Exception as e:
     raise ValueError(f"corrupt or unreadable image {name}: {type(e).__name__}: {e}") from e
 
