@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _main  # noqa: E402  the scripts' shared --help and command-line checks
 from absl import app, flags, logging  # noqa: E402
+from energy_jax.ood import protocol  # noqa: E402  (for the bound of --num_to_avg)
 
 DEFAULT_CONFIG = "configs/finetune.py:cifar10"
 _main.define_config(DEFAULT_CONFIG, "the model / ID data config")
@@ -30,7 +31,8 @@ flags.DEFINE_list("detectors", ["msp", "energy", "odin", "mahalanobis"],
 flags.DEFINE_multi_string("hparam", [], "a detector's hyper-parameter, DETECTOR.NAME=VALUE "
                           "(e.g. odin.temperature=1000); validation overrides the tuned ones")
 flags.DEFINE_integer("num_to_avg", 10, "draws of len(test)//5 OOD images per set (the "
-                     "reference's run.sh: 10)", lower_bound=1)
+                     "reference's run.sh: 10)", lower_bound=1,
+                     upper_bound=protocol.MAX_NUM_TO_AVG)
 flags.DEFINE_integer("seed", 0, "seed of the draws")
 flags.DEFINE_bool("validate", False, "tune every detector on its grid, on the synthetic "
                   "validation sets (never the test sets)")
@@ -51,14 +53,11 @@ def main(argv):
   F = flags.FLAGS
   _main.check_config(F.config)
   from energy_jax import config as config_lib, detectors, storage
-  from energy_jax.ood import evaluation, protocol
-  sources = {}
-  for item in F.ood:
-    try:
-      name, spec = protocol.parse_ood(item)
-    except ValueError as e:
-      raise app.UsageError(str(e))
-    sources[name] = spec
+  from energy_jax.ood import evaluation, report
+  try:
+    sources = protocol.parse_ood_list(F.ood)
+  except ValueError as e:
+    raise app.UsageError(f"--ood: {e}")
   names = list(detectors.names()) if F.detectors == ["all"] else F.detectors
   unknown = [d for d in names if d not in detectors.names()]
   if unknown:
@@ -85,10 +84,15 @@ def main(argv):
   _main.check_local_path(F.checkpoint, f"--checkpoint {F.checkpoint}: no such run directory or "
                          ".pt file; name a --workdir of experiments/pretrain.py or finetune.py, "
                          "or a reference .pt file")
-  _main.check_workdir(F.workdir)
-  check_sources(F.config, sources, any(d.fit_needs for d in chosen))
   workdir = F.workdir or str(
       (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval")
+  try:
+    evaluation.check_checkpoint(F.checkpoint, "--checkpoint")
+    report.check_output_folder(workdir, "--workdir" if F.workdir else
+                               "--workdir (default: the checkpoint's folder/eval)")
+  except (ValueError, OSError) as e:
+    raise app.UsageError(str(e))
+  check_sources(F.config, sources, any(d.fit_needs for d in chosen))
   evaluation.run(F.config, F.checkpoint, sources, workdir, chosen, F.num_to_avg, F.seed,
                  F.validate, F.temperature_ablation, grid_source=F.grid,
                  ood_positive=F.ood_positive, progress_bar=F.progress)

@@ -70,6 +70,27 @@ MISTAKES = [
                   "--workdir={tmp}/afile"],
      ["--workdir {tmp}/afile is a file, not a folder"]),
     ("pretrain", ["stray"], ["unexpected arguments: ['stray']"]),
+    # The evaluation's mistakes that used to surface after the scoring, or in PyTorch's words.
+    # {tmp}/run holds no checkpoint: a check made after the model load would end in the
+    # loader's "holds no Orbax checkpoint" instead of the message below.
+    ("evaluate", ["--checkpoint={tmp}/run_with_eval_file"],
+     ["--workdir (default: the checkpoint's folder/eval) {tmp}/run_with_eval_file/eval is a "
+      "file, not a folder: name another folder for the results, or move the file away"]),
+    ("evaluate", ["--checkpoint={tmp}/run", "--workdir={tmp}/nowhere/eval"],
+     ["--workdir {tmp}/nowhere/eval: its parent folder {tmp}/nowhere does not exist: create it "
+      "(mkdir -p {tmp}/nowhere) or name another folder"]),
+    ("evaluate", ["--checkpoint={tmp}/run", "--num_to_avg=1000000000"],
+     ["flag --num_to_avg=1000000000: 1000000000 is not an integer in the range [1, 1000]"]),
+    ("evaluate", ["--checkpoint={tmp}/run", "--ood=svhn,textures,svhn=synthetic:uniform_noise"],
+     ["--ood: the OOD set name 'svhn' is given twice ('svhn' and "
+      "'svhn=synthetic:uniform_noise'): give each set its own name, NAME=SOURCE"]),
+    ("evaluate", ["--checkpoint={tmp}/run", "--ood=mean=synthetic:uniform_noise"],
+     ["--ood: an OOD set cannot be named 'mean'"]),
+    ("evaluate", ["--checkpoint={tmp}/finished_run/config.json"],
+     ["--checkpoint {tmp}/finished_run/config.json is a file but no PyTorch checkpoint (neither "
+      "a zip archive nor a pickle): name a run folder (the --workdir of experiments/pretrain.py "
+      "or finetune.py, which holds checkpoints/) or a reference .pt file; its folder is a run "
+      "folder: --checkpoint={tmp}/finished_run"]),
 ]
 
 
@@ -78,6 +99,10 @@ def tmp(tmp_path_factory):
   d = tmp_path_factory.mktemp("cli")
   (d / "afile").write_text("")
   (d / "run").mkdir()
+  (d / "run_with_eval_file").mkdir()
+  (d / "run_with_eval_file" / "eval").write_text("")
+  (d / "finished_run" / "checkpoints").mkdir(parents=True)
+  (d / "finished_run" / "config.json").write_text('{"epochs": 1}')
   np.save(d / "outliers.npy", np.zeros((4, 32, 32, 3), np.uint8))
   return str(d)
 
@@ -94,10 +119,28 @@ def run_script(script, args):
                          ids=[f"{s}:{' '.join(a)}" for s, a, _ in MISTAKES])
 def test_a_mistake_ends_in_a_short_message_naming_it(tmp, script, args, said):
   status, out = run_script(script, [a.format(tmp=tmp) for a in args])
+  assert_short_error(script, status, out, [text.format(tmp=tmp) for text in said])
+
+
+def test_evaluate_results_folder_not_writable(tmp):
+  folder = os.path.join(tmp, "read_only")
+  os.makedirs(folder, exist_ok=True)
+  os.chmod(folder, 0o555)
+  if os.access(folder, os.W_OK):     # root, whom modes do not bind: a read-only file system
+    folder = "/proc/sys"
+    if not os.path.isdir(folder) or os.access(folder, os.W_OK):
+      pytest.skip("no folder here that this user cannot write to")
+  status, out = run_script("evaluate", [f"--checkpoint={tmp}/run", f"--workdir={folder}"])
+  assert_short_error("evaluate", status, out, [
+      f"--workdir {folder} is not writable: name a folder you can write to, or make it "
+      "writable"])
+
+
+def assert_short_error(script, status, out, said):
   assert status == 1, out
   assert "Traceback" not in out and "Try --helpfull" not in out, out
   lines = out.splitlines()
   assert len(lines) <= 4, out
   assert lines[0].startswith(f"{script}.py: error: "), out
   for text in said:
-    assert text.format(tmp=tmp) in out, out
+    assert text in out, out

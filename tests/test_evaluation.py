@@ -9,7 +9,7 @@ import pytest
 from scipy.special import logsumexp
 
 import chex
-from energy_jax import config as config_lib, data, detectors, models, train
+from energy_jax import config as config_lib, data, detectors, models, progress, train
 from energy_jax.data import augment, toy
 from energy_jax.ood import evaluation, metrics, report
 from conftest import REPO, shared_pack
@@ -187,6 +187,91 @@ def test_bad_evaluation_inputs():
     evaluation.classification_report(np.zeros((4, 3)), np.zeros(4, np.int32))
   with pytest.raises(ValueError, match="no OOD sets"):
     evaluation.evaluate(StubScorer([1.0]), _set(_indexed_images(0, 1)), {}, [])
+  with pytest.raises(ValueError, match=r"num_to_avg = 1001: .* integer in \[1, 1000\]"):
+    evaluation.evaluate(StubScorer([1.0]), _set(_indexed_images(0, 1)),
+                        {"o": _set(_indexed_images(0, 1))}, [], num_to_avg=1001)
+
+
+def test_draws_have_their_own_progress_bar(monkeypatch):
+  bars = []
+
+  class Bar:
+    def __init__(self, total, desc, enabled=True, unit="it"):
+      self.total, self.desc, self.enabled, self.n = total, desc, enabled, 0
+      bars.append(self)
+
+    def update(self, k=1):
+      self.n += k
+
+    def set_postfix(self, **kwargs):
+      pass
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(progress, "bar", Bar)
+  scorer = StubScorer(np.r_[np.arange(1, 21), np.arange(8) - 2.0])
+  test = _set(_indexed_images(0, 20), np.arange(20) % 2)
+  ood = {"a": _set(_indexed_images(20, 4)), "b": _set(_indexed_images(24, 4))}
+  evaluation.evaluate(scorer, test, ood, [detectors.create("msp"), detectors.create("energy")],
+                      num_to_avg=7, progress_bar=True)
+  score, draws = bars
+  assert (score.desc, score.total, score.n) == ("score", 2 * 3, 2 * 3)
+  assert (draws.desc, draws.total, draws.n, draws.enabled) == ("draws", 2 * 2 * 7, 2 * 2 * 7, True)
+
+
+def _loader_never_called(*args, **kwargs):
+  raise AssertionError("the model was loaded before the mistake was found")
+
+
+REFUSED_BEFORE_LOADING = [
+    ("workdir_is_a_file", "workdir {tmp}/afile is a file, not a folder: name another folder for "
+                          "the results, or move the file away"),
+    ("workdir_parent_missing", "workdir {tmp}/nowhere/eval: its parent folder {tmp}/nowhere does "
+                               "not exist: create it (mkdir -p {tmp}/nowhere)"),
+    ("workdir_not_writable", "workdir {tmp}/eval cannot be made: its parent folder {tmp} is not "
+                             "writable: name a folder you can write to"),
+    ("num_to_avg_too_large", "num_to_avg = 1001: the draws averaged per OOD set must be an integer "
+                             "in [1, 1000]"),
+    ("num_to_avg_zero", "num_to_avg = 0: the draws averaged per OOD set must be an integer in "
+                        "[1, 1000]"),
+    ("ood_named_mean", "an OOD set cannot be named 'mean'"),
+    ("checkpoint_not_torch", "checkpoint {tmp}/config.json is a file but no PyTorch checkpoint"),
+]
+
+
+@pytest.mark.parametrize("case,said", REFUSED_BEFORE_LOADING,
+                         ids=[case for case, _ in REFUSED_BEFORE_LOADING])
+def test_run_refuses_before_loading(tmp_path, monkeypatch, case, said):
+  from energy_jax import checkpoints
+  from energy_jax.data import sources
+  monkeypatch.setattr(checkpoints, "load_variables", _loader_never_called)
+  monkeypatch.setattr(sources, "load", _loader_never_called)
+  (tmp_path / "afile").write_text("")
+  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "run").mkdir()
+  args = dict(checkpoint=str(tmp_path / "run"), ood_sources={"n": "synthetic:uniform_noise"},
+              workdir=str(tmp_path / "eval"), num_to_avg=10)
+  if case == "workdir_is_a_file":
+    args["workdir"] = str(tmp_path / "afile")
+  elif case == "workdir_parent_missing":
+    args["workdir"] = str(tmp_path / "nowhere" / "eval")
+  elif case == "workdir_not_writable":      # root may write anywhere: os.access stands in
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+  elif case == "num_to_avg_too_large":
+    args["num_to_avg"] = 1001
+  elif case == "num_to_avg_zero":
+    args["num_to_avg"] = 0
+  elif case == "ood_named_mean":
+    args["ood_sources"] = {"mean": "synthetic:uniform_noise"}
+  elif case == "checkpoint_not_torch":
+    args["checkpoint"] = str(tmp_path / "config.json")
+  config = config_lib.get_config("test", "pretrain")
+  with pytest.raises(ValueError) as e:
+    evaluation.run(config, detectors=[detectors.create("energy")], log=lambda s: None,
+                   progress_bar=False, **args)
+  assert said.format(tmp=tmp_path) in str(e.value)
+  assert not (tmp_path / "eval").exists()
 
 
 @pytest.fixture(scope="module")

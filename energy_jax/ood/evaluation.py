@@ -9,6 +9,7 @@ numbers, less compute). Draws are seeded: a run can be repeated exactly.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -122,15 +123,20 @@ class Scorer:
 
 def draw_metrics(scores_in: np.ndarray, scores_out: np.ndarray, num_draw: int, num_to_avg: int,
                  seed: int, log: Callable[[str], None] = print, name: str = "",
-                 ood_positive: bool = False) -> Dict[str, float]:
-  """Mean and std over ``num_to_avg`` seeded draws of ``num_draw`` OOD scores."""
+                 ood_positive: bool = False, bar=None) -> Dict[str, float]:
+  """Mean and std over ``num_to_avg`` seeded draws of ``num_draw`` OOD scores (``bar``: a
+  :func:`progress.bar` advanced once per draw)."""
   rng = np.random.default_rng(seed)
   if len(scores_out) < num_draw:
     log(f"note: OOD set {name} has {len(scores_out)} images, fewer than {num_draw}: using all")
     num_draw = len(scores_out)
-  runs = [metrics.ood_metrics(scores_in, scores_out[rng.permutation(len(scores_out))[:num_draw]],
-                              ood_positive=ood_positive)
-          for _ in range(num_to_avg)]
+  runs = []
+  for _ in range(num_to_avg):
+    runs.append(metrics.ood_metrics(
+        scores_in, scores_out[rng.permutation(len(scores_out))[:num_draw]],
+        ood_positive=ood_positive))
+    if bar is not None:
+      bar.update()
   out = {}
   for key in runs[0]:
     vals = np.array([r[key] for r in runs])
@@ -162,22 +168,35 @@ def evaluate(scorer: Scorer, test: ImageSet, ood_sets: Mapping[str, ImageSet],
   (``ood_positive``: the FPR95 with OOD as the positive class, see :func:`metrics.ood_metrics`)."""
   if not ood_sets:
     raise ValueError("no OOD sets to evaluate")
+  protocol.check_ood_names(ood_sets)
+  protocol.check_num_to_avg(num_to_avg)
   num_draw = len(test) // 5
-  results: Dict[str, Dict[str, Dict[str, float]]] = {}
+  # The scores first, then the draws: each step has its own bar, in its own unit.
+  scored = []
   bar = progress.bar(len(detectors) * (1 + len(ood_sets)), "score", progress_bar)
   for det in detectors:
     bar.set_postfix(detector=det.label)
     s_in = scorer.score(det, test.images)
     bar.update()
-    per_set = {}
-    for i, (name, ood) in enumerate(ood_sets.items()):
-      s_out = scorer.score(det, ood.images)
+    s_out = {}
+    for name, ood in ood_sets.items():
+      s_out[name] = scorer.score(det, ood.images)
       bar.update()
-      per_set[name] = draw_metrics(s_in, s_out, num_draw, num_to_avg, seed + i, log, name,
-                                   ood_positive)
+    scored.append((det.label, s_in, s_out))
+  bar.close()
+  results: Dict[str, Dict[str, Dict[str, float]]] = {}
+  # A single draw per set takes no time worth a bar.
+  bar = progress.bar(len(detectors) * len(ood_sets) * num_to_avg, "draws",
+                     progress_bar and num_to_avg > 1, unit="draw")
+  for label, s_in, s_out in scored:
+    bar.set_postfix(detector=label)
+    per_set = {name: draw_metrics(s_in, s_out[name], num_draw, num_to_avg, seed + i, log, name,
+                                  ood_positive, bar)
+               for i, name in enumerate(ood_sets)}
     keys = [k for k in next(iter(per_set.values())) if not k.endswith("_std") and k != "num_ood"]
-    per_set["mean"] = {k: float(np.mean([per_set[n][k] for n in ood_sets])) for k in keys}
-    results[det.label] = per_set
+    per_set[protocol.MEAN] = {k: float(np.mean([per_set[n][k] for n in ood_sets]))
+                              for k in keys}
+    results[label] = per_set
   bar.close()
   return results
 
@@ -210,6 +229,34 @@ def tune(scorer: Scorer, test: ImageSet, validation_sets: Mapping[str, ImageSet]
   return best
 
 
+# How a checkpoint file begins: a zip archive (torch.save since PyTorch 1.6), a pickle of
+# protocol 2 or later (the older torch.save, the reference's), a tar archive (PyTorch < 0.4).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def check_checkpoint(path: str, what: str = "checkpoint") -> None:
+  """Raises naming ``what``, the path and what is expected if ``path`` is a local file that is
+  no PyTorch checkpoint (a run's ``config.json``, a CSV, an image set): it is named before
+  anything is loaded, rather than in the words of ``torch.load``. Folders and URLs are left to
+  :func:`energy_jax.checkpoints.load_variables`."""
+  from energy_jax import storage
+  if not path or storage.is_url(path) or not os.path.isfile(path):
+    return
+  try:
+    with open(path, "rb") as f:
+      head = f.read(262)
+  except OSError as e:
+    raise OSError(f"{what} {path} cannot be read: {e.strerror or e}") from e
+  if head.startswith(_TORCH_MAGIC) or head[257:262] == b"ustar":
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  hint = (f"; its folder is a run folder: {what}={folder}"
+          if os.path.isdir(os.path.join(folder, "checkpoints")) else "")
+  raise ValueError(f"{what} {path} is a file but no PyTorch checkpoint (neither a zip archive "
+                   "nor a pickle): name a run folder (the --workdir of experiments/pretrain.py "
+                   f"or finetune.py, which holds checkpoints/) or a reference .pt file{hint}")
+
+
 def run(config, checkpoint: str, ood_sources: Mapping[str, Any], workdir: str,
         detectors: Sequence[Detector], num_to_avg: int = 1, seed: int = 0,
         validate: bool = False, temperature_ablation: bool = False,
@@ -227,11 +274,17 @@ def run(config, checkpoint: str, ood_sources: Mapping[str, Any], workdir: str,
   FPR95 on them, never on the test sets; detectors fitted on validation data (the multi-layer
   Mahalanobis) are fitted on them.
   """
-  from energy_jax import checkpoints, distributed, storage
+  from energy_jax import checkpoints, distributed
   from energy_jax.data import sources
+  # The mistakes that would otherwise surface after the scoring (the results cannot be written,
+  # a set name or the draws) or in PyTorch's words (a file that is no checkpoint) end here,
+  # before anything is loaded. Every process checks, so that none is left waiting for the others.
+  workdir = report.check_output_folder(workdir)
+  protocol.check_num_to_avg(num_to_avg)
+  protocol.check_ood_names(ood_sources)
+  check_checkpoint(checkpoint)
   # Every process scores its share of each batch (the gathers are collective); process 0 alone
   # prints and writes.
-  workdir = storage.check_reachable(workdir)
   writer = distributed.is_main_process()
   log = distributed.main_process_only(log)
   variables = checkpoints.load_variables(checkpoint, config)

@@ -13,12 +13,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+import numbers
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from energy_jax.data import sources, synthetic
 from energy_jax.data.image_set import ImageSet
 
 TRANSFORMS = ("resize", "as_is")
+
+# Most draws of len(test) // 5 OOD images averaged per set (the reference's run.sh makes 10):
+# past a thousand the mean no longer moves, and each draw costs a sort of the ID scores.
+MAX_NUM_TO_AVG = 1000
+# The name of the tables' and results' row of the mean over the OOD sets: no set may take it.
+MEAN = "mean"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +69,40 @@ def parse_ood(item: str) -> Tuple[str, OODSet]:
   if not name or not source:
     raise ValueError(f"OOD set {item!r}: expected NAME=SOURCE[@as_is]")
   return name, OODSet(source, None, transform if at else "resize")
+
+
+def parse_ood_list(items: Sequence[str]) -> Dict[str, OODSet]:
+  """``{name: set}`` of the command line's OOD sets (:func:`parse_ood` each); a name given
+  twice is refused, as a mapping would keep only the last of them."""
+  sets: Dict[str, OODSet] = {}
+  given: Dict[str, str] = {}
+  for item in items:
+    name, spec = parse_ood(item)
+    if name in given:
+      raise ValueError(f"the OOD set name {name!r} is given twice ({given[name]!r} and "
+                       f"{item!r}): give each set its own name, NAME=SOURCE")
+    given[name] = item
+    sets[name] = spec
+  check_ood_names(sets)
+  return sets
+
+
+def check_ood_names(names: Iterable[str]) -> None:
+  """Raises if a name is empty or the mean row's (its metrics would overwrite the mean's)."""
+  for name in names:
+    if not name:
+      raise ValueError("an OOD set has an empty name: give it one, NAME=SOURCE")
+    if name == MEAN:
+      raise ValueError(f"an OOD set cannot be named {MEAN!r}, the name of the tables' row of "
+                       "the mean over the sets: give it another name, NAME=SOURCE")
+
+
+def check_num_to_avg(num_to_avg: int, what: str = "num_to_avg") -> None:
+  """Raises naming ``what`` unless ``num_to_avg`` is an integer in [1, MAX_NUM_TO_AVG]."""
+  if isinstance(num_to_avg, bool) or not isinstance(num_to_avg, numbers.Integral) or not (
+      1 <= num_to_avg <= MAX_NUM_TO_AVG):
+    raise ValueError(f"{what} = {num_to_avg!r}: the draws averaged per OOD set must be an "
+                     f"integer in [1, {MAX_NUM_TO_AVG}] (the reference makes 10)")
 
 
 def load_ood_set(config, spec: OODSet, test: ImageSet, seed: int = 0) -> ImageSet:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
@@ -25,6 +26,34 @@ def markdown_table(results, ood_names: Sequence[str]) -> str:
       cells += [f"{100 * m['fpr']:.2f}", f"{100 * m['auroc']:.2f}", f"{100 * m['aupr_in']:.2f}"]
     rows.append(f"| {'**mean**' if name == 'mean' else name} | " + " | ".join(cells) + " |")
   return "\n".join(rows)
+
+
+def check_output_folder(workdir, what: str = "workdir"):
+  """``workdir`` as a path (:func:`storage.check_reachable`), refused naming ``what``, the path
+  and the fix where the results could not be written into it: a file, a folder that is not
+  writable, a folder whose parent does not exist (a mistyped path, rather than a tree to make).
+  Called before anything is loaded, so that the mistake does not surface after the scoring."""
+  p = storage.check_reachable(workdir, what)
+  if storage.is_url(p):
+    return p
+  if p.exists():
+    if not p.is_dir():
+      raise ValueError(f"{what} {p} is a file, not a folder: name another folder for the "
+                       "results, or move the file away")
+    if not os.access(p, os.W_OK | os.X_OK):
+      raise ValueError(f"{what} {p} is not writable: name a folder you can write to, "
+                       "or make it writable")
+    return p
+  parent = p.parent
+  if not parent.exists():
+    raise ValueError(f"{what} {p}: its parent folder {parent} does not exist: create it "
+                     f"(mkdir -p {parent}) or name another folder")
+  if not parent.is_dir():
+    raise ValueError(f"{what} {p}: {parent} is a file, not a folder: name another folder")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{what} {p} cannot be made: its parent folder {parent} is not writable: "
+                     "name a folder you can write to")
+  return p
 
 
 def save_results(results, workdir, extra: Optional[Dict] = None):
