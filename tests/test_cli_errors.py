@@ -80,15 +80,16 @@ MISTAKES = [
      ["--workdir {tmp}/nowhere/eval: its parent folder {tmp}/nowhere does not exist: create it "
       "(mkdir -p {tmp}/nowhere) or name another folder"]),
     ("evaluate", ["--checkpoint={tmp}/run", "--num_to_avg=1000000000"],
-     ["flag --num_to_avg=1000000000: 1000000000 is not an integer in the range [1, 1000]"]),
+     ["flag --num_to_avg=1000000000: the draws averaged per OOD set must be an integer in "
+      "[1, 1000] (the reference makes 10)"]),
     ("evaluate", ["--checkpoint={tmp}/run", "--ood=svhn,textures,svhn=synthetic:uniform_noise"],
      ["--ood: the OOD set name 'svhn' is given twice ('svhn' and "
       "'svhn=synthetic:uniform_noise'): give each set its own name, NAME=SOURCE"]),
     ("evaluate", ["--checkpoint={tmp}/run", "--ood=mean=synthetic:uniform_noise"],
      ["--ood: an OOD set cannot be named 'mean'"]),
     ("evaluate", ["--checkpoint={tmp}/finished_run/config.json"],
-     ["--checkpoint {tmp}/finished_run/config.json is a file but no PyTorch checkpoint (neither "
-      "a zip archive nor a pickle): name a run folder (the --workdir of experiments/pretrain.py "
+     ["--checkpoint {tmp}/finished_run/config.json is a file but no PyTorch checkpoint (torch.save "
+      "writes a zip archive holding data.pkl, or a pickle): name a run folder (the --workdir of experiments/pretrain.py "
       "or finetune.py, which holds checkpoints/) or a reference .pt file; its folder is a run "
       "folder: --checkpoint={tmp}/finished_run"]),
 ]

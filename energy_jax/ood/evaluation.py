@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -229,9 +230,24 @@ def tune(scorer: Scorer, test: ImageSet, validation_sets: Mapping[str, ImageSet]
   return best
 
 
-# How a checkpoint file begins: a zip archive (torch.save since PyTorch 1.6), a pickle of
-# protocol 2 or later (the older torch.save, the reference's), a tar archive (PyTorch < 0.4).
-_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+# What torch.save writes: a zip archive holding NAME/data.pkl (since PyTorch 1.6), or a pickle
+# that starts with torch's magic number (the older format, the reference's .pt files), or a tar
+# archive (PyTorch < 0.4).
+_TORCH_PICKLE_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _is_torch_file(path: str) -> bool:
+  with open(path, "rb") as f:
+    head = f.read(262)
+  if head.startswith(b"PK\x03\x04"):
+    try:
+      with zipfile.ZipFile(path) as z:      # reads the directory at the end, not the arrays
+        return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except zipfile.BadZipFile:
+      return False
+  if head.startswith(b"\x80"):
+    return _TORCH_PICKLE_MAGIC in head[:32]
+  return head[257:262] == b"ustar"
 
 
 def check_checkpoint(path: str, what: str = "checkpoint") -> None:
@@ -243,18 +259,17 @@ def check_checkpoint(path: str, what: str = "checkpoint") -> None:
   if not path or storage.is_url(path) or not os.path.isfile(path):
     return
   try:
-    with open(path, "rb") as f:
-      head = f.read(262)
+    if _is_torch_file(path):
+      return
   except OSError as e:
     raise OSError(f"{what} {path} cannot be read: {e.strerror or e}") from e
-  if head.startswith(_TORCH_MAGIC) or head[257:262] == b"ustar":
-    return
   folder = os.path.dirname(os.path.abspath(path))
   hint = (f"; its folder is a run folder: {what}={folder}"
           if os.path.isdir(os.path.join(folder, "checkpoints")) else "")
-  raise ValueError(f"{what} {path} is a file but no PyTorch checkpoint (neither a zip archive "
-                   "nor a pickle): name a run folder (the --workdir of experiments/pretrain.py "
-                   f"or finetune.py, which holds checkpoints/) or a reference .pt file{hint}")
+  raise ValueError(f"{what} {path} is a file but no PyTorch checkpoint (torch.save writes a zip "
+                   "archive holding data.pkl, or a pickle): name a run folder (the --workdir of "
+                   "experiments/pretrain.py or finetune.py, which holds checkpoints/) or a "
+                   f"reference .pt file{hint}")
 
 
 def run(config, checkpoint: str, ood_sources: Mapping[str, Any], workdir: str,
