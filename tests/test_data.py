@@ -97,6 +97,11 @@ def test_synthetic_sets_follow_reference_transforms():
     assert s.images.shape == (6, 32, 32, 3) and s.images.dtype == np.uint8
   with pytest.raises(ValueError, match="unknown synthetic"):
     synthetic.make_ood_set("fog", 3)
+  with pytest.raises(ValueError) as e:
+    synthetic.make_ood_set("uniform_noise", 3, seed=-5)
+  assert str(e.value) == ("seed must be an integer in [0, 4294967296) (numpy's seeds are "
+                          "non-negative, and JAX's keys hold 32 bits: PRNGKey(2**32) is "
+                          "PRNGKey(0)), got -5")
 
 
 def test_real_cifar10_pack_counts():

@@ -59,6 +59,20 @@ BAD_VALUES = [
     ("num_classes", 1, ">= 2 (a softmax over one class is constant)"),
     ("seed", -1, SEED_RANGE),
     ("seed", 2 ** 32, SEED_RANGE),
+    ("seed", -5, SEED_RANGE),
+    ("epochs", 2 ** 31, "in [1, 2147483647] (JAX's integers are 32-bit)"),
+    ("batch_size", 2 ** 40, "in [1, 2147483647] (JAX's integers are 32-bit)"),
+    ("num_devices", 2 ** 31, "in [0, 2147483647] (JAX's integers are 32-bit)"),
+    ("learning_rate", 1e39, "in [1.1754944e-38, 3.4028235e+38] (the run computes in float32, "
+                            "where it overflows)"),
+    ("learning_rate", 1e-39, "in [1.1754944e-38, 3.4028235e+38] (the run computes in float32, "
+                             "where it underflows)"),
+    ("weight_decay", 1e-45, "0 or in [1.1754944e-38, 3.4028235e+38] (the run computes in "
+                            "float32, where it underflows)"),
+    ("m_in", -1e39, "in [-3.4028235e+38, -1.1754944e-38] or 0 or in [1.1754944e-38, "
+                    "3.4028235e+38] (the run computes in float32, where it overflows)"),
+    ("model.dropout_rate", 1e-300, "0 or in [1.1754944e-38, 1) (the run computes in float32, "
+                                   "where it underflows)"),
     ("learning_rate", 0.0, "> 0.0"),
     ("learning_rate", float("nan"), "finite"),
     ("learning_rate", "0.1", "a number"),
@@ -107,6 +121,26 @@ def test_a_bad_value_is_refused_naming_the_field_and_the_value(field, value, req
     config_lib.validate(_config(**{field: value}))
   assert str(e.value) == (f"config.{field} must be {requirement}, got {value!r}"
                           f"{SUGGESTED.get((field, value), '')}")
+
+
+def test_seeds_outside_what_numpy_and_jax_take_are_refused_naming_the_flag():
+  for bad in (-5, 2 ** 32, 1.5, True):
+    with pytest.raises(ValueError) as e:
+      config_lib.check_seed(bad, "--seed")
+    assert str(e.value) == (f"--seed must be an integer in [0, 4294967296) (numpy's seeds are "
+                            "non-negative, and JAX's keys hold 32 bits: PRNGKey(2**32) is "
+                            f"PRNGKey(0)), got {bad!r}")
+  for good in (0, 2 ** 32 - 1):
+    config_lib.check_seed(good, "--seed")
+
+
+def test_another_models_numbers_are_bounded_as_the_run_computes_them(probe_model):
+  c = _config()
+  c.model = ml_collections.ConfigDict({"name": "probe", "dtype": "float32", "width": 2 ** 31})
+  with pytest.raises(ValueError, match=re.escape(
+      "config.model.width must be in [-2147483648, 2147483647] (JAX's integers are 32-bit), got "
+      "2147483648")):
+    config_lib.validate(c)
 
 
 def test_every_field_is_among_the_bad_values_tried():

@@ -154,25 +154,93 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
+# JAX computes with 32-bit integers (step counters, shapes, labels) unless x64 is enabled.
+INT32_MAX = 2 ** 31 - 1
+
+
 def integer(low: Optional[int] = None, high: Optional[int] = None, why: str = "",
             label: str = "") -> Check:
-  """An integer in ``[low, high)`` (None: unbounded); ``why`` says what is wrong outside,
-  ``label`` names the range instead of ``>= low`` (e.g. "a positive integer")."""
+  """An integer in ``[low, high)`` (None: unbounded, but within int32 all the same); ``why`` says
+  what is wrong outside, ``label`` names the range instead of ``>= low`` (e.g. "a positive
+  integer")."""
   def check(name, value):
     if not _is_int(value):
       _fail(name, value, "an integer")
     if (low is not None and value < low) or (high is not None and value >= high):
       _fail(name, value, (label or (f"in [{low}, {high})" if high is not None else f">= {low}"))
             + (f" ({why})" if why else ""))
+    if high is None and not -INT32_MAX - 1 <= value <= INT32_MAX:
+      _fail(name, value, f"in [{-INT32_MAX - 1 if low is None else low}, {INT32_MAX}] (JAX's "
+            "integers are 32-bit)")
   return check
+
+
+# Seeds: numpy takes any non-negative integer, JAX's keys keep 32 bits.
+SEED_LIMIT = 2 ** 32
+SEED_WHY = "numpy's seeds are non-negative, and JAX's keys hold 32 bits: PRNGKey(2**32) is PRNGKey(0)"
+
+
+def check_seed(value: Any, name: str = "seed") -> None:
+  """Raises ``ValueError`` naming ``name`` (e.g. a command-line flag) unless ``value`` is an
+  integer seed in ``[0, 2**32)``."""
+  if not _is_int(value) or not 0 <= value < SEED_LIMIT:
+    raise ValueError(f"{name} must be an integer in [0, {SEED_LIMIT}) ({SEED_WHY}), got "
+                     f"{value!r}")
 
 
 positive = integer(1, label="a positive integer")
 
 
+# Real fields and the detectors' traced hyper-parameters are computed in float32. XLA flushes
+# its subnormal numbers to 0, so that the nonzero values it keeps lie in [TINY, MAX] in magnitude.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def float32_problem(value: float) -> Optional[str]:
+  """"overflows" for a finite ``value`` beyond float32's largest finite number, "underflows" for
+  a nonzero one that float32 holds below its smallest normal number (computed as 0), else
+  None."""
+  v = float(value)
+  with np.errstate(over="ignore", under="ignore"):
+    f = np.float32(v)
+  if np.isfinite(v) and np.isinf(f):
+    return "overflows"
+  if v != 0 and abs(f) < FLOAT32_TINY:
+    return "underflows"
+  return None
+
+
+def float32_range(low: float = -np.inf, high: float = np.inf, low_open: bool = False,
+                  high_open: bool = False) -> str:
+  """The values of the interval ``low .. high`` that float32 holds (see
+  :func:`float32_problem`), as what a value "must be": e.g. ``0 or in [1.1754944e-38,
+  3.4028235e+38]``."""
+  parts = []
+  for a, b in ((-FLOAT32_MAX, -FLOAT32_TINY), (FLOAT32_TINY, FLOAT32_MAX)):
+    lo, lo_open = (low, low_open) if low > a else (a, False)
+    hi, hi_open = (high, high_open) if high < b else (b, False)
+    if lo < hi or (lo == hi and not (lo_open or hi_open)):
+      parts.append(f"in {'(' if lo_open else '['}{lo:.8g}, {hi:.8g}{')' if hi_open else ']'}")
+    if a < 0 and (low < 0 or (low == 0 and not low_open)) and (
+        high > 0 or (high == 0 and not high_open)):
+      parts.append("0")
+  return " or ".join(parts)
+
+
+def check_float32(name: str, value: Any, low: float = -np.inf, high: float = np.inf,
+                  low_open: bool = False, high_open: bool = False) -> None:
+  """Raises ``ValueError`` naming ``name``, the value and the float32 values of its interval
+  ``low .. high`` when float32 cannot hold the number ``value`` (see :func:`float32_problem`)."""
+  problem = float32_problem(value)
+  if problem:
+    raise ValueError(f"{name} = {value!r} {problem} float32, in which it is computed: it must "
+                     f"be {float32_range(low, high, low_open, high_open)}")
+
+
 def real(low: float = -np.inf, high: float = np.inf, *, low_open: bool = False,
          high_open: bool = False) -> Check:
-  """A finite number in the interval ``low .. high`` (ends open or closed)."""
+  """A finite number in the interval ``low .. high`` (ends open or closed) that float32 holds."""
   def check(name, value):
     if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
       _fail(name, value, "a number")
@@ -185,6 +253,10 @@ def real(low: float = -np.inf, high: float = np.inf, *, low_open: bool = False,
             if np.isfinite(low) and np.isfinite(high) else
             f"{'>' if low_open else '>='} {low}" if np.isfinite(low) else
             f"{'<' if high_open else '<='} {high}")
+    problem = float32_problem(value)
+    if problem:
+      _fail(name, value, f"{float32_range(low, high, low_open, high_open)} (the run computes in "
+            f"float32, where it {problem})")
   return check
 
 
@@ -349,8 +421,7 @@ CHECKS: Dict[str, Check] = {
     "energy_weight": real(0.0),
     "oe_weight": real(0.0),
     "pretrained": string(),
-    "seed": integer(0, 2 ** 32, why="numpy's seeds are non-negative, and JAX's keys hold 32 "
-                    "bits: PRNGKey(2**32) is PRNGKey(0)"),
+    "seed": integer(0, SEED_LIMIT, why=SEED_WHY),
     "num_devices": integer(0),
     "input_pipeline": choice(_input_pipelines),
     "steps_per_call": positive,
