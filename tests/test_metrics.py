@@ -6,6 +6,7 @@ from sklearn import metrics as skm
 
 import os
 
+from energy_jax.ood import metrics
 from energy_jax.ood.metrics import (InvertedEnergiesWarning, auroc, average_precision, fpr_at_tpr,
                                     ood_metrics, suggest_margins, threshold_at_tpr)
 
@@ -275,3 +276,28 @@ def test_bfloat16_float16_and_jax_scores():
     ood_metrics(np.ones(3, bool), [0.0])
   with pytest.raises(ValueError, match="scores_out holds 1 non-finite"):
     ood_metrics(np.ones(3, ml_dtypes.bfloat16), np.array([0.0, np.inf], ml_dtypes.bfloat16))
+
+
+def test_complex_and_masked_scores_are_refused():
+  rng = np.random.default_rng(0)
+  s_in, s_out = rng.normal(1, 1, 50), rng.normal(0, 1, 40)
+  complex_in = s_in + 1j * rng.normal(size=50)
+  masked_in = np.ma.masked_array(s_in, s_in > 2)
+  real = "scores_in must be real, got dtype complex128: its imaginary part would be dropped"
+  mask = ("scores_in is a masked array, whose mask would be ignored (every value, masked or not, "
+          "would count): pass a plain array of the values to use")
+  for fn in (metrics.ood_metrics, metrics.auroc, metrics.fpr_at_tpr, metrics.detection_error):
+    for bad, message in ((complex_in, real), (masked_in, mask), (list(complex_in), real)):
+      with pytest.raises(TypeError) as e:
+        fn(bad, s_out)
+      assert str(e.value) == message
+  with pytest.raises(TypeError) as e:
+    metrics.threshold_at_tpr(masked_in)
+  assert str(e.value) == mask
+  with pytest.raises(TypeError) as e:
+    metrics.suggest_margins(-s_in, (-s_out).astype(np.complex64))
+  assert str(e.value) == ("energies_out must be real, got dtype complex64: its imaginary part "
+                          "would be dropped")
+  # The unmasked values, passed as a plain array, are what a masked array meant.
+  kept = masked_in.compressed()
+  assert metrics.auroc(kept, s_out) == metrics.auroc(s_in[s_in <= 2], s_out)

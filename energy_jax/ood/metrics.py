@@ -37,9 +37,29 @@ def _is_float(dtype: np.dtype) -> bool:
     return False
 
 
+def check_plain_real(x, name: str) -> None:
+  """Raises ``TypeError`` naming ``name`` for a masked array (``np.asarray`` drops its mask: every
+  value, masked or not, would count) or a complex one (casting to float drops the imaginary
+  part); any other input passes (arrays, tracers, lists)."""
+  if isinstance(x, np.ma.MaskedArray):
+    raise TypeError(f"{name} is a masked array, whose mask would be ignored (every value, masked "
+                    "or not, would count): pass a plain array of the values to use")
+  dtype = getattr(x, "dtype", None)
+  if dtype is None and isinstance(x, (list, tuple, complex)):
+    try:
+      dtype = np.asarray(x).dtype
+    except (TypeError, ValueError):       # ragged: the caller's own conversion names it
+      return
+  if dtype is not None and np.issubdtype(dtype, np.complexfloating):
+    raise TypeError(f"{name} must be real, got dtype {dtype}: its imaginary part would be "
+                    "dropped")
+
+
 def _as_scores(x, name: str) -> np.ndarray:
   """``x`` as a checked 1-D array: floats of any width as float64 (exact), integers as they are
-  (float64 would merge the integers above 2**53 that differ; :func:`_comparable` ranks them)."""
+  (float64 would merge the integers above 2**53 that differ; :func:`_comparable` ranks them).
+  Masked and complex arrays are refused (:func:`check_plain_real`)."""
+  check_plain_real(x, name)
   arr = np.asarray(x)
   is_int = np.issubdtype(arr.dtype, np.integer)
   if not (is_int or _is_float(arr.dtype)):
