@@ -592,3 +592,141 @@ def test_a_full_rank_gaussian_fit_warns_nothing(data):
     for name in ("mahalanobis", "relative_mahalanobis"):
       detectors.create(name).fit(train_features=data["train"], train_labels=data["labels"],
                                  head=(data["w"], data["b"]))
+
+
+def test_a_singular_fit_of_the_multi_layer_ensemble_is_warned_about(data):
+  from energy_jax.ood.scores import SingularCovarianceWarning
+  z, y = data["train"][:16], np.arange(16) % C                  # fewer examples than dimensions
+  images = np.zeros((2, 32, 32, 3), np.float32)
+  with pytest.warns(SingularCovarianceWarning, match=rf"on the features of block 0: the "
+                    rf"covariance of the {D} dimensions has numerical rank {16 - C} "):
+    with pytest.raises(TypeError):                  # no model here: the warning comes first
+      detectors.create("mahalanobis_ensemble").fit(
+          train_blocks=(z,), train_labels=y, head=(data["w"], data["b"]),
+          validation=(images, images), model=(None, None))
+
+
+# ----- degenerate subspace fits (ViM, Residual) ---------------------------------------------------
+
+def _vim_origin(d):
+  return -np.linalg.pinv(np.asarray(d["w"], np.float64).T) @ np.asarray(d["b"], np.float64)
+
+
+@pytest.mark.parametrize("name", ["vim", "residual"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_subspace_fits_on_fewer_examples_than_dim_are_warned_about(data, name, n):
+  from energy_jax.ood.scores import SingularCovarianceWarning
+  z = data["train"][:n]
+  rank = np.linalg.matrix_rank(np.asarray(z, np.float64) - _vim_origin(data))
+  assert rank == n
+  message = (f"degenerate subspace fit of '{name}': the {n} training feature vector(s) span "
+             f"{rank} of the {D} dimensions about the origin u (at most N = {n}), no more than "
+             f"the dim = {D // 2} principal ones, so the residual space of the other {D // 2} "
+             "holds none of their variance and the residual norms are rounding error; fit on "
+             "more than dim examples that vary, or lower dim")
+  with pytest.warns(SingularCovarianceWarning) as caught:
+    detectors.create(name).fit(train_features=z, head=(data["w"], data["b"]))
+  assert [str(w.message) for w in caught] == [message]
+  # dim below the rank: a residual with variance, no warning.
+  if n == 2:
+    import warnings
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", SingularCovarianceWarning)
+      detectors.create(name, dim=1).fit(train_features=z, head=(data["w"], data["b"]))
+
+
+def test_subspace_fits_on_features_at_the_origin_are_refused(data):
+  at_origin = np.tile(_vim_origin(data), (5, 1))
+  for name in ("vim", "residual"):
+    with pytest.raises(ValueError) as e:
+      detectors.create(name).fit(train_features=at_origin, head=(data["w"], data["b"]))
+    assert str(e.value) == (f"degenerate subspace fit of '{name}': all 5 training features equal "
+                            "the origin u = -pinv(W^T) b, so no direction is principal; fit on "
+                            "features that vary")
+
+
+def test_full_rank_subspace_fits_warn_nothing(data):
+  import warnings
+  from energy_jax.ood.scores import SingularCovarianceWarning
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", SingularCovarianceWarning)
+    for name in ("vim", "residual"):
+      detectors.create(name).fit(train_features=data["train"], head=(data["w"], data["b"]))
+
+
+# ----- hyper-parameters in float32, the dtype they are traced in --------------------------------
+
+_F32 = "[1.1754944e-38, 3.4028235e+38]"
+
+
+@pytest.mark.parametrize("name,hparams,message", [
+    ("odin", {"epsilon": 1e39},
+     f"epsilon = 1e+39 overflows float32, in which it is computed: it must be 0 or in {_F32}"),
+    ("odin", {"epsilon": 1e-45},
+     f"epsilon = 1e-45 underflows float32, in which it is computed: it must be 0 or in {_F32}"),
+    ("odin", {"temperature": 1e39},
+     f"temperature = 1e+39 overflows float32, in which it is computed: it must be in {_F32}"),
+    ("odin", {"temperature": 1e-39},
+     f"temperature = 1e-39 underflows float32, in which it is computed: it must be in {_F32}"),
+    ("energy", {"temperature": 3.5e38},
+     f"temperature = 3.5e+38 overflows float32, in which it is computed: it must be in {_F32}"),
+    ("gradnorm", {"temperature": 1e-40},
+     f"temperature = 1e-40 underflows float32, in which it is computed: it must be in {_F32}"),
+    ("gen", {"gamma": 1e39},
+     f"gamma = 1e+39 overflows float32, in which it is computed: it must be in {_F32}"),
+    ("react", {"percentile": 1e-40},
+     "percentile = 1e-40 underflows float32, in which it is computed: it must be 0 or in "
+     "[1.1754944e-38, 100)"),
+    ("mahalanobis", {"epsilon": 1e39},
+     f"epsilon = 1e+39 overflows float32, in which it is computed: it must be 0 or in {_F32}"),
+    ("mahalanobis_ensemble", {"epsilon": 1e39},
+     f"epsilon = 1e+39 overflows float32, in which it is computed: it must be 0 or in {_F32}"),
+])
+def test_hyper_parameters_that_float32_cannot_hold_are_refused(name, hparams, message):
+  with pytest.raises(ValueError) as e:
+    detectors.create(name, **hparams)
+  assert str(e.value) == message
+
+
+def test_hyper_parameters_at_float32s_ends_are_kept_exactly():
+  f32 = np.finfo(np.float32)
+  det = detectors.create("odin", temperature=float(f32.max), epsilon=float(f32.tiny))
+  hp = det.traced_hparams()
+  assert float(hp["temperature"]) == float(f32.max) and float(hp["epsilon"]) == float(f32.tiny)
+  assert float(detectors.create("odin", epsilon=0.0).traced_hparams()["epsilon"]) == 0.0
+  with pytest.raises(TypeError) as e:
+    detectors.create("energy", temperature="2")     # float("2") passes the range check
+  assert str(e.value) == ("temperature of detector 'energy' must be a real number (it is traced "
+                          "as float32), got '2'")
+
+
+# ----- complex and masked inputs ------------------------------------------------------------------
+
+def test_complex_and_masked_inputs_are_refused(data):
+  energy = detectors.create("energy")
+  logits = data["logits"]
+  cases = [
+      (lambda: energy.score({}, logits=logits + 1j),
+       "logits must be real, got dtype complex64: its imaginary part would be dropped"),
+      (lambda: energy.score({}, logits=np.ma.masked_array(logits, logits > 5)),
+       "logits is a masked array, whose mask would be ignored (every value, masked or not, "
+       "would count): pass a plain array of the values to use"),
+      (lambda: detectors.create("knn").fit(train_features=np.ma.masked_array(data["train"])),
+       "train_features is a masked array, whose mask would be ignored (every value, masked or "
+       "not, would count): pass a plain array of the values to use"),
+      (lambda: detectors.create("mahalanobis").fit(
+          train_features=data["train"], train_labels=np.ma.masked_array(data["labels"]),
+          head=(data["w"], data["b"])),
+       "train_labels is a masked array, whose mask would be ignored (every value, masked or not, "
+       "would count): pass a plain array of the values to use"),
+      (lambda: detectors.create("react").fit(train_features=data["train"],
+                                             head=(data["w"].astype(np.complex64), data["b"])),
+       "the head's W must be real, got dtype complex64: its imaginary part would be dropped"),
+      (lambda: detectors.create("odin").score({}, images=np.zeros((2, 8, 8, 3), np.complex64),
+                                              model=(lambda v, x: x, {})),
+       "images must be real, got dtype complex64: its imaginary part would be dropped"),
+  ]
+  for call, message in cases:
+    with pytest.raises(TypeError) as e:
+      call()
+    assert str(e.value) == message

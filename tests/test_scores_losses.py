@@ -301,3 +301,81 @@ def test_half_precision_host_arrays_reach_xla_as_float32():
     np.testing.assert_array_equal(w, h.astype(np.float32))
   for other in (h.astype(np.float32), jnp.asarray(h, jnp.bfloat16)):
     assert scores.widen_host_half(other) is other
+
+
+# ----- hyper-parameters traced by the caller's own jit; complex and masked inputs ----------------
+
+def _linear_logits(w, x):       # module level: the jitted scores take it as a static argument
+  return x.reshape(x.shape[0], -1) @ w
+
+
+_LINEAR_W = np.random.default_rng(9).normal(size=(2 * 2 * 3, 4)).astype(np.float32)
+_LINEAR_X = np.random.default_rng(10).normal(size=(5, 2, 2, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("t", [-1.0, 0.0, float("nan"), float("inf"), 1e-39])
+def test_an_invalid_temperature_traced_by_a_users_jit_gives_nan(t):
+  # A traced value cannot raise: every score is NaN, never a plausible number.
+  for fn in (scores.energy_score, scores.free_energy, scores.msp_score):
+    got = np.asarray(jax.jit(lambda l, t: fn(l, t))(EXTREME, jnp.float32(t)))
+    assert got.shape == (3,) and np.all(np.isnan(got)), (fn, got)
+  got = jax.jit(lambda t: scores.odin_score(_linear_logits, _LINEAR_W, _LINEAR_X, temperature=t,
+                                            epsilon=0.001))(jnp.float32(t))
+  assert np.all(np.isnan(np.asarray(got)))
+
+
+def test_a_valid_temperature_traced_by_a_users_jit_gives_the_score():
+  l64 = EXTREME.astype(np.float64)
+  for t in (0.5, 2.0, 2e-38):
+    got = jax.jit(lambda l, t: scores.energy_score(l, t))(EXTREME, jnp.float32(t))
+    np.testing.assert_allclose(got, _np_energy(l64, np.float32(t)), rtol=1e-6)   # measured 0
+
+
+@pytest.mark.parametrize("eps", [-0.001, float("nan"), float("inf")])
+def test_an_invalid_epsilon_traced_by_a_users_jit_gives_nan(eps):
+  odin = jax.jit(lambda e: scores.odin_score(_linear_logits, _LINEAR_W, _LINEAR_X,
+                                             temperature=10.0, epsilon=e))
+  assert np.all(np.isnan(np.asarray(odin(jnp.float32(eps)))))
+  params = scores.MahalanobisParams(jnp.zeros((2, 4)), jnp.eye(4))
+  maha = jax.jit(lambda e: scores.mahalanobis_score(_linear_logits, _LINEAR_W, _LINEAR_X, params,
+                                                    epsilon=e))
+  assert np.all(np.isnan(np.asarray(maha(jnp.float32(eps)))))
+  # A valid traced epsilon: the score of the same epsilon passed as a number.
+  np.testing.assert_array_equal(odin(jnp.float32(0.002)), scores.odin_score(
+      _linear_logits, _LINEAR_W, _LINEAR_X, temperature=10.0, epsilon=0.002))
+
+
+def test_an_epsilon_that_float32_cannot_hold_is_refused():
+  message = ("epsilon = 1e+39 overflows float32, in which it is computed: it must be 0 or in "
+             "[1.1754944e-38, 3.4028235e+38]")
+  params = scores.MahalanobisParams(jnp.zeros((2, 4)), jnp.eye(4))
+  for call in (lambda: scores.odin_score(_linear_logits, _LINEAR_W, _LINEAR_X, epsilon=1e39),
+               lambda: scores.mahalanobis_score(_linear_logits, _LINEAR_W, _LINEAR_X, params,
+                                                epsilon=1e39)):
+    with pytest.raises(ValueError) as e:
+      call()
+    assert str(e.value) == message
+
+
+def test_complex_and_masked_scores_inputs_are_refused():
+  masked = ("logits is a masked array, whose mask would be ignored (every value, masked or not, "
+            "would count): pass a plain array of the values to use")
+  cases = [
+      (lambda fn: fn(EXTREME + 1j), "logits must be real, got dtype complex64: its imaginary "
+                                    "part would be dropped"),
+      (lambda fn: fn([[1.0, 2j]]), "logits must be real, got dtype complex128: its imaginary "
+                                   "part would be dropped"),
+      (lambda fn: fn(np.ma.masked_array(EXTREME, EXTREME > 100)), masked),
+  ]
+  for fn in (scores.energy_score, scores.free_energy, scores.msp_score, scores.max_logit_score):
+    for call, message in cases:
+      with pytest.raises(TypeError) as e:
+        call(fn)
+      assert str(e.value) == message
+  with pytest.raises(TypeError) as e:
+    scores.odin_score(_linear_logits, _LINEAR_W, _LINEAR_X.astype(np.complex64))
+  assert str(e.value) == "images must be real, got dtype complex64: its imaginary part would be " \
+                         "dropped"
+  with pytest.raises(TypeError) as e:
+    scores.fit_mahalanobis(np.ma.masked_array(np.ones((4, 2))), np.zeros(4, int), 1)
+  assert str(e.value).startswith("features is a masked array, whose mask would be ignored")

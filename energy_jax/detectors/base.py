@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterator, Mapping, Optional, Sequence
 from typing import Tuple
 
@@ -45,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from energy_jax.ood import scores
+from energy_jax import config
+from energy_jax.ood import metrics, scores
 from energy_jax.registry import Registry
 
 Array = jax.Array
@@ -90,8 +92,10 @@ class Detector:
     """Detector-specific checks of the score inputs against ``params`` (raise ``ValueError``)."""
 
   def __post_init__(self):
-    """Checks the hyper-parameters' values (subclasses add theirs in :meth:`check_hparams`)."""
+    """Checks the hyper-parameters' values (subclasses add theirs in :meth:`check_hparams`; the
+    traced ones must be numbers that float32 holds, in which they are computed)."""
     self.check_hparams()
+    check_traced_hparams(self)
 
   def check_hparams(self) -> None:
     """Raises ``ValueError`` naming a hyper-parameter whose value is out of range."""
@@ -201,6 +205,7 @@ def _jitted(detector: Detector, apply_fn) -> Callable:
 # ----- input checks: a clear error naming the input before any work ---------------------------
 
 def _float_array(name: str, x, ndim: int, what: str):
+  metrics.check_plain_real(x, name)
   shape = np.shape(x)
   dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
   if len(shape) != ndim:
@@ -268,6 +273,7 @@ def check_fit_inputs(inputs: Mapping[str, Any]) -> None:
     for i, b in enumerate(inputs["train_blocks"]):
       n[f"train_blocks[{i}]"] = np.shape(_float_array(f"train_blocks[{i}]", b, 2, "[N, D_l]"))[0]
   if inputs.get("train_labels") is not None:
+    metrics.check_plain_real(inputs["train_labels"], "train_labels")
     y = np.asarray(inputs["train_labels"])
     if y.ndim != 1:
       raise ValueError(f"train_labels must be [N], got shape {y.shape}")
@@ -280,6 +286,8 @@ def check_fit_inputs(inputs: Mapping[str, Any]) -> None:
     head = inputs["head"]
     if not (isinstance(head, (tuple, list)) and len(head) == 2):
       raise ValueError("head must be (W [D, C], b [C])")
+    metrics.check_plain_real(head[0], "the head's W")
+    metrics.check_plain_real(head[1], "the head's b")
     w_shape, b_shape = np.shape(head[0]), np.shape(head[1])
     if len(w_shape) != 2 or b_shape != (w_shape[1],):
       raise ValueError(f"head must be (W [D, C], b [C]), got W {w_shape} and b {b_shape}")
@@ -316,13 +324,31 @@ def check_feature_size(params, inputs, key: str = "weight") -> None:
 
 def check_range(name: str, value, low, high, *, low_open: bool = False,
                 high_open: bool = False) -> None:
-  """Raises ``ValueError`` unless ``low <(=) value <(=) high``."""
+  """Raises ``ValueError`` unless ``low <(=) value <(=) high`` and float32, in which traced
+  hyper-parameters are computed, holds ``value`` (no overflow to inf, no underflow to 0)."""
   v = float(value)
   ok = np.isfinite(v) and (v > low if low_open else v >= low) and (
       v < high if high_open else v <= high)
   if not ok:
     lo, hi = "(" if low_open else "[", ")" if high_open else "]"
     raise ValueError(f"{name} must lie in {lo}{low}, {high}{hi}, got {value!r}")
+  config.check_float32(name, value, low, high, low_open, high_open)
+
+
+def check_traced_hparams(detector: Detector) -> None:
+  """Raises ``ValueError`` for a non-static hyper-parameter that is not a real number or that
+  float32 cannot hold: :meth:`Detector.traced_hparams` casts them to float32, where 1e39 would
+  become inf and 1e-40 0 without a word."""
+  for f in dataclasses.fields(detector):
+    if f.metadata.get("static", False):
+      continue
+    value = getattr(detector, f.name)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+      raise TypeError(f"{f.name} of detector {detector.name!r} must be a real number (it is "
+                      f"traced as float32), got {value!r}")
+    if not np.isfinite(float(value)):
+      raise ValueError(f"{f.name} must be finite, got {value!r}")
+    config.check_float32(f.name, value)
 
 
 def register(name: str, *, replace: bool = False):

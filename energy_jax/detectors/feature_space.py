@@ -4,6 +4,7 @@ Residual (KNN is :mod:`energy_jax.detectors.knn`)."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -83,19 +84,40 @@ class SHE(Detector):
     return jnp.sum(features.astype(jnp.float32) * stored, axis=-1)
 
 
-def fit_principal_residual(train_features, head, dim: int) -> dict:
+def fit_principal_residual(train_features, head, dim: int, what: str = "vim") -> dict:
   """ViM's origin ``u = -pinv(W^T) b`` and the basis ``R [D, D - dim]`` of the space orthogonal
   to the ``dim`` principal directions of the training features about ``u`` (eigenvectors of
-  ``1/N sum (z - u)(z - u)^T``, float64 on the host)."""
+  ``1/N sum (z - u)(z - u)^T``, float64 on the host).
+
+  Features that all equal ``u`` are refused (no direction to choose). Features spanning at most
+  ``dim`` directions about ``u`` (numerical rank, as :func:`energy_jax.ood.scores.gaussian_precision`
+  counts it; always so for ``N <= dim`` examples) are warned about with a
+  :class:`~energy_jax.ood.scores.SingularCovarianceWarning`: the residual space then holds none of
+  their variance, every training residual is rounding error, and the residual norms (ViM's
+  ``alpha`` is their mean's inverse) measure nothing learnt.
+  """
   z = np.asarray(train_features, np.float64)
   w, b = (np.asarray(a, np.float64) for a in head)
-  d = z.shape[1]
+  n, d = z.shape
   dim = d // 2 if dim == 0 else int(dim)
   if not 0 < dim < d:
     raise ValueError(f"dim must lie in [1, {d - 1}] for D={d} features (0 = D // 2), got {dim}")
   origin = -np.linalg.pinv(w.T) @ b
   centred = z - origin
   eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred / len(z))
+  top = float(eigenvalues.max())
+  if not top > 0:
+    raise ValueError(f"degenerate subspace fit of {what!r}: all {n} training features equal the "
+                     f"origin u = -pinv(W^T) b, so no direction is principal; fit on features "
+                     "that vary")
+  rank = int(np.sum(eigenvalues > d * np.finfo(np.float64).eps * top))
+  if rank <= dim:
+    warnings.warn(
+        f"degenerate subspace fit of {what!r}: the {n} training feature vector(s) span {rank} of the "
+        f"{d} dimensions about the origin u (at most N = {n}), no more than the dim = {dim} "
+        f"principal ones, so the residual space of the other {d - dim} holds none of their "
+        "variance and the residual norms are rounding error; fit on more than dim examples "
+        "that vary, or lower dim", scores.SingularCovarianceWarning, stacklevel=4)
   residual = eigenvectors[:, np.argsort(-eigenvalues)[dim:]]
   return {"origin": origin, "residual_basis": residual}
 
@@ -130,10 +152,14 @@ class ViM(Detector):
       raise ValueError(f"dim must be a non-negative integer (0 = D // 2), got {self.dim!r}")
 
   def fit_params(self, *, train_features, head, **unused):
-    fitted = fit_principal_residual(train_features, head, self.dim)
+    fitted = fit_principal_residual(train_features, head, self.dim, self.name)
     z = np.asarray(train_features, np.float64)
     train_logits = z @ np.asarray(head[0], np.float64) + np.asarray(head[1], np.float64)
     train_residual = np.linalg.norm((z - fitted["origin"]) @ fitted["residual_basis"], axis=-1)
+    if not train_residual.mean() > 0:
+      raise ValueError(f"degenerate subspace fit of 'vim': every training feature lies in the "
+                       f"principal subspace (residual norm 0), so alpha = mean max logit / mean "
+                       "residual norm is infinite; fit on more than dim examples that vary")
     alpha = train_logits.max(-1).mean() / train_residual.mean()
     return {k: jnp.asarray(v, jnp.float32) for k, v in {**fitted, "alpha": alpha}.items()}
 
@@ -161,7 +187,7 @@ class Residual(Detector):
   check_hparams = ViM.check_hparams
 
   def fit_params(self, *, train_features, head, **unused):
-    fitted = fit_principal_residual(train_features, head, self.dim)
+    fitted = fit_principal_residual(train_features, head, self.dim, self.name)
     return {k: jnp.asarray(v, jnp.float32) for k, v in fitted.items()}
 
   check = ViM.check

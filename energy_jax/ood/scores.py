@@ -12,6 +12,9 @@ trace time; a row holding NaN or +-inf gets a NaN score (documented, so that a
 single bad row does not hide behind a finite number; :func:`energy_jax.ood.metrics.ood_metrics`
 refuses NaN scores). Temperatures and noise magnitudes are traced, not static: a grid of values
 compiles once per input shape; their values are checked on the caller's side before the call.
+A value traced by the caller's own ``jit`` cannot be checked (nor raise) there: a temperature
+outside float32's normal range ``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` (negative, 0, NaN, inf) or
+a negative or non-finite ``epsilon`` gives NaN for every score, never a plausible number.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from energy_jax import losses
+from energy_jax import config, losses
 from energy_jax.data.augment import STD
+from energy_jax.ood import metrics
 
 Array = jax.Array
 
@@ -59,7 +63,9 @@ def _as_array(x: Any, name: str) -> Any:
   """``x`` as an array the jitted scores take: arrays (numpy of any float dtype, jax, tracers)
   pass as they are; other array-likes (lists, tuples, scalars) go through ``np.asarray``, integer
   ones as float (a list of whole numbers is still logits). An integer *array* is refused: labels
-  passed as logits are a bug to report."""
+  passed as logits are a bug to report; so are masked and complex arrays (their mask or
+  imaginary part would be dropped)."""
+  metrics.check_plain_real(x, name)
   if isinstance(x, (np.ndarray, jax.Array, jax.core.Tracer)):
     if not jnp.issubdtype(x.dtype, jnp.floating):   # named before JAX narrows int64 to int32
       raise TypeError(f"{name} must be floating point, got dtype {x.dtype}")
@@ -92,7 +98,7 @@ def _check_number(value, name: str) -> float:
 
 
 def _check_temperature(temperature) -> None:
-  if isinstance(temperature, jax.core.Tracer):   # traced by an enclosing jit: checked there
+  if isinstance(temperature, jax.core.Tracer):   # traced by an enclosing jit: NaN scores if bad
     return
   t = _check_number(temperature, "temperature")
   if not np.isfinite(t) or t <= 0:
@@ -109,6 +115,19 @@ def _check_epsilon(epsilon) -> None:
   e = _check_number(epsilon, "epsilon")
   if not np.isfinite(e) or e < 0:
     raise ValueError(f"epsilon must be a non-negative finite number, got {epsilon!r}")
+  config.check_float32("epsilon", epsilon, 0.0, np.inf, high_open=True)
+
+
+def _nan_unless_valid(score: Array, temperature=None, epsilon=None) -> Array:
+  """``score`` where the traced hyper-parameters are valid, NaN where not: inside a caller's
+  ``jit`` they reach the score unchecked, and an invalid one must not give a plausible number.
+  Python numbers were checked before the call and pass as they are."""
+  valid = True
+  if temperature is not None and not isinstance(temperature, (int, float)):
+    valid = (temperature >= MIN_TEMPERATURE) & (temperature <= MAX_TEMPERATURE)
+  if epsilon is not None and not isinstance(epsilon, (int, float)):
+    valid = valid & (epsilon >= 0) & jnp.isfinite(epsilon)
+  return score if valid is True else jnp.where(valid, score, jnp.nan)
 
 
 class _CheckedJit:
@@ -148,10 +167,12 @@ def _checks_temperature(arguments) -> None:
 def _checks_temperature_epsilon(arguments) -> None:
   _check_temperature(arguments["temperature"])
   _check_epsilon(arguments["epsilon"])
+  metrics.check_plain_real(arguments["images"], "images")
 
 
 def _checks_epsilon(arguments) -> None:
   _check_epsilon(arguments["epsilon"])
+  metrics.check_plain_real(arguments["images"], "images")
 
 
 def _no_check(arguments) -> None:
@@ -214,12 +235,13 @@ def _energy_score(logits: Array, temperature: float = 1.0) -> Array:
     temperature: T > 0, traced (a new value does not recompile). The paper uses T=1.
 
   Returns:
-    ``[...]`` float32 scores; NaN for rows with non-finite logits.
+    ``[...]`` float32 scores; NaN for rows with non-finite logits, and for all of them when
+    ``temperature`` is traced by the caller's ``jit`` and invalid (see the module docstring).
 
   Reference: Liu et al., NeurIPS 2020, Eq. (6)-(7).
   """
   logits = _check_logits(logits)
-  return _nan_where_nonfinite(logits, energy(logits, temperature))
+  return _nan_unless_valid(_nan_where_nonfinite(logits, energy(logits, temperature)), temperature)
 
 
 energy_score = _CheckedJit(_energy_score, _checks_temperature, arrays=("logits",))
@@ -238,7 +260,7 @@ def _msp_score(logits: Array, temperature: float = 1.0) -> Array:
   ``temperature`` traced."""
   logits = _check_logits(logits)
   score = _tempered(_msp_of, logits, temperature)
-  return _nan_where_nonfinite(logits, score)
+  return _nan_unless_valid(_nan_where_nonfinite(logits, score), temperature)
 
 
 msp_score = _CheckedJit(_msp_score, _checks_temperature, arrays=("logits",))
@@ -301,7 +323,8 @@ def _odin_score(apply_fn: Callable[[Any, Array], Array], variables: Any, images:
   Returns:
     ``[N]`` scores.
   """
-  return odin(apply_fn, variables, images, temperature, epsilon, input_std)
+  return _nan_unless_valid(odin(apply_fn, variables, images, temperature, epsilon, input_std),
+                           temperature, epsilon)
 
 
 odin_score = _CheckedJit(_odin_score, _checks_temperature_epsilon,
@@ -368,6 +391,8 @@ def fit_mahalanobis(features: Array, labels: Array, num_classes: int,
     num_classes: C; every class must have at least one example.
     what: names the features in errors and warnings (e.g. a block of the network).
   """
+  metrics.check_plain_real(features, what)
+  metrics.check_plain_real(labels, "labels")
   z = np.asarray(features, np.float64)
   y = np.asarray(labels)
   if z.ndim != 2 or y.shape != (z.shape[0],):
@@ -442,7 +467,9 @@ def _mahalanobis_score(features_fn: Callable[[Any, Array], Array], variables: An
     epsilon: noise magnitude (0 = no pre-processing).
     input_std: per-channel normalisation std.
   """
-  return gaussian_score_with_noise(features_fn, variables, images, params, epsilon, input_std)
+  return _nan_unless_valid(
+      gaussian_score_with_noise(features_fn, variables, images, params, epsilon, input_std),
+      epsilon=epsilon)
 
 
 mahalanobis_score = _CheckedJit(_mahalanobis_score, _checks_epsilon,
