@@ -50,9 +50,9 @@ def architecture_of(meta: Mapping[str, Any]) -> Dict[str, Any]:
   return found
 
 
-def check_finite(tree, what: str) -> None:
+def check_finite(tree, what: str, outcome: str = "it is not saved") -> None:
   """Raises, counting them and naming the first tensor, if ``tree`` (numpy or jax arrays) holds
-  NaN or inf."""
+  NaN or inf; the message ends with ``outcome``."""
   bad = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     x = np.asarray(leaf)
@@ -62,7 +62,7 @@ def check_finite(tree, what: str) -> None:
         bad.append((jax.tree_util.keystr(path, simple=True, separator="/"), count))
   if bad:
     raise FloatingPointError(f"{what} holds {sum(n for _, n in bad)} non-finite value(s) in "
-                             f"{len(bad)} tensor(s), the first {bad[0][0]}; it is not saved")
+                             f"{len(bad)} tensor(s), the first {bad[0][0]}; {outcome}")
 
 
 def _sha256(path: epath.PathLike) -> str:
@@ -71,6 +71,23 @@ def _sha256(path: epath.PathLike) -> str:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
+
+
+def integrity_record(root: epath.PathLike) -> Dict[str, str]:
+  """``{relative path: SHA-256}`` of every file below ``root``: what :class:`RunCheckpoints`
+  records for each checkpoint (and :mod:`energy_jax.export` for each artifact)."""
+  return {name: _sha256(path) for name, path in storage.files_below(root).items()}
+
+
+def record_differences(record: Mapping[str, str],
+                       root: epath.PathLike) -> Tuple[List[str], List[str]]:
+  """``(missing, changed)``: the files of ``record`` (:func:`integrity_record`) not below
+  ``root``, and those whose content differs from it; files added since are not checked."""
+  have = storage.files_below(root)
+  missing = sorted(set(record) - set(have))
+  changed = sorted(name for name, digest in record.items()
+                   if name in have and _sha256(have[name]) != digest)
+  return missing, changed
 
 
 class RunCheckpoints:
@@ -137,11 +154,9 @@ class RunCheckpoints:
       want = json.loads(storage.read_text(record))
     except (OSError, ValueError) as e:
       return f"unreadable integrity record {record}: {e}"
-    have = storage.files_below(self.directory / str(step))
-    missing = sorted(set(want) - set(have))
+    missing, changed = record_differences(want, self.directory / str(step))
     if missing:
       return f"missing file(s) {missing[:3]}"
-    changed = [name for name, digest in want.items() if _sha256(have[name]) != digest]
     if changed:
       return f"file(s) changed since the save: {changed[:3]}"
     return None
@@ -236,8 +251,7 @@ class RunCheckpoints:
 
   def _record(self, step: int) -> None:
     """Writes the SHA-256 of checkpoint ``step``'s files, atomically."""
-    files = storage.files_below(self.directory / str(step))
-    record = {name: _sha256(path) for name, path in files.items()}
+    record = integrity_record(self.directory / str(step))
     storage.write_text(self.records / f"{step}.json", json.dumps(record, indent=0, sort_keys=True))
 
   def restore(self, target_state, step: int, sharding=None) -> Tuple[Any, Dict[str, Any]]:

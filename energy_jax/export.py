@@ -9,25 +9,41 @@ threshold; :func:`load` returns a jitted ``is_ood(images)``.
     flags = is_ood(images_uint8)               # [N] bool: score < threshold
 
 The folder holds ``arrays`` (the model's variables and the detector's fitted params, Orbax
-``StandardSave``) and ``meta`` (JSON: the run config, the detector's name and hyper-parameters,
-the threshold, the package version). Detectors that take a device mesh are saved without it.
+``StandardSave``), ``meta`` (JSON: the run config, the detector's name and hyper-parameters,
+the threshold, the package version) and ``sha256.json``, the integrity record of every other file
+(:func:`energy_jax.checkpoints.integrity_record`, as for a training run's checkpoints), written
+last. Detectors that take a device mesh are saved without it.
+
+Nothing non-finite is saved or loaded (weights, fitted params, threshold), and :func:`load`
+verifies the record before reading anything, then checks the meta and that the arrays fit the
+model its config builds (the class count included): a damaged artifact raises ``ValueError``
+saying ``is damaged`` and naming the part, a folder of something else ``is not an OOD-detector
+artifact``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, NamedTuple
+import json
+import math
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from energy_jax import __version__, detectors, models, storage
+from energy_jax import __version__, checkpoints, detectors, distributed, models, storage
 from energy_jax.data import augment
 
-ARTIFACT_FORMAT = 1
+# 2: the integrity record RECORD beside arrays/ and meta/.
+ARTIFACT_FORMAT = 2
+RECORD = "sha256.json"
+
+# What each top-level folder of an artifact holds, to name the part a damaged file belongs to.
+_PARTS = {"arrays": "arrays (the model's variables, the detector's params)",
+          "meta": "meta (config, detector, threshold)"}
 
 
 class Artifact(NamedTuple):
@@ -49,10 +65,46 @@ def _checkpointer():
   return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _damaged(path, problem: str) -> ValueError:
+  return ValueError(f"OOD-detector artifact {path} is damaged: {problem}.\n"
+                    "Its flags cannot be trusted: export the detector again (export.save).")
+
+
+def _model_mismatch(config, variables) -> Optional[str]:
+  """None if ``variables`` have the tensors, of the same shapes, that ``config``'s model
+  initialises, else what differs, the class count first."""
+  model = models.from_config(config)
+  size = int(config.image_size)
+  want = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0),
+                                                      (size, size, 3)))
+  shapes = lambda tree: {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(np.shape(x))
+                         for k, x in jax.tree_util.tree_leaves_with_path(tree)}
+  want, have = shapes(want), shapes(variables)
+  diff = [f"{name}: saved {have.get(name, 'nothing')} vs {want.get(name, 'nothing')} from the "
+          "config" for name in sorted(set(want) | set(have)) if want.get(name) != have.get(name)]
+  if not diff:
+    return None
+  try:
+    classes = np.shape(models.head(config, variables["params"])[1])[0]
+  except (KeyError, TypeError, IndexError):       # no head where the model keeps it
+    classes = None
+  head = (f"config.num_classes is {int(config.num_classes)} but the classifier head has "
+          f"{classes} outputs; " if classes is not None and classes != int(config.num_classes)
+          else "")
+  return f"{head}{len(diff)} tensor(s) differ, the first {diff[0]}"
+
+
 def save(path: str, *, config, variables, detector: detectors.Detector, params,
          threshold: float) -> str:
   """Writes the artifact to the new folder ``path`` (a ``gs://`` URL too; refused if it exists);
-  returns its path."""
+  returns its path. Refused, before anything is written: non-finite weights, params or threshold
+  (``FloatingPointError`` for arrays, as for checkpoints), and variables that do not fit the
+  model ``config`` builds."""
   path = storage.check_reachable(path, "artifact")
   if path.exists():
     raise FileExistsError(f"{path} exists: give a new folder for the artifact")
@@ -62,6 +114,12 @@ def save(path: str, *, config, variables, detector: detectors.Detector, params,
     raise ValueError(f"threshold must be finite, got {threshold!r}")
   if detector.fit_needs and not jax.tree_util.tree_leaves(params):
     raise ValueError(f"detector {detector.label!r} needs fitted params; got {params!r}")
+  checkpoints.check_finite(variables, "the model to export")
+  checkpoints.check_finite(params, f"the fitted detector {detector.label!r}")
+  mismatch = _model_mismatch(config, variables)
+  if mismatch:
+    raise ValueError(f"the variables do not fit the model of the config ({mismatch}); the "
+                     "artifact could not be loaded, so it is not saved")
   meta = {"format": ARTIFACT_FORMAT, "version": __version__, "config": config.to_dict(),
           "detector": {"name": detector.name, "hparams": _saved_hparams(detector)},
           "threshold": float(threshold)}
@@ -71,29 +129,124 @@ def save(path: str, *, config, variables, detector: detectors.Detector, params,
   if jax.tree_util.tree_leaves(params):
     arrays["params"] = params
   meta["empty_variables"] = sorted(set(variables) - set(arrays["variables"]))
-  _checkpointer().save(path, ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                                meta=ocp.args.JsonSave(meta)))
+  _write(path, arrays, meta)
   return str(path)
 
 
-def load_artifact(path: str) -> Artifact:
-  """The :class:`Artifact` saved at ``path``."""
-  import ml_collections
-  path = storage.check_reachable(path, "artifact")
-  if not path.is_dir():
-    raise FileNotFoundError(f"no OOD-detector artifact at {path}")
-  restored = _checkpointer().restore(path, ocp.args.Composite(
-      arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-  meta, arrays = restored["meta"], restored["arrays"]
+def _write(path, arrays: Dict[str, Any], meta: Dict[str, Any]) -> None:
+  """Writes ``arrays`` and ``meta`` as it stands, then the integrity record of the files."""
+  _checkpointer().save(path, ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                                meta=ocp.args.JsonSave(meta)))
+  # Written last, so that an export cut short leaves a folder without one: refused at load.
+  failed = ""
+  if distributed.is_main_process():
+    try:
+      storage.write_text(path / RECORD, json.dumps(checkpoints.integrity_record(path), indent=0,
+                                                   sort_keys=True))
+    except OSError as e:
+      failed = f"could not write the integrity record {path / RECORD}: {e}"
+  if distributed.any_process(bool(failed)):
+    raise OSError(failed or f"process 0 could not write the integrity record {path / RECORD}")
+
+
+def _verify(path) -> None:
+  """Raises unless every file the integrity record names is as it was saved."""
+  record_path = path / RECORD
+  if not record_path.exists():
+    if not (path / "arrays").exists():
+      found = sorted(p.name for p in path.iterdir())[:6]
+      kind = (" (it holds a training run: export.save makes an artifact of a run's model)"
+              if "checkpoints" in found else
+              " (it is a training checkpoint)" if "state" in found else "")
+      raise ValueError(f"{path} is not an OOD-detector artifact{kind}: it has neither {RECORD} "
+                       f"nor arrays/, only {found}")
+    raise _damaged(path, f"it has no integrity record {RECORD} (the export was cut short or the "
+                   "file removed, or an energy-jax before artifact format 2 wrote it)")
+  try:
+    record = json.loads(storage.read_text(record_path))
+  except (OSError, ValueError) as e:            # a decoding error is a ValueError too
+    raise _damaged(path, f"its integrity record {RECORD} cannot be read ({_first_line(e)})"
+                   ) from None
+  if not (isinstance(record, dict) and record
+          and all(isinstance(k, str) and isinstance(v, str) for k, v in record.items())):
+    raise _damaged(path, f"its integrity record {RECORD} is not a JSON object of SHA-256 digests")
+  missing, changed = checkpoints.record_differences(record, path)
+  bad = [(name, "missing") for name in missing] + [(name, "changed") for name in changed]
+  if bad:
+    parts = sorted({_PARTS.get(name.split("/")[0], "Orbax checkpoint records")
+                    for name, _ in bad})
+    files = ", ".join(f"{name} {how}" for name, how in bad[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise _damaged(path, f"in its {' and its '.join(parts)}, {files}{more} since the export "
+                   f"(by its integrity record {RECORD})")
+
+
+def _restore(path, part: str, args) -> Any:
+  try:
+    return _checkpointer().restore(path, ocp.args.Composite(**{part: args}))[part]
+  except Exception as e:         # Orbax, TensorStore and json raise many types on bad files
+    raise _damaged(path, f"Orbax cannot read its {_PARTS[part]} ({_first_line(e)})") from None
+
+
+def _check_meta(path, meta) -> None:
+  if not isinstance(meta, dict):
+    raise _damaged(path, f"its meta is a {type(meta).__name__}, not a JSON object")
   if meta.get("format") != ARTIFACT_FORMAT:
     raise ValueError(f"{path} has artifact format {meta.get('format')}, this energy-jax reads "
-                     f"{ARTIFACT_FORMAT}")
-  config = ml_collections.ConfigDict(meta["config"])
+                     f"{ARTIFACT_FORMAT}: load it with the energy-jax that exported it "
+                     f"({meta.get('version')})")
+  lacking = [k for k in ("config", "detector", "threshold") if k not in meta]
+  if lacking:
+    raise _damaged(path, f"its meta lacks {lacking}")
+  t = meta["threshold"]
+  if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+    raise _damaged(path, f"its meta's threshold is {t!r}, not a finite number")
+  det = meta["detector"]
+  if not (isinstance(det, dict) and isinstance(det.get("name"), str)
+          and isinstance(det.get("hparams"), dict)):
+    raise _damaged(path, f"its meta's detector is {det!r}, not a name and hyper-parameters")
+
+
+def load_artifact(path: str) -> Artifact:
+  """The :class:`Artifact` saved at ``path``, verified (see the module's doc)."""
+  import ml_collections
+  path = storage.check_reachable(path, "artifact")
+  if not path.exists():
+    raise FileNotFoundError(f"no OOD-detector artifact at {path}")
+  if not path.is_dir():
+    raise ValueError(f"{path} is not an OOD-detector artifact: it is a file, not a folder")
+  _verify(path)
+  meta = _restore(path, "meta", ocp.args.JsonRestore())
+  _check_meta(path, meta)
+  name, hparams = meta["detector"]["name"], meta["detector"]["hparams"]
+  try:
+    detector = detectors.create(name, **hparams)
+  except (KeyError, TypeError, ValueError) as e:
+    raise _damaged(path, f"its meta's detector {name!r} {hparams} cannot be made "
+                   f"({_first_line(e)})") from None
+  try:
+    config = ml_collections.ConfigDict(meta["config"])
+    models.from_config(config)
+  except Exception as e:        # a missing or mistyped field: KeyError, AttributeError, ...
+    raise _damaged(path, f"its meta's config builds no model ({_first_line(e)})") from None
+  arrays = _restore(path, "arrays", ocp.args.StandardRestore())
+  if not isinstance(arrays, dict) or not isinstance(arrays.get("variables"), dict):
+    raise _damaged(path, "its arrays hold no model variables")
   variables = dict(arrays["variables"])
-  for name in meta.get("empty_variables", []):
-    variables[name] = {}
-  detector = detectors.create(meta["detector"]["name"], **meta["detector"]["hparams"])
-  return Artifact(config, variables, detector, arrays.get("params", {}), meta["threshold"])
+  for empty in meta.get("empty_variables", []):
+    variables[empty] = {}
+  params = arrays.get("params", {})
+  if detector.fit_needs and not jax.tree_util.tree_leaves(params):
+    raise _damaged(path, f"its arrays hold no fitted params for detector {detector.label!r}")
+  try:
+    checkpoints.check_finite(variables, "the model in its arrays", "it is not loaded")
+    checkpoints.check_finite(params, "the fitted detector in its arrays", "it is not loaded")
+  except FloatingPointError as e:
+    raise _damaged(path, str(e)) from None
+  mismatch = _model_mismatch(config, variables)
+  if mismatch:
+    raise _damaged(path, f"its arrays do not fit the model of its meta's config ({mismatch})")
+  return Artifact(config, variables, detector, params, float(meta["threshold"]))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -288,6 +288,11 @@ def run(config, checkpoint: str, ood_sources: Mapping[str, Any], workdir: str,
   OpenOOD v1.5's elsewhere; "openood") has several points takes the one with the lowest mean
   FPR95 on them, never on the test sets; detectors fitted on validation data (the multi-layer
   Mahalanobis) are fitted on them.
+
+  Refused with a ValueError before anything is loaded: a ``workdir`` the results cannot be
+  written to (:func:`report.check_output_folder`), ``num_to_avg`` outside [1,
+  ``protocol.MAX_NUM_TO_AVG``], an OOD set named ``mean``, a ``checkpoint`` file that is no
+  PyTorch checkpoint (:func:`check_checkpoint`).
   """
   from energy_jax import checkpoints, distributed
   from energy_jax.data import sources
