@@ -32,14 +32,17 @@ RUN_FORMAT = 4
 
 def run_meta(config, epoch: int, finished: bool, row: Dict[str, Any], *,
              steps_done: Optional[int] = None, steps_per_epoch: Optional[int] = None,
+             history: Optional[List[Dict[str, Any]]] = None,
              partial: Optional[Dict[str, List[float]]] = None) -> Dict[str, Any]:
   """The JSON record saved beside each state: ``epoch`` (0-based) is complete when
-  ``steps_done == steps_per_epoch``; a preempted epoch records the per-step metrics of its
-  ``steps_done`` steps in ``partial``, so that the resumed epoch's row is the uninterrupted one."""
+  ``steps_done == steps_per_epoch``; ``history`` holds the rows of the epochs completed, from
+  which a resumed run rebuilds its CSV, JSONL and TensorBoard rows; a preempted epoch records
+  the per-step metrics of its ``steps_done`` steps in ``partial``, so that the resumed epoch's
+  row is the uninterrupted one."""
   return {"epoch": epoch, "finished": finished, "version": __version__, "format": RUN_FORMAT,
           "architecture": models.architecture(config), "objective": config.objective,
           "config": config.to_dict(), "results": row, "steps_done": steps_done,
-          "steps_per_epoch": steps_per_epoch, "partial": partial}
+          "steps_per_epoch": steps_per_epoch, "history": history, "partial": partial}
 
 
 def architecture_of(meta: Mapping[str, Any]) -> Dict[str, Any]:

@@ -1,6 +1,7 @@
 """Verified checkpoints, the workdir lock, the refusal of a changed config on resume, and a
 preempted run that continues mid-epoch to the uninterrupted run's numbers."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -131,16 +132,23 @@ def test_a_second_live_run_on_a_workdir_is_refused_naming_the_first(tmp_path):
         pass
   with run_lock.WorkdirLock(str(tmp_path)):          # released: the next run takes it
     pass
+  assert not os.path.exists(tmp_path / ".lock")       # no holder named once it ended
+  # The lock is on the folder, held by the run's open descriptor: deleting .lock frees nothing.
+  with run_lock.WorkdirLock(str(tmp_path)):
+    os.remove(tmp_path / ".lock")
+    with pytest.raises(run_lock.RunInProgress, match=r"in use by a live run \(another process\)"):
+      with run_lock.WorkdirLock(str(tmp_path)):
+        pass
 
 
-def test_a_workdir_without_file_locks_is_refused_naming_the_lock(tmp_path, monkeypatch):
+def test_a_workdir_without_file_locks_is_refused_naming_it(tmp_path, monkeypatch):
   import errno
   import fcntl
 
   def no_locks(fd, op):
     raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
   monkeypatch.setattr(fcntl, "flock", no_locks)
-  with pytest.raises(run_lock.RunInProgress, match=rf"could not lock {tmp_path}/\.lock \(No locks "
+  with pytest.raises(run_lock.RunInProgress, match=rf"could not lock {tmp_path} \(No locks "
                                                    r"available\): the workdir's file system offers"):
     with run_lock.WorkdirLock(str(tmp_path)):
       pass
@@ -173,6 +181,8 @@ def test_resume_refuses_a_changed_config_naming_each_field(toy_id, tmp_path):
 
 class _StopAfter:
   """A preemption watch that asks to stop after ``n`` boundaries."""
+
+  signal_name = "SIGTERM"
 
   def __init__(self, n):
     self.n = n
@@ -210,7 +220,7 @@ def test_a_preempted_run_continues_mid_epoch_to_the_uninterrupted_numbers(toy_id
   # after steps 1 and 2 of epoch 2.
   said = []
   stopped = _run_stopped(c, tmp_path / "cut", monkeypatch, 5, said.append)
-  assert stopped == {"preempted": True, "epoch": 2, "steps_done": 2}
+  assert stopped == {"preempted": True, "signal": "SIGTERM", "epoch": 2, "steps_done": 2}
   assert any("stopped by SIGTERM at epoch 2, step 2 of 4" in s for s in said)
   said.clear()
   resumed = train.train_and_evaluate(c, str(tmp_path / "cut"), log=said.append)
@@ -246,9 +256,84 @@ def test_a_stop_asked_for_in_an_epochs_last_call_stops_after_that_epoch(toy_id, 
   full = train.train_and_evaluate(c, str(tmp_path / "full"), log=lambda s: None)
   said = []
   stopped = _run_stopped(c, tmp_path / "cut", monkeypatch, 0, said.append)
-  assert stopped == {"preempted": True, "epoch": 1, "steps_done": 4}
+  assert stopped == {"preempted": True, "signal": "SIGTERM", "epoch": 1, "steps_done": 4}
   assert any("stopped by SIGTERM after epoch 1: saved" in s for s in said)
   resumed = train.train_and_evaluate(c, str(tmp_path / "cut"), log=lambda s: None)
   # Bit for bit: the same compiled epoch-long call on the same inputs in this process.
   assert resumed["train_loss"] == full["train_loss"]
   _assert_same_variables(tmp_path / "full", tmp_path / "cut", c)
+
+
+class _Killed(BaseException):
+  """kill -9 at a boundary of a save, raised there (see the test for what does not clean up)."""
+
+
+# The calls that write a run's files at an epoch's end, in order: its CSV and JSONL (each a whole
+# file, renamed into place), its TensorBoard scalars, the Orbax checkpoint (committed by a rename),
+# its integrity record, and the deletion of the checkpoint rotation drops.
+_WRITES = (("storage", "write_text"), ("ScalarWriter", "write"),
+           ("CheckpointManager", "save"), ("CheckpointManager", "delete"))
+
+
+def _count_or_kill_writes(monkeypatch, kill_at):
+  """Wraps the calls of :data:`_WRITES`; returns the list of those made, and raises
+  :class:`_Killed` before the ``kill_at``-th (0-based; None: never)."""
+  from energy_jax import storage
+  from energy_jax.train import writer
+  made = []
+  owners = {"storage": storage, "ScalarWriter": writer.ScalarWriter,
+            "CheckpointManager": checkpoints.ocp.CheckpointManager}
+  for owner, name in _WRITES:
+    original = getattr(owners[owner], name)
+
+    def wrapped(*args, _original=original, _name=f"{owner}.{name}", **kwargs):
+      if kill_at is not None and len(made) == kill_at:
+        raise _Killed(_name)
+      made.append(_name)
+      return _original(*args, **kwargs)
+    monkeypatch.setattr(owners[owner], name, wrapped)
+  return made
+
+
+def _rows(workdir):
+  """The CSV rows without their time column, the JSONL rows without their times, and the
+  TensorBoard train losses by epoch."""
+  from energy_jax.train import writer
+  csv = [l.split(",") for l in open(workdir / "training_results.csv").read().splitlines()[1:]]
+  jsonl = [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")}
+           for l in open(workdir / "results.jsonl")]
+  return ([r[:1] + r[2:] for r in csv], jsonl,
+          writer.read_scalars(str(workdir / "tensorboard")).get("train/loss"))
+
+
+def test_a_kill_at_every_boundary_of_a_save_loses_no_row(toy_id, tmp_path, monkeypatch):
+  pytest.importorskip("tensorflow")          # the TensorBoard rows are rebuilt too
+  c = _config(toy_id, keep_checkpoints=1, tensorboard=True)
+  made = _count_or_kill_writes(monkeypatch, None)
+  full = train.train_and_evaluate(c, str(tmp_path / "full"), log=lambda s: None)
+  monkeypatch.undo()
+  want = _rows(tmp_path / "full")
+  assert [r[0] for r in want[0]] == ["001", "002"] and sorted(want[2]) == [1, 2]
+  # Every boundary from epoch 1's row on: before, between and after each write.
+  first = made.index("storage.write_text", 3)       # config.json, CSV and JSONL headers before
+  boundaries = range(first, len(made) + 1)
+  assert [m.split(".")[-1] for m in made[first:]] == (
+      ["write_text", "write_text", "write", "save", "write_text"] * 2 + ["delete"])
+  for k in boundaries:
+    workdir = tmp_path / f"kill{k}"
+    _count_or_kill_writes(monkeypatch, k)
+    # A kill runs no cleanup of the run's: the folder of a run killed early stays.
+    monkeypatch.setattr(loop, "removed_if_start_fails", lambda w: contextlib.nullcontext())
+    with pytest.raises(_Killed) if k < len(made) else contextlib.nullcontext():
+      train.train_and_evaluate(c, str(workdir), log=lambda s: None)
+    monkeypatch.undo()
+    if k >= len(made) - 1:       # killed after the last checkpoint's record: finished
+      with pytest.raises(FileExistsError, match="holds a finished run"):
+        train.train_and_evaluate(c, str(workdir), log=lambda s: None)
+      resumed = full
+    else:
+      resumed = train.train_and_evaluate(c, str(workdir), log=lambda s: None)
+    # Same compiled programs on the same inputs in this process: bit for bit.
+    assert resumed["train_loss"] == full["train_loss"], k
+    assert _rows(workdir) == want, (k, made[k] if k < len(made) else "end")
+    _assert_same_variables(tmp_path / "full", workdir, c)

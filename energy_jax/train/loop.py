@@ -3,6 +3,7 @@ then per epoch: train, evaluate the test set, save, write."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -21,19 +22,21 @@ from energy_jax.train.run_lock import WorkdirLock
 from energy_jax.train.state import TrainState, create_train_state
 from energy_jax.train.step import (device_data, device_epoch_fn, epoch_calls, host_step_fn,
                                    step_indices_spec)
-from energy_jax.train.writer import open_run_writer
+from energy_jax.train.writer import CSV, JSONL, history_rows, open_run_writer
 
 INPUT_PIPELINES = ("device", "tfdata")
 
 
 class Start(NamedTuple):
   """Where a run starts: ``epoch`` (0-based) at ``step`` of it, with the per-step metrics of
-  the steps before ``step`` when a preempted epoch resumes, and the config saved with the
-  checkpoint it resumes from (None on a new run)."""
+  the steps before ``step`` when a preempted epoch resumes, the config saved with the
+  checkpoint it resumes from (None on a new run), and the rows of the epochs before (None: a
+  checkpoint saved without them, whose rows are those of the files)."""
   epoch: int
   step: int = 0
   partial: Optional[Dict[str, List[float]]] = None
   saved_config: Optional[Dict[str, Any]] = None
+  history: Optional[List[Dict[str, Any]]] = ()
 
 
 def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
@@ -62,8 +65,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   learning_rate = make_optimizer(config, steps * config.epochs).learning_rate
   times = {"data": time.time() - t0}
   row: Dict[str, Any] = {}
-  with WorkdirLock(workdir, log), PreemptionWatch() as watch, checkpoints.RunCheckpoints(
-      workdir, config.keep_checkpoints, log) as ckpts:
+  with removed_if_start_fails(workdir), WorkdirLock(workdir, log), PreemptionWatch() as watch, \
+      checkpoints.RunCheckpoints(workdir, config.keep_checkpoints, log) as ckpts:
     state, start = initial_state(config, workdir, ckpts, steps, log, mesh)
     config = margins.resolve(
         config, state.variables, data.train.images,
@@ -72,7 +75,8 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
     run_epoch = epoch_runner(config, data, mesh, steps, watch)
     times["setup"] = time.time() - t0 - times["data"]
     log(run_summary(config, data, steps, mesh, times))
-    with open_run_writer(config, workdir, start.epoch, log) as writer:
+    history = None if start.history is None else list(start.history)
+    with open_run_writer(config, workdir, start.epoch, log, history) as writer:
       for epoch in range(start.epoch, config.epochs):
         t_epoch = time.time()
         first = start.step if epoch == start.epoch else 0
@@ -80,46 +84,70 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
         metrics = joined(start.partial if epoch == start.epoch else None, metrics)
         check_losses_finite(metrics["loss"], epoch, ckpts)
         if done < steps:              # preempted: save where it stopped, write nothing else
-          save_at(ckpts, config, state, epoch, done, steps, partial=metrics)
-          return stopped(epoch, done, steps, log)
+          save_at(ckpts, config, state, epoch, done, steps, history, partial=metrics)
+          return stopped(epoch, done, steps, watch.signal_name, log)
         row = epoch_row(config, epoch, metrics, float(learning_rate((epoch + 1) * steps - 1)),
                         time.time() - t_epoch)
         finished = epoch + 1 == config.epochs
         if finished or (epoch + 1) % config.eval_every_epochs == 0:
           row.update(test_metrics(config, state, data.test, mesh))
         row.update(time_s=time.time() - t_epoch, eval_s=time.time() - t_epoch - row["train_s"])
-        # The row first, then the checkpoint: a kill between the two resumes from the checkpoint
-        # before, which drops the row and writes it again; the other order lost the row.
+        # The row first, then the checkpoint, which holds every row so far: a kill between the
+        # two resumes from the checkpoint before, which drops the row and writes it again; a
+        # kill after the checkpoint resumes with the row, whatever the files hold.
         writer.write(row)
+        if history is not None:
+          history.append(row)
         saved = finished or (epoch + 1) % config.checkpoint_every_epochs == 0
         if saved:
-          save_at(ckpts, config, state, epoch, steps, steps, row, finished)
+          save_at(ckpts, config, state, epoch, steps, steps, history, row, finished)
         times.setdefault("first_epoch", row["train_s"])
         if not finished and watch.requested():   # asked during the epoch's last call or after
           if not saved:
-            save_at(ckpts, config, state, epoch, steps, steps, row)
-          return stopped(epoch, steps, steps, log)
+            save_at(ckpts, config, state, epoch, steps, steps, history, row)
+          return stopped(epoch, steps, steps, watch.signal_name, log)
   log(timing_summary(times, t0))
   return row
 
 
+@contextlib.contextmanager
+def removed_if_start_fails(workdir: str):
+  """Removes ``workdir`` if this run made it and ends in an error (a damaged pretrained model, a
+  wrong architecture, Ctrl-C while compiling) before it saved a checkpoint or wrote a row: a
+  failed start leaves no folder behind it did not find."""
+  path = storage.location(workdir)
+  made = distributed.is_main_process() and not path.exists()
+  try:
+    yield
+  except BaseException:
+    checkpoint_dir = path / "checkpoints"
+    if made and path.exists() and not history_rows(path) and not (
+        checkpoint_dir.exists() and any(checkpoint_dir.iterdir())):
+      path.rmtree()
+    raise
+
+
 def save_at(ckpts: checkpoints.RunCheckpoints, config, state: TrainState, epoch: int, done: int,
-            steps: int, row: Optional[Dict[str, Any]] = None, finished: bool = False,
+            steps: int, history: Optional[List[Dict[str, Any]]],
+            row: Optional[Dict[str, Any]] = None, finished: bool = False,
             partial: Optional[Dict[str, np.ndarray]] = None) -> None:
   """Saves ``state`` after ``done`` of the ``steps`` steps of ``epoch`` (0-based), as global step
-  ``epoch * steps + done``; a preempted epoch keeps its per-step metrics so far in ``partial``."""
+  ``epoch * steps + done``, with the rows of the epochs completed (``history``); a preempted
+  epoch keeps its per-step metrics so far in ``partial``."""
   ckpts.save(epoch * steps + done, jax.device_get(state), checkpoints.run_meta(
       config, epoch, finished, row or {}, steps_done=done, steps_per_epoch=steps,
+      history=history,
       partial=None if partial is None else {k: np.asarray(v).tolist()
                                             for k, v in partial.items()}))
 
 
-def stopped(epoch: int, done: int, steps: int, log: Callable[[str], None]) -> Dict[str, Any]:
-  """Says where SIGTERM stopped the run (saved there); the run's return value."""
+def stopped(epoch: int, done: int, steps: int, signal_name: str,
+            log: Callable[[str], None]) -> Dict[str, Any]:
+  """Says where SIGTERM or SIGINT stopped the run (saved there); the run's return value."""
   where = (f"at epoch {epoch + 1}, step {done} of {steps}" if done < steps
            else f"after epoch {epoch + 1}")
-  log(f"stopped by SIGTERM {where}: saved; the same command continues from there")
-  return {"preempted": True, "epoch": epoch + 1, "steps_done": done}
+  log(f"stopped by {signal_name} {where}: saved; the same command continues from there")
+  return {"preempted": True, "signal": signal_name, "epoch": epoch + 1, "steps_done": done}
 
 
 def run_summary(config, data: RunData, steps: int, mesh, times: Dict[str, float]) -> str:
@@ -175,9 +203,6 @@ def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps
         "--workdir")
   saved = ckpts.steps()
   latest = ckpts.latest_intact_step()
-  if latest is None and saved:
-    log(f"no intact checkpoint in {ckpts.directory} (the damaged ones are in "
-        f"{ckpts.quarantine}): the run starts from the beginning")
   if latest is not None:
     meta = ckpts.read_meta(latest)
     source = f"{ckpts.directory}/{latest}"
@@ -191,14 +216,24 @@ def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps
     if meta.get("finished") and meta["epoch"] + 1 >= config.epochs:   # else: epochs overridden
       raise FileExistsError(
           f"{workdir} holds a finished run (epoch {meta['epoch'] + 1} of {config.epochs}); "
-          f"choose another --workdir, or delete {ckpts.directory} to start over")
+          f"choose another --workdir, or delete {workdir} to start over")
     state, _ = ckpts.restore(create_train_state(config, rng, total_steps), latest,
                              parallel.replicated(mesh))
     epoch, done = meta["epoch"], meta["steps_done"]
     log(f"resuming {workdir} at epoch {epoch + 1}, step {done} of {steps}")
+    history = meta.get("history")
     if done == meta["steps_per_epoch"]:
-      return state, Start(epoch + 1, saved_config=meta["config"])
-    return state, Start(epoch, done, meta["partial"], meta["config"])
+      return state, Start(epoch + 1, saved_config=meta["config"], history=history)
+    return state, Start(epoch, done, meta["partial"], meta["config"], history)
+  # Rows of epochs after the newest checkpoint are run again; with every checkpoint damaged, a
+  # new start would overwrite rows that no checkpoint can bring back.
+  rows = history_rows(workdir) if saved else 0
+  if rows:
+    raise FileExistsError(
+        f"{workdir} holds the history of a run ({rows} epoch row(s) in {CSV}) but no intact "
+        f"checkpoint to continue it from (the damaged ones are in {ckpts.quarantine}); starting "
+        f"over would overwrite it: choose another --workdir, or move {CSV} and {JSONL} out of "
+        "it")
   if config.pretrained:
     variables = checkpoints.load_variables(config.pretrained, config, "config.pretrained")
     log(f"loaded pretrained weights from {config.pretrained}")

@@ -1,13 +1,17 @@
-"""Preemption: SIGTERM (spot TPU VMs, SLURM, Colab) asks a run to stop at its next step boundary.
+"""Preemption: SIGTERM (spot TPU VMs, SLURM, Colab) or SIGINT (Ctrl-C at a terminal, a notebook's
+interrupt) asks a run to stop at its next step boundary.
 
 The run then saves a checkpoint where it stopped, mid-epoch if need be, writes nothing else and
-returns; the same command resumes there and ends as an uninterrupted run would. With several
-processes, a signal to any of them stops all at the same step (they agree at every boundary).
+returns; the same command resumes there and ends as an uninterrupted run would. A second Ctrl-C
+stops at once (Python's KeyboardInterrupt), losing the steps since the last checkpoint. With
+several processes, a signal to any of them stops all at the same step (they agree at every
+boundary).
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 from energy_jax import distributed
@@ -16,18 +20,25 @@ from energy_jax import distributed
 class PreemptionWatch:
   """``with PreemptionWatch() as watch:`` ... ``if watch.requested(): save and return``.
 
-  The handler is installed only in the main thread (where Python delivers signals); elsewhere
+  The handlers are installed only in the main thread (where Python delivers signals); elsewhere
   (e.g. a run started from a worker thread) the watch never fires.
   """
 
-  SIGNALS = (signal.SIGTERM,)
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self._flag = False
+    self.signal_name = "SIGTERM"      # what asked; other processes of a run learn only that
     self._previous = {}
 
   def _handle(self, signum, frame):
     self._flag = True
+    self.signal_name = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      # The next Ctrl-C goes to the handler from before: KeyboardInterrupt, at once.
+      signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+      print("Ctrl-C: stopping at the next step boundary to save there (Ctrl-C again stops at "
+            "once, without saving)", file=sys.stderr, flush=True)
 
   def __enter__(self) -> "PreemptionWatch":
     if threading.current_thread() is threading.main_thread():

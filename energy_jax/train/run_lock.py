@@ -1,7 +1,9 @@
-"""One live run per workdir: an exclusive ``fcntl.flock`` on ``<workdir>/.lock``.
+"""One live run per workdir: an exclusive ``fcntl.flock`` on the workdir folder itself, held on a
+file descriptor the run keeps open.
 
-A second run on the same workdir is refused, naming the process that holds it; the lock goes
-with the process, so a killed run leaves nothing stale. The lock belongs to the run: in a
+A second run on the same workdir is refused, naming the process that holds it (written to
+``<workdir>/.lock`` for that purpose only: deleting the file frees nothing); the lock goes with
+the process, so a killed run leaves nothing stale. The lock belongs to the run: in a
 multi-process run process 0 holds it and the others learn at a barrier whether it did.
 
 A bucket (``gs://``) has no file locks: a run there takes none and says so, and keeping to one
@@ -52,30 +54,40 @@ class WorkdirLock:
     workdir = os.fspath(self.workdir)
     try:
       os.makedirs(workdir, exist_ok=True)
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
-      return f"could not open the workdir lock {self.path}: {e.strerror or e}"
+      return f"could not open the workdir {workdir} to lock it: {e.strerror or e}"
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
       os.close(fd)
-      return (f"{workdir} is in use by a live run ({holder}); wait for it to end, or choose "
-              "another --workdir")
+      return (f"{workdir} is in use by a live run ({self._holder() or 'another process'}); "
+              "wait for it to end, or choose another --workdir")
     except OSError as e:          # e.g. ENOLCK: a network file system without locking
       os.close(fd)
-      return (f"could not lock {self.path} ({e.strerror or e}): the workdir's file system "
-              "offers no file locks; use a local or lock-capable shared disk")
+      return (f"could not lock {workdir} ({e.strerror or e}): the workdir's file system offers "
+              "no file locks; use a local or lock-capable shared disk")
     self._fd = fd
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since "
-                   f"{datetime.datetime.now().isoformat(timespec='seconds')}\n").encode(), 0)
+    try:
+      storage.write_text(self.path, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                         f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+    except OSError:               # the holder's name is for messages only
+      pass
     return ""
+
+  def _holder(self) -> str:
+    try:
+      with open(self.path) as f:
+        return f.read(512).strip()
+    except OSError:
+      return ""
 
   def __exit__(self, *exc) -> None:
     if self._fd is not None:
-      os.ftruncate(self._fd, 0)         # no holder named after the run
+      try:
+        os.remove(self.path)      # no holder named after the run
+      except OSError:
+        pass
       fcntl.flock(self._fd, fcntl.LOCK_UN)
       os.close(self._fd)
       self._fd = None
-

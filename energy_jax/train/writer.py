@@ -12,7 +12,7 @@ hold the same numbers.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from etils import epath
 
@@ -46,6 +46,14 @@ class ScalarWriter:
                          metadata=self._metadata)
     self._writer.flush()
 
+  def write_missing(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Writes the rows whose epoch the event files in ``logdir`` lack (a resumed run's history,
+    where a kill came between a row and its scalars)."""
+    have = read_scalars(self.logdir).get("train/loss", {})
+    for row in rows:
+      if row["epoch"] not in have:
+        self.write(row["epoch"], tensorboard_scalars(row))
+
   def close(self) -> None:
     self._writer.close()
 
@@ -65,33 +73,47 @@ def open_scalar_writer(config, workdir: str, log: Callable[[str], None]) -> Opti
 
 
 def read_scalars(logdir: str) -> Dict[str, Dict[int, float]]:
-  """``{name: {step: value}}`` from the event files in ``logdir`` (for tests and notebooks)."""
+  """``{name: {step: value}}`` from the event files in ``logdir`` (none: ``{}``); a record a kill
+  cut short ends its file."""
   from energy_jax.tf_support import import_tensorflow
   tf = import_tensorflow()
   out: Dict[str, Dict[int, float]] = {}
+  if not epath.Path(logdir).exists():
+    return out
   for path in sorted(epath.Path(logdir).iterdir()):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      for value in event.summary.value:
-        out.setdefault(value.tag, {})[int(event.step)] = float(tf.make_ndarray(value.tensor))
+    try:
+      for event in tf.compat.v1.train.summary_iterator(str(path)):
+        for value in event.summary.value:
+          out.setdefault(value.tag, {})[int(event.step)] = float(tf.make_ndarray(value.tensor))
+    except tf.errors.DataLossError:
+      pass
   return out
 
 
 class RunWriter:
-  """Writes the run's resolved config (``config.json``) and its epoch rows; on a resumed run, rows
-  of epochs after the restored checkpoint (and a row a kill cut short) are dropped first, since
-  those epochs run again."""
+  """Writes the run's resolved config (``config.json``) and its epoch rows. A resumed run's rows
+  are rebuilt from ``history``, the rows its checkpoint holds (rows of epochs after it, or one a
+  kill cut short, are dropped, since those epochs run again; a row a kill kept from the files is
+  written again); a checkpoint without a history (format 4 before it was kept) keeps the rows
+  of the files."""
 
-  def __init__(self, config, workdir, start_epoch: int, log: Callable[[str], None] = print):
+  def __init__(self, config, workdir, start_epoch: int, log: Callable[[str], None] = print,
+               history: Optional[Sequence[Mapping[str, Any]]] = None):
     self.log = log
     workdir = storage.location(workdir)
     storage.write_text(workdir / CONFIG, config.to_json(indent=1, sort_keys=True) + "\n")
     self.csv_path, self.jsonl_path = workdir / CSV, workdir / JSONL
     self.csv_rows: List[str] = []
     self.jsonl_rows: List[str] = []
-    if start_epoch > 0 and self.csv_path.exists():
+    if history is not None:
+      self.csv_rows = [csv_line(r) for r in history]
+      self.jsonl_rows = [json.dumps(r) for r in history]
+    elif start_epoch > 0 and self.csv_path.exists():
       self.csv_rows, self.jsonl_rows = rows_up_to(self.csv_path, self.jsonl_path, start_epoch)
     self._flush()
     self.scalars = open_scalar_writer(config, workdir, log)
+    if self.scalars is not None and history:
+      self.scalars.write_missing(history)
 
   def _flush(self) -> None:
     storage.write_text(self.csv_path, CSV_HEADER + "".join(r + "\n" for r in self.csv_rows))
@@ -106,21 +128,12 @@ class RunWriter:
   def write(self, row: Mapping[str, Any]) -> None:
     """Writes one epoch's ``row`` (``epoch``, ``train_loss``, ``time_s``, ``mean_*``,
     ``learning_rate`` and, when evaluated, ``test_loss`` / ``test_error``) everywhere."""
-    epoch = row["epoch"]
-    self.csv_rows.append("%03d,%05d,%0.6f,%s,%s" % (
-        epoch, row["time_s"], row["train_loss"],
-        "%0.5f" % row["test_loss"] if "test_loss" in row else "",
-        "%0.2f" % row["test_error"] if "test_error" in row else ""))
+    self.csv_rows.append(csv_line(row))
     self.jsonl_rows.append(json.dumps(row))
     self._flush()
     if self.scalars is not None:
-      # Step = epoch, as the CSV; the rate is that of the epoch's last update.
-      self.scalars.write(epoch, {
-          "train/loss": row["train_loss"],
-          **{f"train/{k}": v for k, v in row.items() if k.startswith("mean_")},
-          **{f"test/{k[5:]}": row[k] for k in ("test_loss", "test_error") if k in row},
-          "learning_rate": row["learning_rate"], "epoch_seconds": row["time_s"]})
-    line = "Epoch {:3d} | Time {:5d} | Train Loss {:.4f}".format(epoch, int(row["time_s"]),
+      self.scalars.write(row["epoch"], tensorboard_scalars(row))
+    line = "Epoch {:3d} | Time {:5d} | Train Loss {:.4f}".format(row["epoch"], int(row["time_s"]),
                                                                   row["train_loss"])
     if "test_loss" in row:
       line += " | Test Loss {:.3f} | Test Error {:.2f}".format(row["test_loss"], row["test_error"])
@@ -130,6 +143,30 @@ class RunWriter:
     if self.scalars is not None:
       self.scalars.close()
       self.scalars = None
+
+
+def csv_line(row: Mapping[str, Any]) -> str:
+  """An epoch's row in the reference's CSV format."""
+  return "%03d,%05d,%0.6f,%s,%s" % (
+      row["epoch"], row["time_s"], row["train_loss"],
+      "%0.5f" % row["test_loss"] if "test_loss" in row else "",
+      "%0.2f" % row["test_error"] if "test_error" in row else "")
+
+
+def tensorboard_scalars(row: Mapping[str, Any]) -> Dict[str, float]:
+  """An epoch's row as TensorBoard scalars (step = epoch, as the CSV; the rate is that of the
+  epoch's last update)."""
+  return {"train/loss": row["train_loss"],
+          **{f"train/{k}": v for k, v in row.items() if k.startswith("mean_")},
+          **{f"test/{k[5:]}": row[k] for k in ("test_loss", "test_error") if k in row},
+          "learning_rate": row["learning_rate"], "epoch_seconds": row["time_s"]}
+
+
+def history_rows(workdir) -> int:
+  """How many epoch rows the run's CSV in ``workdir`` holds (0 when there is none)."""
+  path = storage.location(workdir) / CSV
+  return len(rows_up_to(path, storage.location(workdir) / JSONL, 1 << 30)[0]) if (
+      path.exists()) else 0
 
 
 class _NoWriter:
@@ -145,12 +182,13 @@ class _NoWriter:
     pass
 
 
-def open_run_writer(config, workdir: str, start_epoch: int, log: Callable[[str], None] = print):
+def open_run_writer(config, workdir: str, start_epoch: int, log: Callable[[str], None] = print,
+                    history: Optional[Sequence[Mapping[str, Any]]] = None):
   """The run's :class:`RunWriter` on process 0; a writer of nothing on the other processes."""
   import jax
   if jax.process_index() != 0:
     return _NoWriter()
-  return RunWriter(config, workdir, start_epoch, log)
+  return RunWriter(config, workdir, start_epoch, log, history)
 
 
 def rows_up_to(csv_path, jsonl_path, epochs_done: int):
