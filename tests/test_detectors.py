@@ -685,7 +685,7 @@ _F32 = "[1.1754944e-38, 3.4028235e+38]"
 def test_hyper_parameters_that_float32_cannot_hold_are_refused(name, hparams, message):
   with pytest.raises(ValueError) as e:
     detectors.create(name, **hparams)
-  assert str(e.value) == message
+  assert str(e.value) == f"detector {name!r}: {message}"
 
 
 def test_hyper_parameters_at_float32s_ends_are_kept_exactly():
@@ -696,7 +696,7 @@ def test_hyper_parameters_at_float32s_ends_are_kept_exactly():
   assert float(detectors.create("odin", epsilon=0.0).traced_hparams()["epsilon"]) == 0.0
   with pytest.raises(TypeError) as e:
     detectors.create("energy", temperature="2")     # float("2") passes the range check
-  assert str(e.value) == ("temperature of detector 'energy' must be a real number (it is traced "
+  assert str(e.value) == ("detector 'energy': temperature must be a real number (it is traced "
                           "as float32), got '2'")
 
 
@@ -730,3 +730,16 @@ def test_complex_and_masked_inputs_are_refused(data):
     with pytest.raises(TypeError) as e:
       call()
     assert str(e.value) == message
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prefixed(detectors.Detector):
+  """A detector with its own score and a string hyper-parameter (never traced)."""
+  prefix: str = "x"
+
+  def score(self, params, *, logits, **unused):
+    return jnp.max(jnp.asarray(logits), axis=-1)
+
+
+def test_a_detector_with_its_own_score_keeps_other_hyper_parameters():
+  assert _Prefixed(prefix="y").prefix == "y"

@@ -93,9 +93,15 @@ class Detector:
 
   def __post_init__(self):
     """Checks the hyper-parameters' values (subclasses add theirs in :meth:`check_hparams`; the
-    traced ones must be numbers that float32 holds, in which they are computed)."""
-    self.check_hparams()
-    check_traced_hparams(self)
+    traced ones must be numbers that float32 holds, in which they are computed); the error names
+    the detector, as several share hyper-parameter names."""
+    try:
+      self.check_hparams()
+      check_traced_hparams(self)
+    except (TypeError, ValueError) as e:
+      if type(e) not in (TypeError, ValueError):
+        raise
+      raise type(e)(f"detector {self.name!r}: {e}") from None
 
   def check_hparams(self) -> None:
     """Raises ``ValueError`` naming a hyper-parameter whose value is out of range."""
@@ -336,19 +342,21 @@ def check_range(name: str, value, low, high, *, low_open: bool = False,
 
 
 def check_traced_hparams(detector: Detector) -> None:
-  """Raises ``ValueError`` for a non-static hyper-parameter that is not a real number or that
-  float32 cannot hold: :meth:`Detector.traced_hparams` casts them to float32, where 1e39 would
-  become inf and 1e-40 0 without a word."""
+  """Raises for a non-static hyper-parameter that :meth:`Detector.traced_hparams` would turn into
+  a float32 it does not hold (1e39 -> inf, 1e-40 -> 0, without a word): a number float32 cannot
+  hold, or anything but a number where the base class's :meth:`Detector.score` traces them (a
+  detector with its own ``score`` may keep other values there)."""
+  traced = type(detector).score is Detector.score
   for f in dataclasses.fields(detector):
     if f.metadata.get("static", False):
       continue
     value = getattr(detector, f.name)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-      raise TypeError(f"{f.name} of detector {detector.name!r} must be a real number (it is "
-                      f"traced as float32), got {value!r}")
-    if not np.isfinite(float(value)):
-      raise ValueError(f"{f.name} must be finite, got {value!r}")
-    config.check_float32(f.name, value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+      if not np.isfinite(float(value)):
+        raise ValueError(f"{f.name} must be finite, got {value!r}")
+      config.check_float32(f.name, value)
+    elif traced and not isinstance(value, (bool, np.bool_)):
+      raise TypeError(f"{f.name} must be a real number (it is traced as float32), got {value!r}")
 
 
 def register(name: str, *, replace: bool = False):
