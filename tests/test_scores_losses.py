@@ -313,36 +313,35 @@ _LINEAR_W = np.random.default_rng(9).normal(size=(2 * 2 * 3, 4)).astype(np.float
 _LINEAR_X = np.random.default_rng(10).normal(size=(5, 2, 2, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize("t", [-1.0, 0.0, float("nan"), float("inf"), 1e-39])
-def test_an_invalid_temperature_traced_by_a_users_jit_gives_nan(t):
-  # A traced value cannot raise: every score is NaN, never a plausible number.
+def test_an_invalid_hyper_parameter_traced_by_a_users_jit_gives_nan():
+  # A traced value cannot raise: every score of an invalid one is NaN, never a plausible number;
+  # a valid one gives the score of the same value passed as a number. One compile per function:
+  # the values are mapped over inside the caller's jit.
+  bad_t = [-1.0, 0.0, float("nan"), float("inf"), 1e-39]        # 1e-39: subnormal, flushed to 0
+  good_t = [0.5, 2.0, 2e-38]
+  ts = jnp.asarray(bad_t + good_t, jnp.float32)
   for fn in (scores.energy_score, scores.free_energy, scores.msp_score):
-    got = np.asarray(jax.jit(lambda l, t: fn(l, t))(EXTREME, jnp.float32(t)))
-    assert got.shape == (3,) and np.all(np.isnan(got)), (fn, got)
-  got = jax.jit(lambda t: scores.odin_score(_linear_logits, _LINEAR_W, _LINEAR_X, temperature=t,
-                                            epsilon=0.001))(jnp.float32(t))
-  assert np.all(np.isnan(np.asarray(got)))
-
-
-def test_a_valid_temperature_traced_by_a_users_jit_gives_the_score():
-  l64 = EXTREME.astype(np.float64)
-  for t in (0.5, 2.0, 2e-38):
-    got = jax.jit(lambda l, t: scores.energy_score(l, t))(EXTREME, jnp.float32(t))
-    np.testing.assert_allclose(got, _np_energy(l64, np.float32(t)), rtol=1e-6)   # measured 0
-
-
-@pytest.mark.parametrize("eps", [-0.001, float("nan"), float("inf")])
-def test_an_invalid_epsilon_traced_by_a_users_jit_gives_nan(eps):
-  odin = jax.jit(lambda e: scores.odin_score(_linear_logits, _LINEAR_W, _LINEAR_X,
-                                             temperature=10.0, epsilon=e))
-  assert np.all(np.isnan(np.asarray(odin(jnp.float32(eps)))))
+    got = np.asarray(jax.jit(lambda l, ts: jax.vmap(lambda t: fn(l, t))(ts))(EXTREME, ts))
+    assert np.all(np.isnan(got[:len(bad_t)])), (fn, got)
+    for row, t in zip(got[len(bad_t):], good_t):
+      # measured 0 here
+      np.testing.assert_allclose(row, fn(EXTREME, float(np.float32(t))), rtol=1e-6)
+  eps = jnp.asarray([-0.001, float("nan"), float("inf"), 0.002], jnp.float32)
+  odin = jax.jit(jax.vmap(lambda t, e: scores.odin_score(_linear_logits, _LINEAR_W, _LINEAR_X,
+                                                         temperature=t, epsilon=e)))
+  got = np.asarray(odin(jnp.asarray([-1.0, 10.0, 10.0, 10.0, 10.0]),
+                        jnp.concatenate([jnp.asarray([0.002]), eps])))
+  assert np.all(np.isnan(got[:4])), got
+  np.testing.assert_allclose(got[4], scores.odin_score(_linear_logits, _LINEAR_W, _LINEAR_X,
+                                                       temperature=10.0, epsilon=0.002),
+                             rtol=1e-6)                                       # measured 0 here
   params = scores.MahalanobisParams(jnp.zeros((2, 4)), jnp.eye(4))
-  maha = jax.jit(lambda e: scores.mahalanobis_score(_linear_logits, _LINEAR_W, _LINEAR_X, params,
-                                                    epsilon=e))
-  assert np.all(np.isnan(np.asarray(maha(jnp.float32(eps)))))
-  # A valid traced epsilon: the score of the same epsilon passed as a number.
-  np.testing.assert_array_equal(odin(jnp.float32(0.002)), scores.odin_score(
-      _linear_logits, _LINEAR_W, _LINEAR_X, temperature=10.0, epsilon=0.002))
+  maha = jax.jit(jax.vmap(lambda e: scores.mahalanobis_score(_linear_logits, _LINEAR_W, _LINEAR_X,
+                                                             params, epsilon=e)))
+  got = np.asarray(maha(eps))
+  assert np.all(np.isnan(got[:3])), got
+  np.testing.assert_allclose(got[3], scores.mahalanobis_score(
+      _linear_logits, _LINEAR_W, _LINEAR_X, params, epsilon=0.002), rtol=1e-6)  # measured 0 here
 
 
 def test_an_epsilon_that_float32_cannot_hold_is_refused():

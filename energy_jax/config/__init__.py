@@ -177,7 +177,8 @@ def integer(low: Optional[int] = None, high: Optional[int] = None, why: str = ""
 
 # Seeds: numpy takes any non-negative integer, JAX's keys keep 32 bits.
 SEED_LIMIT = 2 ** 32
-SEED_WHY = "numpy's seeds are non-negative, and JAX's keys hold 32 bits: PRNGKey(2**32) is PRNGKey(0)"
+SEED_WHY = ("numpy's seeds are non-negative, and JAX's keys hold 32 bits: PRNGKey(2**32) is "
+            "PRNGKey(0)")
 
 
 def check_seed(value: Any, name: str = "seed") -> None:

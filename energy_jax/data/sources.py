@@ -210,13 +210,14 @@ def to_rgb(image, data: Optional[bytes] = None, wide_rawmode: Optional[str] = No
   if mode in GRAY16_MODES or (mode == "I" and image.format in ("PNG", "PPM")):
     samples = np.asarray(image)
     if samples.size and (samples.min() < 0 or samples.max() > 65535):
-      raise UnsupportedImageError(f"{image.format} {mode} pixels span [{samples.min()}, {samples.max()}], "
-                       "beyond 16 bits")
+      raise UnsupportedImageError(f"{image.format} {mode} pixels span [{samples.min()}, "
+                                  f"{samples.max()}], beyond 16 bits")
     return Image.fromarray(np.repeat(to_8_bits(samples)[..., None], 3, axis=-1), "RGB")
   if mode in ("I", "F"):
     kind = "32-bit integer" if mode == "I" else "32-bit floating-point"
-    raise UnsupportedImageError(f"{kind} pixels (PIL mode {mode}, {image.format}) have no defined range "
-                     "to bring to 8 bits: save the image with 8 or 16 bits per sample")
+    raise UnsupportedImageError(f"{kind} pixels (PIL mode {mode}, {image.format}) have no defined "
+                                "range to bring to 8 bits: save the image with 8 or 16 bits per "
+                                "sample")
   if wide_rawmode is not None and data is not None:
     return _decode_16_bit_colour(data, wide_rawmode, np.asarray(image))
   return image.convert("RGB")

@@ -90,8 +90,9 @@ def fit_principal_residual(train_features, head, dim: int, what: str = "vim") ->
   ``1/N sum (z - u)(z - u)^T``, float64 on the host).
 
   Features that all equal ``u`` are refused (no direction to choose). Features spanning at most
-  ``dim`` directions about ``u`` (numerical rank, as :func:`energy_jax.ood.scores.gaussian_precision`
-  counts it; always so for ``N <= dim`` examples) are warned about with a
+  ``dim`` directions about ``u`` (numerical rank, counted as
+  :func:`energy_jax.ood.scores.gaussian_precision` does; always so for ``N <= dim`` examples) are
+  warned about with a
   :class:`~energy_jax.ood.scores.SingularCovarianceWarning`: the residual space then holds none of
   their variance, every training residual is rounding error, and the residual norms (ViM's
   ``alpha`` is their mean's inverse) measure nothing learnt.
@@ -113,8 +114,8 @@ def fit_principal_residual(train_features, head, dim: int, what: str = "vim") ->
   rank = int(np.sum(eigenvalues > d * np.finfo(np.float64).eps * top))
   if rank <= dim:
     warnings.warn(
-        f"degenerate subspace fit of {what!r}: the {n} training feature vector(s) span {rank} of the "
-        f"{d} dimensions about the origin u (at most N = {n}), no more than the dim = {dim} "
+        f"degenerate subspace fit of {what!r}: the {n} training feature vector(s) span {rank} of "
+        f"the {d} dimensions about the origin u (at most N = {n}), no more than the dim = {dim} "
         f"principal ones, so the residual space of the other {d - dim} holds none of their "
         "variance and the residual norms are rounding error; fit on more than dim examples "
         "that vary, or lower dim", scores.SingularCovarianceWarning, stacklevel=4)
