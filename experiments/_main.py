@@ -191,6 +191,12 @@ def guarded(main):
       if os.environ.get(TRACEBACK_ENV) or not _raised_by_energy_jax(e):
         raise
       fail(e, f"{TRACEBACK_ENV}=1 shows where it was raised")
+    except KeyboardInterrupt:     # Ctrl-C before training began, or a second one during it
+      if os.environ.get(TRACEBACK_ENV):
+        raise
+      print(f"{script()}: interrupted (Ctrl-C); a run continues from its last checkpoint",
+            file=sys.stderr)
+      sys.exit(INTERRUPTED)
   return run_main
 
 
@@ -233,8 +239,9 @@ def check_run_paths(config, workdir: str) -> None:
 
 
 # The exit status of a run stopped by SIGTERM (saved; the same command continues it): BSD's
-# EX_TEMPFAIL, "try again later".
+# EX_TEMPFAIL, "try again later"; stopped by Ctrl-C (SIGINT), the shell's 128 + 2.
 PREEMPTED = 75
+INTERRUPTED = 130
 
 
 def define_process_flags() -> None:
@@ -286,8 +293,8 @@ def run(default_config: str, default_workdir: str):
     check_run_paths(config, workdir)
     from energy_jax import train
     result = train.train_and_evaluate(config, workdir)
-    if result.get("preempted"):
-      return PREEMPTED      # not 0: a script that chains stages must not go on from here
+    if result.get("preempted"):     # not 0: a script that chains stages must not go on
+      return INTERRUPTED if result.get("signal") == "SIGINT" else PREEMPTED
 
   def _preset():
     spec = config_flags.get_config_filename(flags.FLAGS["config"])

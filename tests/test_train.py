@@ -184,7 +184,7 @@ def _output(p, timeout=None) -> str:
 
 
 @pytest.mark.heavy
-def test_scripts_pretrain_finetune_and_resume_after_kill_and_sigterm(toy_dir, tmp_path):
+def test_scripts_pretrain_finetune_and_resume_after_kill_sigint_and_sigterm(toy_dir, tmp_path):
   pre = tmp_path / "pre"
   p = _run("pretrain", "test", pre, toy_dir)
   out = _output(p, timeout=300)
@@ -194,8 +194,8 @@ def test_scripts_pretrain_finetune_and_resume_after_kill_and_sigterm(toy_dir, tm
   out = _output(p, timeout=300)
   assert p.returncode != 0 and "holds a finished run" in out
 
-  # Uninterrupted fine-tuning (3 epochs) ...
-  common = (f"--config.pretrained={pre}", "--config.epochs=3")
+  # Uninterrupted fine-tuning (4 epochs) ...
+  common = (f"--config.pretrained={pre}", "--config.epochs=4")
   full = tmp_path / "full"
   p = _run("finetune", "test", full, toy_dir, *common)
   out = _output(p, timeout=300)
@@ -209,14 +209,16 @@ def test_scripts_pretrain_finetune_and_resume_after_kill_and_sigterm(toy_dir, tm
   p.send_signal(signal.SIGKILL)
   p.wait()
   assert saved_steps(cut)
-  # Restarted (it resumes at epoch 2), then sent SIGTERM: it stops within epoch 2 or after it,
-  # saved, with exit status 75 so that a `set -e` chain stops there; run again, it finishes.
-  p = _run("finetune", "test", cut, toy_dir, *common)
-  while "resuming" not in _output(p) and p.poll() is None and time.time() < deadline:
-    time.sleep(0.2)
-  p.send_signal(signal.SIGTERM)
-  out = _output(p, timeout=300)
-  assert p.returncode == 75 and "stopped by SIGTERM" in out and "epoch 2" in out, out[-3000:]
+  # Restarted (it resumes at epoch 2, or later on busy cores), then sent Ctrl-C (SIGINT), then
+  # restarted and sent SIGTERM: each time it stops at its next step boundary, saved, with exit
+  # status 130 or 75 so that a `set -e` chain stops there; run again, it finishes.
+  for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 75)):
+    p = _run("finetune", "test", cut, toy_dir, *common)
+    while "resuming" not in _output(p) and p.poll() is None and time.time() < deadline:
+      time.sleep(0.2)
+    p.send_signal(sig)
+    out = _output(p, timeout=300)
+    assert p.returncode == status and f"stopped by {sig.name}" in out, out[-3000:]
   p = _run("finetune", "test", cut, toy_dir, *common)
   out = _output(p, timeout=300)
   assert p.returncode == 0 and "resuming" in out, out
@@ -224,7 +226,7 @@ def test_scripts_pretrain_finetune_and_resume_after_kill_and_sigterm(toy_dir, tm
   for name in ("training_results.csv", "results.jsonl"):
     epochs = [int(l.split(",")[0]) if name.endswith(".csv") else json.loads(l)["epoch"]
               for l in (cut / name).read_text().splitlines()[name.endswith(".csv"):]]
-    assert epochs == [1, 2, 3], (name, epochs)
+    assert epochs == [1, 2, 3, 4], (name, epochs)
   from energy_jax import checkpoints
   cfg = tiny_config("finetune")
   a = checkpoints.load_variables(str(full), cfg)
