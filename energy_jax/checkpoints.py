@@ -297,7 +297,13 @@ def read_torch_state_dict(path: str) -> Mapping[str, Any]:
     with epath.Path(path).open("rb") as f:
       state_dict = torch.load(f, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for truncated / foreign files
-    raise ValueError(f"cannot read PyTorch checkpoint {path}: {type(e).__name__}: {e}") from e
+    if "weights_only" in str(e):    # torch's advice (weights_only=False) would run its code
+      raise ValueError(
+          f"PyTorch checkpoint {path} holds pickled objects other than tensors (e.g. a whole "
+          "model saved with torch.save(model)), which are not read since unpickling runs their "
+          "code: save the model's state_dict() instead") from None
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    raise ValueError(f"cannot read PyTorch checkpoint {path}: {type(e).__name__}: {first}") from e
   if isinstance(state_dict, Mapping) and "state_dict" in state_dict:
     state_dict = state_dict["state_dict"]
   if not isinstance(state_dict, Mapping):

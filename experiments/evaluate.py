@@ -38,6 +38,18 @@ flags.register_validator(
     f"the draws averaged per OOD set must be an integer in [1, {protocol.MAX_NUM_TO_AVG}] (the "
     "reference makes 10)")
 flags.DEFINE_integer("seed", 0, "seed of the draws")
+
+
+def _check_seed(seed) -> bool:
+  from energy_jax import config as config_lib
+  try:
+    config_lib.check_seed(seed, "--seed")
+  except ValueError as e:
+    raise flags.ValidationError(str(e))
+  return True
+
+
+flags.register_validator("seed", _check_seed)
 flags.DEFINE_bool("validate", False, "tune every detector on its grid, on the synthetic "
                   "validation sets (never the test sets)")
 flags.DEFINE_enum("grid", "reference", ["reference", "openood"], "which grids --validate walks: "

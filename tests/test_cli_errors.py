@@ -85,6 +85,8 @@ MISTAKES = [
     ("evaluate", ["--checkpoint={tmp}/run", "--ood=svhn,textures,svhn=synthetic:uniform_noise"],
      ["--ood: the OOD set name 'svhn' is given twice ('svhn' and "
       "'svhn=synthetic:uniform_noise'): give each set its own name, NAME=SOURCE"]),
+    ("evaluate", ["--checkpoint={tmp}/run", "--seed=-5"],
+     ["flag --seed=-5: --seed must be an integer in [0, 4294967296)"]),
     ("evaluate", ["--checkpoint={tmp}/run", "--ood=mean=synthetic:uniform_noise"],
      ["--ood: an OOD set cannot be named 'mean'"]),
     ("evaluate", ["--checkpoint={tmp}/finished_run/config.json"],

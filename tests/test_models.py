@@ -137,3 +137,13 @@ def test_bfloat16_and_float64_state_dicts_convert():
                                   sd["fc.weight"].float().numpy().T)
     np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["var"],
                                   sd["bn1.running_var"].float().numpy())
+
+
+def test_a_pt_file_with_pickled_objects_is_refused_without_running_them(tmp_path):
+  # torch.save(model) pickles the module's class; torch's own advice (weights_only=False) would
+  # run that pickle's code. The message says what to save instead.
+  path = tmp_path / "whole_model.pt"
+  torch.save(torch.nn.Linear(2, 3), path)
+  with pytest.raises(ValueError, match=r"whole_model\.pt holds pickled objects other than "
+                                       r"tensors .* save the model's state_dict\(\) instead"):
+    checkpoints.read_torch_state_dict(str(path))
