@@ -264,6 +264,14 @@ def test_bad_inputs(toy_dir, tmp_path):
   wide.model.widen_factor = 2
   with pytest.raises(ValueError, match="widen_factor: checkpoint 1 vs config 2"):
     checkpoints.load_variables(str(pre), wide)
+  # A failed start leaves no folder it made (nor its lock); a folder it found stays.
+  (tmp_path / "found").mkdir()
+  for name in ("made", "found"):
+    with pytest.raises(ValueError, match="widen_factor: checkpoint 1 vs config 2"):
+      train.train_and_evaluate(_with(wide, pretrained=str(pre)), str(tmp_path / name),
+                               log=lambda s: None)
+  assert not (tmp_path / "made").exists() and not (tmp_path / "a").exists()
+  assert (tmp_path / "found").is_dir()
   # Keys of 0.1 are refused with their new names.
   with pytest.raises(ValueError, match="score -> objective, dtype -> model.dtype"):
     train.train_and_evaluate(_with(c, score="energy", dtype="bfloat16"), str(tmp_path / "old"))
