@@ -323,10 +323,14 @@ def load_torch_checkpoint(path: str, config) -> Dict[str, Any]:
 
 def load_variables(path: str, config, what: str = "checkpoint") -> Dict[str, Any]:
   """``{'params', 'batch_stats'}`` from a run directory (latest epoch), its ``checkpoints/``
-  folder, or a PyTorch ``.pt`` state_dict (on a disk or at a ``gs://`` URL), checked against
+  folder, a PyTorch ``.pt`` state_dict (on a disk or at a ``gs://`` URL) or a name of
+  :mod:`energy_jax.fetch` (``energy_ood:cifar10_energy_ft``), checked against
   ``config``'s model. ``what`` names ``path`` in errors."""
   if not path:
     raise ValueError("no pretrained checkpoint given (config.pretrained is empty)")
+  from energy_jax import fetch
+  if fetch.is_name(path):             # the authors' weights by name, converted once to Orbax
+    path = fetch.checkpoint(path, config)
   found = storage.check_reachable(path, what)
   if not found.exists():
     raise FileNotFoundError(f"{what} not found: {path}")

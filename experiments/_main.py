@@ -207,9 +207,10 @@ def start(main) -> None:
 
 
 def check_local_path(path: str, message: str) -> None:
-  """Exits with ``message`` if ``path`` is a local path that does not exist."""
-  from energy_jax import storage
-  if path and not storage.is_url(path) and not os.path.exists(path):
+  """Exits with ``message`` if ``path`` is a local path that does not exist (a name of
+  :mod:`energy_jax.fetch` is fetched when it is read)."""
+  from energy_jax import fetch, storage
+  if path and not storage.is_url(path) and not fetch.is_name(path) and not os.path.exists(path):
     fail(message)
 
 

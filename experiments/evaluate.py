@@ -4,6 +4,7 @@
       --config=experiments/configs/finetune.py:cifar10 --ood textures,svhn,places365,lsun_c,lsun_r,isun
   python experiments/evaluate.py --checkpoint cifar10_wrn_pretrained_epoch_99.pt --ood svhn=/data/svhn.npy \
       --detectors=energy,odin --hparam=odin.temperature=1000 --hparam=odin.epsilon=0.0014
+  python experiments/evaluate.py --checkpoint=energy_ood:cifar10_energy_ft   # the authors' weights
   python experiments/evaluate.py --checkpoint RUN --detectors=all --validate --grid=openood \
       --ood_positive      # every detector, tuned on OpenOOD's grids, FPR95 as OpenOOD reads it
 
@@ -22,7 +23,9 @@ from energy_jax.ood import protocol  # noqa: E402  (for the bound of --num_to_av
 
 DEFAULT_CONFIG = "configs/finetune.py:cifar10"
 _main.define_config(DEFAULT_CONFIG, "the model / ID data config")
-flags.DEFINE_string("checkpoint", None, "run directory (Orbax) or reference .pt", required=True)
+flags.DEFINE_string("checkpoint", None, "run directory (Orbax), reference .pt, or a name "
+                    "such as energy_ood:cifar10_energy_ft (python -m energy_jax.fetch list)",
+                    required=True)
 flags.DEFINE_list("ood", ["textures", "svhn", "places365", "lsun_c", "lsun_r", "isun"],
                   "OOD sets: paper names (each prepared as the reference does), NAME=SOURCE "
                   "(resized), NAME=SOURCE@as_is, or synthetic:NAME")
@@ -100,8 +103,12 @@ def main(argv):
   _main.check_local_path(F.checkpoint, f"--checkpoint {F.checkpoint}: no such run directory or "
                          ".pt file; name a --workdir of experiments/pretrain.py or finetune.py, "
                          "or a reference .pt file")
-  workdir = F.workdir or str(
-      (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval")
+  from energy_jax import fetch
+  if fetch.is_name(F.checkpoint):     # the authors' weights by name: results beside the runs
+    workdir = F.workdir or os.path.join("workdirs", F.checkpoint.replace(":", "_"), "eval")
+  else:
+    workdir = F.workdir or str(
+        (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval")
   try:
     evaluation.check_checkpoint(F.checkpoint, "--checkpoint")
     report.check_output_folder(workdir, "--workdir" if F.workdir else

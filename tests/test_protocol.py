@@ -44,7 +44,8 @@ def test_per_set_preprocessing_on_small_folders(tmp_path):
   c.data_dir = str(tmp_path)
   # LSUN-C as the ODIN release ships it: 36x36, fed unresized.
   lsun = _folder(tmp_path / "data" / "LSUN" / "test", (36, 36), 3, 0)
-  got = protocol.load_ood_set(c, protocol.PAPER_OOD_SETS["lsun_c"], test=None)
+  # (The paper's lsun_c fetches the archive by name: a copy on the disk is read as a folder.)
+  got = protocol.load_ood_set(c, protocol.OODSet("data/LSUN", None, "as_is"), test=None)
   assert got.images.shape == (3, 36, 36, 3)
   np.testing.assert_array_equal(got.images, np.stack(lsun))
   # A resized set: torchvision's Resize(32) (PIL bilinear, short side to 32) + CenterCrop(32).
@@ -106,7 +107,8 @@ def test_a_paper_protocol_evaluation_on_generated_folders(tmp_path):
   _folder(tmp_path / "data" / "LSUN" / "test", (36, 36), 12, 4)
   _folder(tmp_path / "data" / "LSUN_resize" / "test", (32, 32), 12, 5)
   _folder(tmp_path / "data" / "iSUN" / "iSUN_patches", (32, 32), 12, 6)
-  sets = {n: protocol.PAPER_OOD_SETS[n] for n in ("lsun_c", "lsun_r", "isun")}
+  sets = {n: protocol.OODSet(f"data/{d}", None, protocol.PAPER_OOD_SETS[n].transform)
+          for n, d in (("lsun_c", "LSUN"), ("lsun_r", "LSUN_resize"), ("isun", "iSUN"))}
   out = evaluation.run(c, str(tmp_path / "run"), sets, str(tmp_path / "eval"),
                        [detectors.create("energy"), detectors.create("odin")], num_to_avg=3,
                        validate=True, log=lambda s: None, progress_bar=False)

@@ -3,7 +3,8 @@
 A source is a string:
 
 * ``KIND:LOCATION`` for a registered kind with a prefix, e.g. ``tfds:cifar10``
-  (:mod:`energy_jax.data.tfds_source`);
+  (:mod:`energy_jax.data.tfds_source`), or ``energy_ood:lsun_c``: a set of
+  :mod:`energy_jax.fetch`, downloaded once into its cache and read as the path it unpacks to;
 * a path otherwise: a ``.npy`` uint8 array ``[N, H, W, 3]`` (the Outlier Exposure 300K file),
   labels all 0; or a folder ``<split>/<class>/<image>`` or ``<class>/<image>`` (classes in
   sorted order, as torchvision's ``ImageFolder``) or images directly in the folder (one class),
@@ -404,3 +405,19 @@ def load_npy(path: str, split: Optional[str] = None, image_size: int = 32) -> Im
   return ImageSet(np.ascontiguousarray(images), np.zeros(images.shape[0], np.int32), ("",), path)
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# The named downloads of energy_jax.fetch: downloaded once, then read as the path they unpack to.
+
+
+def _fetched(location: str) -> str:
+  from energy_jax import fetch
+  return fetch.path(f"{fetch.PREFIX}:{location}")
+
+
+@register("energy_ood", count=lambda location, split: count(_fetched(location), split))
+def load_fetched(location: str, split: Optional[str] = None,
+                 image_size: Optional[int] = 32) -> ImageSet:
+  """``energy_ood:NAME`` (``python -m energy_jax.fetch list``), fetched on first use."""
+  return load(_fetched(location), split, image_size)

@@ -46,9 +46,11 @@ PAPER_OOD_SETS: Dict[str, OODSet] = {
     "textures": OODSet("tfds:dtd", "train+validation+test"),
     "svhn": OODSet("tfds:svhn_cropped", "test", "as_is"),
     "places365": OODSet("tfds:places365_small", "test"),
-    "lsun_c": OODSet("data/LSUN", None, "as_is"),
-    "lsun_r": OODSet("data/LSUN_resize", None, "as_is"),
-    "isun": OODSet("data/iSUN", None, "as_is"),
+    # The ODIN release's archives, fetched once by name (energy_jax.fetch); a copy on the disk
+    # is read with --ood lsun_c=data/LSUN@as_is.
+    "lsun_c": OODSet("energy_ood:lsun_c", None, "as_is"),
+    "lsun_r": OODSet("energy_ood:lsun_r", None, "as_is"),
+    "isun": OODSet("energy_ood:isun", None, "as_is"),
 }
 REFERENCE_VALIDATION_SETS = ("uniform_noise", "arithmetic_mean", "geometric_mean", "jigsaw",
                              "speckle", "pixelate", "rgb_shift", "invert")

@@ -1,0 +1,512 @@
+"""The paper's data and the authors' weights by name, downloaded once into a cache.
+
+  python -m energy_jax.fetch list                      # every name, its size, checksum, cached?
+  python -m energy_jax.fetch get energy_ood:cifar10_energy_ft energy_ood:lsun_c
+
+A name (``energy_ood:cifar10_energy_ft``, ``energy_ood:lsun_c``, ...) goes wherever a checkpoint
+or a data source goes: ``--config.pretrained``, ``--config.outliers``, ``evaluate.py
+--checkpoint`` and the paper's OOD sets. :func:`path` (data) and :func:`checkpoint` (weights,
+converted once to an Orbax run folder so that later runs read them without torch) are the one
+place the loaders resolve names.
+
+The cache is ``~/.cache/energy_jax`` unless ``ENERGY_JAX_CACHE`` or ``--cache_dir`` names another
+folder. A download goes to ``downloads/<file>.part``, is resumed from there with an HTTP Range
+request after an interruption, and is renamed to ``downloads/<file>`` only once whole and
+checked: against the authors' git blob id (the checkpoints), a published MD5 (torchvision's, for
+SVHN and DTD), else against the size and SHA-256 recorded in ``manifest.json`` at its first
+download. A file that fails its check is moved aside to ``<file>.bad``. Archives are unpacked
+once into ``<prefix>/<name>/`` (a temporary folder renamed into place, so a folder there is
+whole). ``ENERGY_JAX_FETCH_MIRROR=URL`` fetches every file as ``URL/<file name>`` instead (a
+local mirror, the tests' server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from typing import Callable, Dict, Optional
+
+from energy_jax import progress
+
+CACHE_ENV = "ENERGY_JAX_CACHE"
+MIRROR_ENV = "ENERGY_JAX_FETCH_MIRROR"
+DEFAULT_CACHE = os.path.join("~", ".cache", "energy_jax")
+PREFIX = "energy_ood"
+MANIFEST = "manifest.json"
+# Seconds without a byte before a transfer counts as interrupted (then resumed by the next call).
+TIMEOUT = 60
+CHUNK = 1 << 20
+_WEIGHTS = ("https://raw.githubusercontent.com/wetliu/energy_ood/"
+            "77f3c09b788bb5a7bfde6fd3671228320ea0949c/CIFAR/snapshots/")
+
+
+class FetchError(RuntimeError):
+  """A download or check that failed: the message names the name, the URL and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One named download.
+
+  Attributes:
+    name: ``energy_ood:NAME``.
+    url: where the file is.
+    what: one line for ``list``.
+    kind: ``checkpoint`` (a ``.pt`` state_dict) or ``images`` (a data source).
+    size: bytes, where known in advance.
+    checksum: ``(algorithm, hex digest)`` with algorithm ``git-blob`` or ``md5``; None: the size
+      and SHA-256 are recorded at the first download and later reads compared against them.
+    checksum_from: where ``checksum`` comes from, for ``list``.
+    unpack: ``none`` (the file is the source), ``tar`` (a folder of images) or ``svhn_mat``
+      (a ``.mat`` whose ``X [32, 32, 3, N]`` becomes a ``.npy [N, 32, 32, 3]``).
+    root: the folder inside the unpacked archive that the source reads.
+    dataset: the in-distribution set of a checkpoint (its preset for ``get``).
+  """
+  name: str
+  url: str
+  what: str
+  kind: str = "images"
+  size: Optional[int] = None
+  checksum: Optional[tuple] = None
+  checksum_from: str = "recorded at first download"
+  unpack: str = "none"
+  root: str = ""
+  dataset: str = ""
+
+  @property
+  def filename(self) -> str:
+    return self.url.rsplit("/", 1)[1].split("?", 1)[0]
+
+  @property
+  def folder(self) -> str:
+    """The folder below the cache of this name's unpacked or converted files."""
+    return os.path.join(*self.name.split(":", 1))
+
+
+ENTRIES: Dict[str, Entry] = {}
+
+
+def register(entry: Entry) -> Entry:
+  """Adds ``entry`` to the registry (its name must be new)."""
+  if entry.name in ENTRIES:
+    raise ValueError(f"fetch name {entry.name!r} is registered already")
+  ENTRIES[entry.name] = entry
+  return entry
+
+
+_BLOBS = {
+    ("cifar10", "pretrained"): ("pretrained/cifar10_wrn_pretrained_epoch_99.pt",
+                                "694f7a4cc76d585ed9646f7e8bacbe9bb1ed32c2"),
+    ("cifar100", "pretrained"): ("pretrained/cifar100_wrn_pretrained_epoch_99.pt",
+                                 "e797c0a36b6ac14454c2157fc935c7eee0394767"),
+    ("cifar10", "oe_tune"): ("oe_tune/cifar10_wrn_s1_oe_tune_epoch_9.pt",
+                             "723c33a194a5446306fea877f8b97de03b96efd5"),
+    ("cifar100", "oe_tune"): ("oe_tune/cifar100_wrn_s1_oe_tune_epoch_9.pt",
+                              "695ca5eda47b98d84c1ac26bdb759d35cf43a79e"),
+    ("cifar10", "energy_ft"): ("energy_ft/cifar10_wrn_s1_energy_ft_epoch_9.pt",
+                               "7a9d533d06b0bc7a397bf68027e923c109516d0d"),
+    ("cifar100", "energy_ft"): ("energy_ft/cifar100_wrn_s1_energy_ft_epoch_9.pt",
+                                "2bb028195a2a5494b07698c07840cdaa51887db8"),
+}
+_STAGES = {"pretrained": "pretrained 100 epochs (cross-entropy)",
+           "oe_tune": "fine-tuned 10 epochs with Outlier Exposure",
+           "energy_ft": "fine-tuned 10 epochs with the energy objective"}
+for (_dataset, _stage), (_path, _blob) in _BLOBS.items():
+  register(Entry(f"{PREFIX}:{_dataset}_{_stage}", _WEIGHTS + _path,
+                 f"the authors' WRN-40-2 on {_dataset.upper()}, {_STAGES[_stage]}",
+                 kind="checkpoint", checksum=("git-blob", _blob),
+                 checksum_from="git blob id (wetliu/energy_ood@77f3c09)", dataset=_dataset))
+
+register(Entry(f"{PREFIX}:textures", "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/"
+               "dtd-r1.0.1.tar.gz", "Textures (DTD): all 5,640 images in 47 classes",
+               checksum=("md5", "fff73e5086ae6bdbea199a49dfb8a4c1"),
+               checksum_from="published MD5 (torchvision DTD)", unpack="tar", root="dtd/images"))
+register(Entry(f"{PREFIX}:svhn", "http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
+               "SVHN test set: 26,032 32x32 images",
+               checksum=("md5", "eb5a983be6a315427106f1b164d9cef3"),
+               checksum_from="published MD5 (torchvision SVHN)", unpack="svhn_mat",
+               root="test_32x32.npy"))
+register(Entry(f"{PREFIX}:places365", "http://data.csail.mit.edu/places/places365/val_256.tar",
+               "Places365 validation set: 36,500 256x256 images (official val_256)",
+               unpack="tar", root="val_256"))
+register(Entry(f"{PREFIX}:lsun_c", "https://www.dropbox.com/s/fhtsw1m3qxlwj6h/LSUN.tar.gz?dl=1",
+               "LSUN-C (ODIN release): 10,000 crops", unpack="tar", root="LSUN"))
+register(Entry(f"{PREFIX}:lsun_r",
+               "https://www.dropbox.com/s/moqh2wh8696c3yl/LSUN_resize.tar.gz?dl=1",
+               "LSUN-R (ODIN release): 10,000 32x32 resized images", unpack="tar",
+               root="LSUN_resize"))
+register(Entry(f"{PREFIX}:isun", "https://www.dropbox.com/s/ssz7qxfqae0cca5/iSUN.tar.gz?dl=1",
+               "iSUN (ODIN release): 8,925 32x32 images", unpack="tar", root="iSUN"))
+register(Entry(f"{PREFIX}:300k_random_images",
+               "https://people.eecs.berkeley.edu/~hendrycks/300K_random_images.npy",
+               "Outlier Exposure's 300K random images, uint8 [300000, 32, 32, 3] (outliers)"))
+
+
+def is_name(text) -> bool:
+  """Whether ``text`` is a registered name."""
+  return isinstance(text, str) and text in ENTRIES
+
+
+def get(name: str) -> Entry:
+  """The entry of ``name``; an unknown name is refused listing the known ones."""
+  if name not in ENTRIES:
+    raise FetchError(f"unknown fetch name {name!r}; known: {', '.join(ENTRIES)} "
+                     "(python -m energy_jax.fetch list)")
+  return ENTRIES[name]
+
+
+def cache_dir(given: Optional[str] = None) -> str:
+  """The cache folder: ``given``, else ``$ENERGY_JAX_CACHE``, else ``~/.cache/energy_jax``."""
+  return os.path.abspath(os.path.expanduser(given or os.environ.get(CACHE_ENV) or DEFAULT_CACHE))
+
+
+def url_of(entry: Entry) -> str:
+  """The entry's URL, or its file under ``$ENERGY_JAX_FETCH_MIRROR``."""
+  mirror = os.environ.get(MIRROR_ENV)
+  return f"{mirror.rstrip('/')}/{entry.filename}" if mirror else entry.url
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks.
+
+
+def _digests(path: str, blob: bool) -> Dict[str, str]:
+  """SHA-256, MD5 and (with ``blob``) the git blob id of the file at ``path``."""
+  size = os.path.getsize(path)
+  sha256, md5, sha1 = hashlib.sha256(), hashlib.md5(usedforsecurity=False), hashlib.sha1()
+  sha1.update(b"blob %d\0" % size)
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(CHUNK), b""):
+      sha256.update(block)
+      md5.update(block)
+      if blob:
+        sha1.update(block)
+  out = {"sha256": sha256.hexdigest(), "md5": md5.hexdigest(), "size": size}
+  if blob:
+    out["git-blob"] = sha1.hexdigest()
+  return out
+
+
+def _read_manifest(root: str) -> Dict[str, dict]:
+  try:
+    with open(os.path.join(root, MANIFEST)) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return {}
+  except ValueError as e:
+    raise FetchError(f"{os.path.join(root, MANIFEST)} is not readable JSON ({e}): delete it to "
+                     "record the downloads' checksums afresh") from None
+
+
+def _write_manifest(root: str, manifest: Dict[str, dict]) -> None:
+  # A temporary sibling renamed over the old one: a kill leaves the old manifest or the new.
+  target = os.path.join(root, MANIFEST)
+  tmp = f"{target}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=1, sort_keys=True)
+  os.replace(tmp, target)
+
+
+def _check(entry: Entry, part: str, url: str, root: str) -> Dict[str, str]:
+  """Checks the whole download ``part`` against the entry's checksum or the manifest; a file
+  that fails is moved aside to ``<file>.bad`` and refused."""
+  found = _digests(part, blob=bool(entry.checksum and entry.checksum[0] == "git-blob"))
+  recorded = _read_manifest(root).get(entry.name)
+  problem = None
+  if entry.size is not None and found["size"] != entry.size:
+    problem = f"is {found['size']} bytes, expected {entry.size}"
+  elif entry.checksum is not None:
+    algorithm, want = entry.checksum
+    if found[algorithm] != want:
+      problem = (f"has {algorithm} {found[algorithm]} ({found['size']} bytes), expected {want} "
+                 f"({entry.checksum_from})")
+  elif recorded is not None and (recorded["sha256"], recorded["size"]) != (found["sha256"],
+                                                                            found["size"]):
+    problem = (f"has SHA-256 {found['sha256']} ({found['size']} bytes), not the "
+               f"{recorded['sha256']} ({recorded['size']} bytes) recorded at its first download "
+               f"in {os.path.join(root, MANIFEST)}")
+  if problem:
+    bad = part[:-len(".part")] + ".bad"
+    os.replace(part, bad)
+    fix = ("run the same command again to download it afresh; if it fails again, the file at "
+           "the URL has changed")
+    if recorded is not None and entry.checksum is None:
+      fix += (f" (if that is expected, remove {entry.name!r} from "
+              f"{os.path.join(root, MANIFEST)} to record the new one)")
+    raise FetchError(f"{entry.name}: the download from {url} {problem}; moved aside to {bad}: "
+                     f"{fix}")
+  return found
+
+
+def _record(entry: Entry, root: str, found: Dict[str, str], url: str, path: str) -> None:
+  """Writes the file's size, SHA-256 and modification time to the manifest (the first
+  download's for a file without a published checksum: later downloads are compared to it)."""
+  manifest = _read_manifest(root)
+  manifest[entry.name] = {"file": os.path.relpath(path, root), "url": url, "size": found["size"],
+                          "sha256": found["sha256"], "mtime_ns": os.stat(path).st_mtime_ns,
+                          "checked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+  _write_manifest(root, manifest)
+
+
+def _still_whole(entry: Entry, path: str, root: str) -> bool:
+  """Whether the cached file is the one checked: same size and time as recorded (cheap), else
+  its SHA-256 again (a file changed since is refused and moved aside)."""
+  recorded = _read_manifest(root).get(entry.name)
+  if recorded is None:
+    return False                        # downloaded by no call of this module: checked afresh
+  stat = os.stat(path)
+  if (stat.st_size, stat.st_mtime_ns) == (recorded["size"], recorded.get("mtime_ns")):
+    return True
+  found = _digests(path, blob=False)
+  if (found["size"], found["sha256"]) == (recorded["size"], recorded["sha256"]):
+    return True
+  bad = path + ".bad"
+  os.replace(path, bad)
+  raise FetchError(f"{entry.name}: the cached {path} changed since it was checked (SHA-256 "
+                   f"{found['sha256']}, recorded {recorded['sha256']}); moved aside to {bad}: "
+                   "run the same command again to download it afresh")
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloads.
+
+
+def _download(entry: Entry, part: str, url: str) -> None:
+  """Appends to ``part`` the bytes of ``url`` it lacks (a Range request when it holds some),
+  or writes it afresh where the server ignores the range."""
+  have = os.path.getsize(part) if os.path.exists(part) else 0
+  request = urllib.request.Request(url, headers={"User-Agent": "energy-jax-fetch"})
+  if have:
+    request.add_header("Range", f"bytes={have}-")
+  try:
+    response = urllib.request.urlopen(request, timeout=TIMEOUT)
+  except urllib.error.HTTPError as e:
+    if e.code == 416 and have:          # the part holds every byte already (or more): recheck
+      return
+    hint = ("the file is not at that address (moved or removed): report it at "
+            "https://github.com/wetliu/energy_ood/issues or fetch it from a mirror with "
+            f"{MIRROR_ENV}=URL" if e.code in (403, 404, 410) else
+            "the server failed; run the same command again later (a download resumes)")
+    raise FetchError(f"{entry.name}: HTTP {e.code} {e.reason} from {url}: {hint}") from None
+  except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+    reason = getattr(e, "reason", None) or e
+    raise FetchError(f"{entry.name}: cannot reach {url} ({reason}): check the network (or a "
+                     f"proxy, https_proxy=...), or set {MIRROR_ENV}=URL to a mirror holding "
+                     f"{entry.filename}") from None
+  with response:
+    resumed = have > 0 and response.status == 206
+    if have and not resumed:
+      _log(f"{entry.name}: {url} ignored the range request; downloading it from the start")
+      have = 0
+    length = response.headers.get("Content-Length")
+    total = have + int(length) if length and length.isdigit() else (entry.size or 0)
+    got = have
+    bar = progress.bar(total or None, f"fetching {entry.name}", unit="B")
+    bar.update(have)
+    try:
+      with open(part, "ab" if resumed else "wb") as f:
+        while True:
+          try:
+            chunk = response.read(CHUNK)
+          except (OSError, http.client.HTTPException) as e:
+            raise FetchError(f"{entry.name}: the transfer from {url} broke off after {got} "
+                             f"bytes ({type(e).__name__}: {e}); {part} is kept: run the same "
+                             "command again to resume") from None
+          if not chunk:
+            break
+          try:
+            f.write(chunk)
+          except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+              raise FetchError(
+                  f"{entry.name}: cannot write {part} ({os.strerror(e.errno)}) after {got} bytes "
+                  f"of {url}: free space there, or set {CACHE_ENV} (or --cache_dir) to a disk "
+                  "with room; the part is kept and the same command resumes it") from None
+            raise
+          got += len(chunk)
+          bar.update(len(chunk))
+    finally:
+      bar.close()
+  if length and length.isdigit() and got < total:
+    raise FetchError(f"{entry.name}: the transfer from {url} broke off after {got} of {total} "
+                     f"bytes; {part} is kept: run the same command again to resume")
+
+
+def download(name: str, cache: Optional[str] = None) -> str:
+  """The checked download of ``name`` in the cache (fetched and checked on the first call)."""
+  entry = get(name)
+  root = cache_dir(cache)
+  folder = os.path.join(root, "downloads")
+  path = os.path.join(folder, entry.filename)
+  if os.path.exists(path) and _still_whole(entry, path, root):
+    return path
+  os.makedirs(folder, exist_ok=True)
+  url = url_of(entry)
+  part = path + ".part"
+  if os.path.exists(path):              # a file no call of this module checked: checked now
+    os.replace(path, part)
+  else:
+    _download(entry, part, url)
+  found = _check(entry, part, url, root)
+  os.replace(part, path)
+  _record(entry, root, found, url, path)
+  return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Unpacking.
+
+
+def _unpack_tar(archive: str, into: str) -> None:
+  with tarfile.open(archive) as tar:
+    # The "data" filter refuses absolute paths, links out of the folder and device files.
+    tar.extractall(into, filter="data")
+
+
+def _unpack_svhn_mat(archive: str, into: str) -> None:
+  try:
+    from scipy import io as scipy_io
+  except ImportError as e:
+    raise FetchError("reading SVHN's .mat needs scipy: pip install scipy") from e
+  import numpy as np
+  mat = scipy_io.loadmat(archive)
+  images = np.ascontiguousarray(np.transpose(mat["X"], (3, 0, 1, 2)).astype(np.uint8))
+  np.save(os.path.join(into, "test_32x32.npy"), images)
+  np.save(os.path.join(into, "labels.npy"), mat["y"].reshape(-1).astype(np.int32) % 10)
+
+
+_UNPACKERS: Dict[str, Callable[[str, str], None]] = {"tar": _unpack_tar,
+                                                      "svhn_mat": _unpack_svhn_mat}
+
+
+def path(name: str, cache: Optional[str] = None) -> str:
+  """The local file or folder a data source reads for ``name``: downloaded, checked and
+  unpacked once."""
+  entry = get(name)
+  archive = download(name, cache)
+  if entry.unpack == "none":
+    return archive
+  target = os.path.join(cache_dir(cache), entry.folder)
+  if not os.path.isdir(target):
+    tmp = f"{target}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    _log(f"{entry.name}: unpacking {archive}")
+    try:
+      _UNPACKERS[entry.unpack](archive, tmp)
+    except FetchError:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    except Exception as e:             # tarfile, scipy and OSError raise several types
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise FetchError(f"{entry.name}: cannot unpack {archive} ({type(e).__name__}: {e}): "
+                       "free space if the disk is full, else delete the file and run again")
+    os.replace(tmp, target)
+  found = os.path.join(target, entry.root)
+  if not os.path.exists(found):
+    raise FetchError(f"{entry.name}: {archive} unpacked without {entry.root} (found "
+                     f"{sorted(os.listdir(target))[:5]}); delete {target} and the archive, and "
+                     "run again")
+  return found
+
+
+def checkpoint(name: str, config, cache: Optional[str] = None) -> str:
+  """The Orbax run folder of the checkpoint ``name`` for ``config``'s model: the ``.pt``
+  downloaded and converted once (with torch), read afterwards without it."""
+  entry = get(name)
+  if entry.kind != "checkpoint":
+    raise FetchError(f"{name} is a data set, not a checkpoint; checkpoints: "
+                     f"{', '.join(n for n, e in ENTRIES.items() if e.kind == 'checkpoint')}")
+  run = os.path.join(cache_dir(cache), entry.folder, "orbax")
+  if os.path.isdir(os.path.join(run, "checkpoints")):
+    return run
+  import jax
+  from energy_jax import __version__, checkpoints, models
+  pt = download(name, cache)
+  variables = checkpoints.load_torch_checkpoint(pt, config)
+  tmp = f"{run}.{os.getpid()}.tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  meta = {"epoch": 0, "finished": True, "version": __version__, "format": checkpoints.RUN_FORMAT,
+          "architecture": models.architecture(config), "converted_from": url_of(entry),
+          "checksum": list(entry.checksum)}
+  with checkpoints.RunCheckpoints(tmp, log=_log) as saved:
+    saved.save(0, jax.device_get(variables), meta)
+  os.replace(tmp, run)
+  _log(f"{entry.name}: converted {pt} to {run}")
+  return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _cached(entry: Entry, root: str) -> str:
+  download_path = os.path.join(root, "downloads", entry.filename)
+  if entry.kind == "checkpoint" and os.path.isdir(os.path.join(root, entry.folder, "orbax")):
+    return "yes (converted)"
+  if entry.unpack != "none" and os.path.isdir(os.path.join(root, entry.folder)):
+    return "yes (unpacked)"
+  if os.path.exists(download_path):
+    return "yes"
+  if os.path.exists(download_path + ".part"):
+    return f"partial ({os.path.getsize(download_path + '.part')} bytes)"
+  return "no"
+
+
+def list_names(cache: Optional[str] = None) -> str:
+  """A table of every name: size, where its checksum comes from, whether it is cached."""
+  root = cache_dir(cache)
+  manifest = _read_manifest(root)
+  rows = [("name", "size", "checksum", "cached")]
+  for entry in ENTRIES.values():
+    size = entry.size or manifest.get(entry.name, {}).get("size")
+    rows.append((entry.name, f"{size:,}" if size else "?", entry.checksum_from,
+                 _cached(entry, root)))
+  widths = [max(len(r[i]) for r in rows) for i in range(3)]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+  return "\n".join(lines) + f"\ncache: {root}"
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m energy_jax.fetch", description=__doc__.split(
+      "\n")[0])
+  parser.add_argument("command", choices=("list", "get"))
+  parser.add_argument("names", nargs="*", help="names to get (list shows them)")
+  parser.add_argument("--cache_dir", default=None, help=f"default ${CACHE_ENV} or {DEFAULT_CACHE}")
+  args = parser.parse_args(argv)
+  if args.command == "list":
+    print(list_names(args.cache_dir))
+    return 0
+  if not args.names:
+    parser.error("get: name at least one (python -m energy_jax.fetch list shows them)")
+  try:
+    for name in args.names:
+      entry = get(name)
+      if entry.kind == "checkpoint":
+        from energy_jax import config as config_lib
+        print(checkpoint(name, config_lib.get_config(entry.dataset, "finetune"), args.cache_dir))
+      else:
+        print(path(name, args.cache_dir))
+  except FetchError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
