@@ -1,0 +1,269 @@
+"""energy_jax.fetch against a server on 127.0.0.1 serving tiny stand-ins in each real format: a
+tar.gz of a folder of PNGs (LSUN-C), the .npy (300K random images), a .mat (SVHN) and a .pt (a
+tiny WRN's state_dict, whose git blob id is computed here and put in place of the authors')."""
+
+import dataclasses
+import errno
+import hashlib
+import http.server
+import io
+import json
+import os
+import socket
+import sys
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+
+from energy_jax import fetch
+from energy_jax.data import sources
+
+PT = "energy_ood:cifar10_energy_ft"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+  """Serves ``server.files`` by name, with Range requests unless ``server.ignore_range``; with
+  ``server.drop_after = n`` the next response announces the whole length but sends n bytes."""
+
+  def do_GET(self):
+    srv = self.server
+    name = self.path.lstrip("/")
+    srv.requests.append((name, self.headers.get("Range")))
+    data = srv.files.get(name)
+    if data is None:
+      self.send_error(404)
+      return
+    start = 0
+    given = self.headers.get("Range")
+    if given and not srv.ignore_range:
+      start = int(given.split("=")[1].split("-")[0])
+      self.send_response(206)
+      self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+    else:
+      self.send_response(200)
+    body = data[start:]
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    if srv.drop_after is not None:            # the connection drops mid-file
+      body, srv.drop_after = body[:srv.drop_after], None
+    self.wfile.write(body)
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+  srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+  srv.files, srv.requests, srv.ignore_range, srv.drop_after = {}, [], False, None
+  thread = threading.Thread(target=srv.serve_forever, daemon=True)
+  thread.start()
+  monkeypatch.setenv(fetch.MIRROR_ENV, f"http://127.0.0.1:{srv.server_address[1]}/")
+  monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
+  yield srv
+  srv.shutdown()
+  srv.server_close()
+
+
+def _serve(srv, monkeypatch, name, data, checksum="keep"):
+  """Serves ``data`` as ``name``'s file; a published checksum is replaced by ``data``'s."""
+  entry = fetch.ENTRIES[name]
+  if checksum == "keep" and entry.checksum is not None:
+    algorithm = entry.checksum[0]
+    if algorithm == "git-blob":
+      checksum = ("git-blob", hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+    else:
+      checksum = (algorithm, hashlib.new(algorithm, data).hexdigest())
+  elif checksum == "keep":
+    checksum = None
+  monkeypatch.setitem(fetch.ENTRIES, name, dataclasses.replace(entry, checksum=checksum))
+  srv.files[entry.filename] = data
+  return entry
+
+
+def _npy(n=4):
+  images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  np.save(buf, images)
+  return images, buf.getvalue()
+
+
+def _png_tar_gz(top="LSUN", n=3, size=36):
+  from PIL import Image
+  rng = np.random.default_rng(1)
+  images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    for i, image in enumerate(images):
+      png = io.BytesIO()
+      Image.fromarray(image).save(png, format="PNG")
+      info = tarfile.TarInfo(f"{top}/test/{i}.png")
+      info.size = len(png.getvalue())
+      tar.addfile(info, io.BytesIO(png.getvalue()))
+  return images, buf.getvalue()
+
+
+def _cache(*parts):
+  return os.path.join(fetch.cache_dir(), *parts)
+
+
+def test_download_check_unpack_and_a_second_call_from_the_cache(server, monkeypatch):
+  images, data = _npy()
+  _serve(server, monkeypatch, "energy_ood:300k_random_images", data)
+  got = sources.load("energy_ood:300k_random_images")
+  np.testing.assert_array_equal(got.images, images)
+  manifest = json.load(open(_cache("manifest.json")))
+  assert manifest["energy_ood:300k_random_images"]["sha256"] == hashlib.sha256(data).hexdigest()
+  assert not os.path.exists(_cache("downloads", "300K_random_images.npy.part"))
+  # A tar.gz of PNGs, read as it is (LSUN-C's 36x36), and SVHN's .mat (X [32, 32, 3, N]).
+  pngs, tgz = _png_tar_gz()
+  _serve(server, monkeypatch, "energy_ood:lsun_c", tgz)
+  np.testing.assert_array_equal(sources.load("energy_ood:lsun_c", None, None).images,
+                                np.stack(pngs))
+  from scipy import io as scipy_io
+  svhn = np.random.default_rng(2).integers(0, 256, (32, 32, 3, 5), dtype=np.uint8)
+  mat = io.BytesIO()
+  scipy_io.savemat(mat, {"X": svhn, "y": np.arange(1, 6)[:, None]})
+  _serve(server, monkeypatch, "energy_ood:svhn", mat.getvalue())
+  np.testing.assert_array_equal(sources.load("energy_ood:svhn", None, None).images,
+                                np.transpose(svhn, (3, 0, 1, 2)))
+  assert sources.count("energy_ood:lsun_c") == 3
+  # Every later call is served from the cache: no request.
+  before = len(server.requests)
+  for name in ("energy_ood:300k_random_images", "energy_ood:lsun_c", "energy_ood:svhn"):
+    fetch.path(name)
+  assert len(server.requests) == before == 3
+  listed = fetch.list_names()
+  assert "energy_ood:lsun_c" in listed and "yes (unpacked)" in listed
+  assert f"{len(data):,}" in listed                        # the size recorded at the download
+  assert fetch.main(["list"]) == 0
+
+
+def test_an_interrupted_download_resumes_with_a_range_request(server, monkeypatch, capsys):
+  images, data = _npy(8)
+  _serve(server, monkeypatch, "energy_ood:300k_random_images", data)
+  server.drop_after = len(data) // 2
+  with pytest.raises(fetch.FetchError, match="broke off.*run the same command again to resume"):
+    fetch.path("energy_ood:300k_random_images")
+  part = _cache("downloads", "300K_random_images.npy.part")
+  assert os.path.getsize(part) == len(data) // 2
+  assert not os.path.exists(_cache("downloads", "300K_random_images.npy"))
+  path = fetch.path("energy_ood:300k_random_images")
+  assert server.requests[-1] == ("300K_random_images.npy", f"bytes={len(data) // 2}-")
+  assert open(path, "rb").read() == data and not os.path.exists(part)
+  # A server that ignores the range: the download restarts from the first byte.
+  os.remove(path)
+  with open(part, "wb") as f:
+    f.write(b"\0" * 100)
+  server.ignore_range = True
+  assert open(fetch.path("energy_ood:300k_random_images"), "rb").read() == data
+  assert "ignored the range request" in capsys.readouterr().err
+
+
+def test_a_wrong_checksum_is_refused_and_nothing_whole_is_left(server, monkeypatch):
+  _, data = _npy()
+  entry = _serve(server, monkeypatch, "energy_ood:textures", data,
+                 checksum=("md5", "0" * 32))
+  with pytest.raises(fetch.FetchError, match=r"energy_ood:textures: the download from http://"
+                     r".*dtd-r1.0.1.tar.gz has md5 .*expected 0{32}.*moved aside"):
+    fetch.path("energy_ood:textures")
+  folder = _cache("downloads")
+  assert sorted(os.listdir(folder)) == [entry.filename + ".bad"]
+  assert not os.path.exists(_cache("energy_ood", "textures"))
+  # No published checksum: a later download that differs from the first one's record.
+  _, first = _npy()
+  _serve(server, monkeypatch, "energy_ood:300k_random_images", first)
+  os.remove(fetch.path("energy_ood:300k_random_images"))
+  server.files["300K_random_images.npy"] = _npy(5)[1]
+  with pytest.raises(fetch.FetchError, match="recorded at its first download"):
+    fetch.path("energy_ood:300k_random_images")
+
+
+def test_http_errors_and_no_network(server, monkeypatch):
+  with pytest.raises(fetch.FetchError, match=r"energy_ood:isun: HTTP 404 .* from http://127.0.0.1"
+                     r".*/iSUN.tar.gz: the file is not at that address"):
+    fetch.path("energy_ood:isun")
+  with socket.socket() as s:                 # a port nothing listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  monkeypatch.setenv(fetch.MIRROR_ENV, f"http://127.0.0.1:{port}")
+  with pytest.raises(fetch.FetchError, match=r"energy_ood:isun: cannot reach http://127.0.0.1:"
+                     r"\d+/iSUN.tar.gz \(.*refused.*\): check the network"):
+    fetch.path("energy_ood:isun")
+  assert not os.path.exists(_cache("downloads", "iSUN.tar.gz"))
+
+
+def test_a_full_disk_keeps_the_part_for_resuming(server, monkeypatch):
+  _, data = _npy()
+  _serve(server, monkeypatch, "energy_ood:300k_random_images", data)
+  monkeypatch.setattr(fetch, "CHUNK", 1024)
+  real_open = open
+
+  class Full:
+    def __init__(self, f):
+      self.f, self.n = f, 0
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+    def write(self, chunk):
+      if self.n >= 2048:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      self.n += len(chunk)
+      return self.f.write(chunk)
+
+  monkeypatch.setattr(fetch, "open", lambda p, mode="r": Full(real_open(p, mode))
+                      if mode in ("wb", "ab") else real_open(p, mode), raising=False)
+  with pytest.raises(fetch.FetchError, match=r"energy_ood:300k_random_images: cannot write .*"
+                     r"\.part \(No space left on device\) after 2048 bytes of http://.*: free "
+                     r"space there, or set ENERGY_JAX_CACHE"):
+    fetch.path("energy_ood:300k_random_images")
+  assert os.path.getsize(_cache("downloads", "300K_random_images.npy.part")) == 2048
+  monkeypatch.setattr(fetch, "open", real_open)            # the disk has room again
+  assert open(fetch.path("energy_ood:300k_random_images"), "rb").read() == data
+  assert server.requests[-1][1] == "bytes=2048-"
+
+
+def test_the_authors_checkpoint_by_name_converted_once_then_read_without_torch(server,
+                                                                                monkeypatch):
+  torch = pytest.importorskip("torch")
+  sys.path.insert(0, os.path.dirname(__file__))
+  from torch_twin import TwinWRN, randomize_batchnorm
+  from energy_jax import checkpoints, config as config_lib
+  net = randomize_batchnorm(TwinWRN(10, 10, 1), torch.Generator().manual_seed(0))
+  buf = io.BytesIO()
+  torch.save(net.state_dict(), buf)
+  _serve(server, monkeypatch, PT, buf.getvalue())
+  c = config_lib.get_config("cifar10", "finetune")
+  c.model.depth, c.model.widen_factor = 10, 1
+  first = checkpoints.load_variables(PT, c)
+  pt = _cache("downloads", "cifar10_wrn_s1_energy_ft_epoch_9.pt")
+  direct = checkpoints.load_torch_checkpoint(pt, c)
+  requests = len(server.requests)
+  monkeypatch.setitem(sys.modules, "torch", None)            # `import torch` fails from here
+  second = checkpoints.load_variables(PT, c)
+  assert len(server.requests) == requests == 1
+  import jax
+  for a, b, d in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second),
+                     jax.tree_util.tree_leaves(direct)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(d))
+  assert os.path.isdir(_cache("energy_ood", "cifar10_energy_ft", "orbax", "checkpoints", "0"))
+  with pytest.raises(fetch.FetchError, match="is a data set, not a checkpoint"):
+    checkpoints.load_variables("energy_ood:lsun_c", c)
+
+
+def test_the_paper_sets_and_the_scripts_take_the_names():
+  from energy_jax.ood import protocol
+  assert protocol.PAPER_OOD_SETS["lsun_c"].source == "energy_ood:lsun_c"
+  for name in ("lsun_c", "lsun_r", "isun"):
+    assert fetch.is_name(protocol.PAPER_OOD_SETS[name].source)
+  from energy_jax import config as config_lib
+  assert config_lib.missing_source("energy_ood:300k_random_images") is None
+  with pytest.raises(fetch.FetchError, match="unknown fetch name 'energy_ood:nope'"):
+    fetch.path("energy_ood:nope")
