@@ -58,7 +58,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server(tmp_path, monkeypatch):
   srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
   srv.files, srv.requests, srv.ignore_range, srv.drop_after = {}, [], False, None
-  thread = threading.Thread(target=srv.serve_forever, daemon=True)
+  thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
   thread.start()
   monkeypatch.setenv(fetch.MIRROR_ENV, f"http://127.0.0.1:{srv.server_address[1]}/")
   monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))

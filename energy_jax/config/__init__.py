@@ -70,7 +70,8 @@ FIELDS: Tuple[Tuple[str, Any, str], ...] = (
      "the run fills it in and saves the numbers it computed)"),
     ("energy_weight", 0.1, "weight of the energy-bounded term"),
     ("oe_weight", 0.5, "weight of the Outlier Exposure term"),
-    ("pretrained", "", "weights to start from: a run directory or a reference .pt file"),
+    ("pretrained", "", "weights to start from: a run directory, a reference .pt file or a name "
+     "(energy_ood:cifar10_pretrained; python -m energy_jax.fetch list)"),
     ("seed", 1, "seed of initialisation, data order, augmentation and dropout"),
     ("num_devices", 0, "devices of the data-parallel mesh (0 = all)"),
     ("input_pipeline", "device", "device (data held on the accelerator) | tfdata (host stream)"),
