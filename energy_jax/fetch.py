@@ -374,8 +374,28 @@ def download(name: str, cache: Optional[str] = None) -> str:
 
 def _unpack_tar(archive: str, into: str) -> None:
   with tarfile.open(archive) as tar:
-    # The "data" filter refuses absolute paths, links out of the folder and device files.
-    tar.extractall(into, filter="data")
+    if hasattr(tarfile, "data_filter"):
+      # The "data" filter refuses absolute paths, links out of the folder and device files.
+      tar.extractall(into, filter="data")
+      return
+    # Python < 3.11.4 has no filters: only plain files and folders inside ``into``.
+    for member in tar.getmembers():
+      parts = member.name.replace("\\", "/").split("/")
+      if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+        raise ValueError(f"refusing archive member {member.name!r} (outside the folder, or "
+                         "not a plain file)")
+    tar.extractall(into)
+
+
+def _into_place(tmp: str, target: str) -> None:
+  """Renames the finished ``tmp`` to ``target``; where another process got there first, its
+  copy is kept."""
+  try:
+    os.replace(tmp, target)
+  except OSError:
+    if not os.path.isdir(target):
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _unpack_svhn_mat(archive: str, into: str) -> None:
@@ -416,7 +436,7 @@ def path(name: str, cache: Optional[str] = None) -> str:
       shutil.rmtree(tmp, ignore_errors=True)
       raise FetchError(f"{entry.name}: cannot unpack {archive} ({type(e).__name__}: {e}): "
                        "free space if the disk is full, else delete the file and run again")
-    os.replace(tmp, target)
+    _into_place(tmp, target)
   found = os.path.join(target, entry.root)
   if not os.path.exists(found):
     raise FetchError(f"{entry.name}: {archive} unpacked without {entry.root} (found "
@@ -446,7 +466,7 @@ def checkpoint(name: str, config, cache: Optional[str] = None) -> str:
           "checksum": list(entry.checksum)}
   with checkpoints.RunCheckpoints(tmp, log=_log) as saved:
     saved.save(0, jax.device_get(variables), meta)
-  os.replace(tmp, run)
+  _into_place(tmp, run)
   _log(f"{entry.name}: converted {pt} to {run}")
   return run
 
