@@ -267,3 +267,11 @@ def test_the_paper_sets_and_the_scripts_take_the_names():
   assert config_lib.missing_source("energy_ood:300k_random_images") is None
   with pytest.raises(fetch.FetchError, match="unknown fetch name 'energy_ood:nope'"):
     fetch.path("energy_ood:nope")
+
+
+def test_the_scripts_path_checks_leave_names_to_the_loaders():
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+  import _main
+  _main.check_local_path("energy_ood:cifar10_pretrained", "never shown")   # no exit
+  with pytest.raises(SystemExit):
+    _main.check_local_path("energy_ood:cifar10_pretrainedd", "no such run directory")
