@@ -141,17 +141,38 @@ def test_a_second_live_run_on_a_workdir_is_refused_naming_the_first(tmp_path):
         pass
 
 
-def test_a_workdir_without_file_locks_is_refused_naming_it(tmp_path, monkeypatch):
+def test_a_workdir_without_file_locks_is_refused_naming_the_lock(tmp_path, monkeypatch):
   import errno
   import fcntl
 
   def no_locks(fd, op):
     raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
   monkeypatch.setattr(fcntl, "flock", no_locks)
-  with pytest.raises(run_lock.RunInProgress, match=rf"could not lock {tmp_path} \(No locks "
+  with pytest.raises(run_lock.RunInProgress, match=rf"could not lock {tmp_path}/\.lock \(No locks "
                                                    r"available\): the workdir's file system offers"):
     with run_lock.WorkdirLock(str(tmp_path)):
       pass
+
+
+def test_where_a_folder_cannot_be_locked_the_lock_file_is(tmp_path, monkeypatch):
+  # NFS emulates flock with byte-range locks, which a directory cannot take (EBADF).
+  import errno
+  import fcntl
+  import stat
+  real = fcntl.flock
+
+  def no_folder_locks(fd, op):
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+      raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    return real(fd, op)
+  monkeypatch.setattr(fcntl, "flock", no_folder_locks)
+  with run_lock.WorkdirLock(str(tmp_path)):
+    with pytest.raises(run_lock.RunInProgress, match=rf"in use by a live run \(pid {os.getpid()} "):
+      with run_lock.WorkdirLock(str(tmp_path)):
+        pass
+  assert open(tmp_path / ".lock").read() == ""        # kept (never deleted), its holder cleared
+  with run_lock.WorkdirLock(str(tmp_path)):
+    pass
 
 
 def test_resume_refuses_a_changed_config_naming_each_field(toy_id, tmp_path):
@@ -337,3 +358,37 @@ def test_a_kill_at_every_boundary_of_a_save_loses_no_row(toy_id, tmp_path, monke
     assert resumed["train_loss"] == full["train_loss"], k
     assert _rows(workdir) == want, (k, made[k] if k < len(made) else "end")
     _assert_same_variables(tmp_path / "full", workdir, c)
+
+
+def test_ctrl_c_asks_once_then_interrupts_and_an_ignored_sigint_stays_ignored():
+  import signal
+  import time
+  with preemption.PreemptionWatch() as watch:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)                        # Python runs the handler at the next bytecode
+    assert watch.requested() and watch.signal_name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C: at once
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  before = signal.signal(signal.SIGINT, signal.SIG_IGN)     # a background job `cmd &`
+  try:
+    with preemption.PreemptionWatch():
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_failed_start_removes_only_a_folder_it_made_and_holds(tmp_path):
+  made = tmp_path / "made"
+  with pytest.raises(ValueError):
+    with loop.removed_if_start_fails(str(made)):
+      made.mkdir()
+      raise ValueError("a damaged pretrained model")
+  assert not made.exists()
+  # Refused by another run that made the same new folder a moment before: it is that run's.
+  theirs = tmp_path / "theirs"
+  with pytest.raises(run_lock.RunInProgress):
+    with loop.removed_if_start_fails(str(theirs)):
+      theirs.mkdir()
+      raise run_lock.RunInProgress("in use by a live run")
+  assert theirs.exists()

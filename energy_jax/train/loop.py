@@ -18,7 +18,7 @@ from energy_jax.config import resume
 from energy_jax.train import margins, objectives
 from energy_jax.train.optim import make_optimizer
 from energy_jax.train.preemption import PreemptionWatch
-from energy_jax.train.run_lock import WorkdirLock
+from energy_jax.train.run_lock import RunInProgress, WorkdirLock
 from energy_jax.train.state import TrainState, create_train_state
 from energy_jax.train.step import (device_data, device_epoch_fn, epoch_calls, host_step_fn,
                                    step_indices_spec)
@@ -119,6 +119,8 @@ def removed_if_start_fails(workdir: str):
   made = distributed.is_main_process() and not path.exists()
   try:
     yield
+  except RunInProgress:         # another run made the folder in the meantime and holds it
+    raise
   except BaseException:
     checkpoint_dir = path / "checkpoints"
     if made and path.exists() and not history_rows(path) and not (

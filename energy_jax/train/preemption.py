@@ -43,7 +43,10 @@ class PreemptionWatch:
   def __enter__(self) -> "PreemptionWatch":
     if threading.current_thread() is threading.main_thread():
       for sig in self.SIGNALS:
-        self._previous[sig] = signal.signal(sig, self._handle)
+        # A signal the process was started to ignore (SIGINT of a background job `cmd &`) stays
+        # ignored.
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+          self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def __exit__(self, *exc) -> None:

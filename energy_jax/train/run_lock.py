@@ -3,7 +3,9 @@ file descriptor the run keeps open.
 
 A second run on the same workdir is refused, naming the process that holds it (written to
 ``<workdir>/.lock`` for that purpose only: deleting the file frees nothing); the lock goes with
-the process, so a killed run leaves nothing stale. The lock belongs to the run: in a
+the process, so a killed run leaves nothing stale. On a file system that cannot lock a folder
+(NFS emulates flock with byte-range locks) the lock is on ``.lock`` itself, kept open for
+writing and never deleted. The lock belongs to the run: in a
 multi-process run process 0 holds it and the others learn at a barrier whether it did.
 
 A bucket (``gs://``) has no file locks: a run there takes none and says so, and keeping to one
@@ -13,10 +15,11 @@ run per bucket workdir is up to whoever starts them.
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import os
 import socket
-from typing import Callable
+from typing import Callable, Optional
 
 from energy_jax import distributed, storage
 
@@ -36,6 +39,7 @@ class WorkdirLock:
     self.path = os.fspath(self.workdir / LOCK)
     self.log = log
     self._fd = None
+    self._on_file = False         # True where the folder cannot be locked (NFS): see _take
 
   def __enter__(self) -> "WorkdirLock":
     if self.in_bucket:
@@ -57,23 +61,51 @@ class WorkdirLock:
       fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
       return f"could not open the workdir {workdir} to lock it: {e.strerror or e}"
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    problem = self._flock(fd, workdir)
+    if problem is None:
+      # NFS emulates flock with byte-range locks, which a directory cannot take: the lock goes on
+      # the file .lock instead, opened for writing and never deleted (a deleted lock file would
+      # let the next run lock a new one beside a live run).
       os.close(fd)
-      return (f"{workdir} is in use by a live run ({self._holder() or 'another process'}); "
-              "wait for it to end, or choose another --workdir")
-    except OSError as e:          # e.g. ENOLCK: a network file system without locking
-      os.close(fd)
-      return (f"could not lock {workdir} ({e.strerror or e}): the workdir's file system offers "
-              "no file locks; use a local or lock-capable shared disk")
+      try:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError as e:
+        return f"could not open the workdir lock {self.path}: {e.strerror or e}"
+      self._on_file = True
+      problem = self._flock(fd, self.path) or ""
+    if problem:
+      return problem
     self._fd = fd
     try:
-      storage.write_text(self.path, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                         f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+      text = (f"pid {os.getpid()} on {socket.gethostname()}, since "
+              f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+      if self._on_file:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode(), 0)
+      else:
+        storage.write_text(self.path, text)
     except OSError:               # the holder's name is for messages only
       pass
     return ""
+
+  def _flock(self, fd: int, what: str) -> Optional[str]:
+    """'' if ``fd`` is now locked; else why not (and ``fd`` closed); None where this file system
+    cannot lock ``fd``'s kind of file but may lock a regular file (a directory on NFS)."""
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return ""
+    except BlockingIOError:
+      os.close(fd)
+      return (f"{os.fspath(self.workdir)} is in use by a live run "
+              f"({self._holder() or 'another process'}); wait for it to end, or choose another "
+              "--workdir")
+    except OSError as e:
+      if not self._on_file and e.errno in (errno.EBADF, errno.EINVAL, errno.ENOLCK,
+                                            errno.EOPNOTSUPP):
+        return None
+      os.close(fd)    # e.g. ENOLCK: a network file system without locking
+      return (f"could not lock {what} ({e.strerror or e}): the workdir's file system offers no "
+              "file locks; use a local or lock-capable shared disk")
 
   def _holder(self) -> str:
     try:
@@ -85,7 +117,10 @@ class WorkdirLock:
   def __exit__(self, *exc) -> None:
     if self._fd is not None:
       try:
-        os.remove(self.path)      # no holder named after the run
+        if self._on_file:
+          os.ftruncate(self._fd, 0)         # no holder named after the run
+        else:
+          os.remove(self.path)
       except OSError:
         pass
       fcntl.flock(self._fd, fcntl.LOCK_UN)
