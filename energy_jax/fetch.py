@@ -23,8 +23,10 @@ local mirror, the tests' server).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import http.client
 import json
@@ -181,6 +183,20 @@ def _log(message: str) -> None:
   print(message, file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _locked(lock_path: str):
+  """Holds an exclusive ``flock`` on ``lock_path`` (created if need be, never deleted: a lock
+  file removed while another process waits on it would let a third lock a new one beside it).
+  flock is per open file, so threads of one process exclude each other too."""
+  # os.open, not open(): nothing here goes through a patched or buffered file object.
+  fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)                        # closing the file releases the lock
+
+
 # ----------------------------------------------------------------------------------------------
 # Checks.
 
@@ -256,11 +272,15 @@ def _check(entry: Entry, part: str, url: str, root: str) -> Dict[str, str]:
 def _record(entry: Entry, root: str, found: Dict[str, str], url: str, path: str) -> None:
   """Writes the file's size, SHA-256 and modification time to the manifest (the first
   download's for a file without a published checksum: later downloads are compared to it)."""
-  manifest = _read_manifest(root)
-  manifest[entry.name] = {"file": os.path.relpath(path, root), "url": url, "size": found["size"],
-                          "sha256": found["sha256"], "mtime_ns": os.stat(path).st_mtime_ns,
-                          "checked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-  _write_manifest(root, manifest)
+  # Its own lock: downloads of different names run at once, and a read-modify-write of the
+  # manifest by each without one loses the other's entry.
+  with _locked(os.path.join(root, MANIFEST + ".lock")):
+    manifest = _read_manifest(root)
+    manifest[entry.name] = {"file": os.path.relpath(path, root), "url": url,
+                            "size": found["size"], "sha256": found["sha256"],
+                            "mtime_ns": os.stat(path).st_mtime_ns,
+                            "checked": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_manifest(root, manifest)
 
 
 def _still_whole(entry: Entry, path: str, root: str) -> bool:
@@ -353,18 +373,22 @@ def download(name: str, cache: Optional[str] = None) -> str:
   root = cache_dir(cache)
   folder = os.path.join(root, "downloads")
   path = os.path.join(folder, entry.filename)
-  if os.path.exists(path) and _still_whole(entry, path, root):
-    return path
   os.makedirs(folder, exist_ok=True)
-  url = url_of(entry)
-  part = path + ".part"
-  if os.path.exists(path):              # a file no call of this module checked: checked now
-    os.replace(path, part)
-  else:
-    _download(entry, part, url)
-  found = _check(entry, part, url, root)
-  os.replace(part, path)
-  _record(entry, root, found, url, path)
+  # One process (or thread) at a time per file, from the look at the cache to the manifest's
+  # record: two writers of one .part interleave their bytes, and the second's os.replace finds
+  # the part gone. A caller that waited here finds the file the first one finished, recorded.
+  with _locked(path + ".lock"):
+    if os.path.exists(path) and _still_whole(entry, path, root):
+      return path
+    url = url_of(entry)
+    part = path + ".part"
+    if os.path.exists(path):            # a file no call of this module checked: checked now
+      os.replace(path, part)
+    else:
+      _download(entry, part, url)
+    found = _check(entry, part, url, root)
+    os.replace(part, path)
+    _record(entry, root, found, url, path)
   return path
 
 

@@ -13,6 +13,7 @@ import socket
 import sys
 import tarfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -46,6 +47,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     body = data[start:]
     self.send_header("Content-Length", str(len(body)))
     self.end_headers()
+    time.sleep(srv.delay)                     # a slow server: concurrent fetches overlap
     if srv.drop_after is not None:            # the connection drops mid-file
       body, srv.drop_after = body[:srv.drop_after], None
     self.wfile.write(body)
@@ -58,6 +60,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server(tmp_path, monkeypatch):
   srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
   srv.files, srv.requests, srv.ignore_range, srv.drop_after = {}, [], False, None
+  srv.delay = 0
   thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
   thread.start()
   monkeypatch.setenv(fetch.MIRROR_ENV, f"http://127.0.0.1:{srv.server_address[1]}/")
@@ -170,7 +173,7 @@ def test_a_wrong_checksum_is_refused_and_nothing_whole_is_left(server, monkeypat
                      r".*dtd-r1.0.1.tar.gz has md5 .*expected 0{32}.*moved aside"):
     fetch.path("energy_ood:textures")
   folder = _cache("downloads")
-  assert sorted(os.listdir(folder)) == [entry.filename + ".bad"]
+  assert sorted(os.listdir(folder)) == [entry.filename + ".bad", entry.filename + ".lock"]
   assert not os.path.exists(_cache("energy_ood", "textures"))
   # No published checksum: a later download that differs from the first one's record.
   _, first = _npy()
@@ -179,6 +182,40 @@ def test_a_wrong_checksum_is_refused_and_nothing_whole_is_left(server, monkeypat
   server.files["300K_random_images.npy"] = _npy(5)[1]
   with pytest.raises(fetch.FetchError, match="recorded at its first download"):
     fetch.path("energy_ood:300k_random_images")
+
+
+def test_concurrent_fetches_of_one_name_share_one_download(server, monkeypatch):
+  # Two threads at once: the second waits on the file's lock and is served from the cache (one
+  # request, one whole file), where both used to write one .part and splice their bytes.
+  _, data = _npy(8)
+  _serve(server, monkeypatch, "energy_ood:300k_random_images", data)
+  server.delay = 0.3
+  got, errors = [], []
+
+  def run():
+    try:
+      got.append(fetch.path("energy_ood:300k_random_images"))
+    except Exception as e:              # shown by the assertion below
+      errors.append(e)
+
+  threads = [threading.Thread(target=run) for _ in range(2)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not errors and len(got) == 2 and got[0] == got[1]
+  assert open(got[0], "rb").read() == data
+  assert server.requests == [("300K_random_images.npy", None)]
+  # Manifest writes of several names at once keep every entry (their own lock).
+  threads = [threading.Thread(target=fetch._record, args=(
+      dataclasses.replace(fetch.ENTRIES["energy_ood:300k_random_images"], name=f"n{i}"),
+      fetch.cache_dir(), {"size": 1, "sha256": "x"}, "u", got[0])) for i in range(8)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  manifest = json.load(open(_cache("manifest.json")))
+  assert {f"n{i}" for i in range(8)} <= set(manifest)
 
 
 def test_http_errors_and_no_network(server, monkeypatch):
