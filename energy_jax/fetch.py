@@ -306,18 +306,73 @@ def _still_whole(entry: Entry, path: str, root: str) -> bool:
 # Downloads.
 
 
+def _read_validator(part: str) -> dict:
+  try:
+    with open(part + ".validator") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _write_validator(part: str, response, total: Optional[int]) -> None:
+  """Keeps beside the part what names the version of the file it holds: the response's strong
+  ETag, else its Last-Modified (what If-Range accepts), and the file's whole size."""
+  etag = response.headers.get("ETag")
+  validator = etag if etag and not etag.startswith("W/") else response.headers.get(
+      "Last-Modified")
+  try:
+    with open(part + ".validator", "w") as f:
+      json.dump({"validator": validator, "total": total}, f)
+  except OSError:                       # a full disk: the part is then resumed without If-Range
+    pass
+
+
+def _restart(entry: Entry, part: str, why: str) -> None:
+  """Drops the part (and its validator): its bytes belong to another version of the file."""
+  _log(f"{entry.name}: {why}; downloading it from the start")
+  for stale in (part, part + ".validator"):
+    if os.path.exists(stale):
+      os.remove(stale)
+
+
+def _content_range(header: Optional[str]):
+  """``(start, total)`` of a ``Content-Range: bytes a-b/N`` (or ``bytes */N``); None for a
+  missing or unreadable header, total None for ``*``."""
+  try:
+    unit, spec = header.strip().split(" ", 1)
+    span, total = spec.split("/", 1)
+    start = None if span == "*" else int(span.split("-", 1)[0])
+    return unit.lower(), start, None if total.strip() == "*" else int(total)
+  except (AttributeError, ValueError):
+    return None
+
+
 def _download(entry: Entry, part: str, url: str) -> None:
-  """Appends to ``part`` the bytes of ``url`` it lacks (a Range request when it holds some),
-  or writes it afresh where the server ignores the range."""
+  """Appends to ``part`` the bytes of ``url`` it lacks (a Range request when it holds some,
+  with If-Range naming the version the part came from), or writes it afresh where the server
+  ignores the range, the file changed, or the server's range is not the one asked for."""
   have = os.path.getsize(part) if os.path.exists(part) else 0
+  saved = _read_validator(part) if have else {}
+  known = saved.get("total") or entry.size
   request = urllib.request.Request(url, headers={"User-Agent": "energy-jax-fetch"})
   if have:
     request.add_header("Range", f"bytes={have}-")
+    if saved.get("validator"):
+      # A server whose file changed since the part was written answers 200 with the whole new
+      # file instead of splicing the new file's tail onto the old one's head.
+      request.add_header("If-Range", saved["validator"])
   try:
     response = urllib.request.urlopen(request, timeout=TIMEOUT)
   except urllib.error.HTTPError as e:
-    if e.code == 416 and have:          # the part holds every byte already (or more): recheck
-      return
+    if e.code == 416 and have:
+      # "Nothing from there": trusted only when the server says the whole file is the part's
+      # size (and the size known); else the part is another version's, or longer than the file.
+      given = _content_range(e.headers.get("Content-Range"))
+      if given is not None and given[2] == have and known in (None, have):
+        return
+      _restart(entry, part, f"{url} refused the range bytes={have}- (Content-Range "
+               f"{e.headers.get('Content-Range')!r}, the part not being a start of its file)")
+      return _download(entry, part, url)
     hint = ("the file is not at that address (moved or removed): report it at "
             "https://github.com/wetliu/energy_ood/issues or fetch it from a mirror with "
             f"{MIRROR_ENV}=URL" if e.code in (403, 404, 410) else
@@ -328,13 +383,26 @@ def _download(entry: Entry, part: str, url: str) -> None:
     raise FetchError(f"{entry.name}: cannot reach {url} ({reason}): check the network (or a "
                      f"proxy, https_proxy=...), or set {MIRROR_ENV}=URL to a mirror holding "
                      f"{entry.filename}") from None
+  if have and response.status == 206:
+    # A 206 is appended only when it continues the part exactly: starts at its size, of a file
+    # of the size known. Anything else would splice two files (or two places of one).
+    given = _content_range(response.headers.get("Content-Range"))
+    if (given is None or given[0] != "bytes" or given[1] != have
+        or (given[2] is not None and known is not None and given[2] != known)):
+      response.close()
+      _restart(entry, part, f"{url} answered bytes={have}- with Content-Range "
+               f"{response.headers.get('Content-Range')!r}, not the rest of the part")
+      return _download(entry, part, url)
   with response:
     resumed = have > 0 and response.status == 206
     if have and not resumed:
-      _log(f"{entry.name}: {url} ignored the range request; downloading it from the start")
+      _log(f"{entry.name}: {url} ignored the range request (or its file changed since the part "
+           "was written); downloading it from the start")
       have = 0
     length = response.headers.get("Content-Length")
     total = have + int(length) if length and length.isdigit() else (entry.size or 0)
+    if not resumed:                     # a new part: the version its bytes come from
+      _write_validator(part, response, total or None)
     got = have
     bar = progress.bar(total or None, f"fetching {entry.name}", unit="B")
     bar.update(have)
@@ -386,7 +454,11 @@ def download(name: str, cache: Optional[str] = None) -> str:
       os.replace(path, part)
     else:
       _download(entry, part, url)
-    found = _check(entry, part, url, root)
+    try:
+      found = _check(entry, part, url, root)
+    finally:                            # the part is whole (or moved aside): nothing to resume
+      if os.path.exists(part + ".validator"):
+        os.remove(part + ".validator")
     os.replace(part, path)
     _record(entry, root, found, url, path)
   return path

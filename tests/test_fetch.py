@@ -25,8 +25,10 @@ PT = "energy_ood:cifar10_energy_ft"
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-  """Serves ``server.files`` by name, with Range requests unless ``server.ignore_range``; with
-  ``server.drop_after = n`` the next response announces the whole length but sends n bytes."""
+  """Serves ``server.files`` by name, with Range requests unless ``server.ignore_range``, and an
+  ETag that If-Range is compared with (``server.if_range`` lists those received); with
+  ``server.drop_after = n`` the next response announces the whole length but sends n bytes; with
+  ``server.range_from = k`` a Range request gets a 206 from byte k (not the one asked for)."""
 
   def do_GET(self):
     srv = self.server
@@ -38,12 +40,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       return
     start = 0
     given = self.headers.get("Range")
-    if given and not srv.ignore_range:
+    etag = '"%s"' % hashlib.sha1(data).hexdigest()
+    if_range = self.headers.get("If-Range")
+    if if_range is not None:
+      srv.if_range.append(if_range)
+    if given and not srv.ignore_range and if_range in (None, etag):
       start = int(given.split("=")[1].split("-")[0])
+      if srv.range_from is not None:
+        start, srv.range_from = srv.range_from, None
+      if start >= len(data):                  # nothing from there: 416, naming the size
+        self.send_response(416)
+        self.send_header("Content-Range", f"bytes */{len(data)}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return
       self.send_response(206)
       self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
     else:
       self.send_response(200)
+    self.send_header("ETag", etag)
     body = data[start:]
     self.send_header("Content-Length", str(len(body)))
     self.end_headers()
@@ -60,7 +75,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server(tmp_path, monkeypatch):
   srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
   srv.files, srv.requests, srv.ignore_range, srv.drop_after = {}, [], False, None
-  srv.delay = 0
+  srv.delay, srv.if_range, srv.range_from = 0, [], None
   thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
   thread.start()
   monkeypatch.setenv(fetch.MIRROR_ENV, f"http://127.0.0.1:{srv.server_address[1]}/")
@@ -163,6 +178,46 @@ def test_an_interrupted_download_resumes_with_a_range_request(server, monkeypatc
   server.ignore_range = True
   assert open(fetch.path("energy_ood:300k_random_images"), "rb").read() == data
   assert "ignored the range request" in capsys.readouterr().err
+
+
+def test_a_resume_never_splices_two_versions_or_two_places(server, monkeypatch, capsys):
+  _, data = _npy(8)
+  _serve(server, monkeypatch, "energy_ood:300k_random_images", data)
+  name, part = "300K_random_images.npy", _cache("downloads", "300K_random_images.npy.part")
+  half = len(data) // 2
+  # A 206 whose Content-Range starts elsewhere than the part's end: the part is dropped and the
+  # file fetched whole (no range), not spliced.
+  server.drop_after = half
+  with pytest.raises(fetch.FetchError, match="broke off"):
+    fetch.path("energy_ood:300k_random_images")
+  server.range_from = 10
+  path = fetch.path("energy_ood:300k_random_images")
+  assert open(path, "rb").read() == data
+  assert server.requests[-2:] == [(name, f"bytes={half}-"), (name, None)]
+  assert "not the rest of the part" in capsys.readouterr().err
+  # The resume names the version the part came from (If-Range: its ETag); the file at the URL
+  # changed since, so the server sends the whole new one, which replaces the part.
+  os.remove(path)
+  assert server.if_range == ['"%s"' % hashlib.sha1(data).hexdigest()]
+  json.dump({}, open(_cache("manifest.json"), "w"))          # the new version is expected
+  server.drop_after = half
+  with pytest.raises(fetch.FetchError, match="broke off"):
+    fetch.path("energy_ood:300k_random_images")
+  assert os.path.getsize(part) == half
+  _, new = _npy(9)
+  server.files[name] = new
+  assert open(fetch.path("energy_ood:300k_random_images"), "rb").read() == new
+  assert server.requests[-1] == (name, f"bytes={half}-")     # answered 200: the whole file
+  assert server.if_range[-1] == '"%s"' % hashlib.sha1(data).hexdigest()
+  assert not os.path.exists(part) and not os.path.exists(part + ".validator")
+  # A 416 is trusted only when its Content-Range says the file is the part's size.
+  os.remove(_cache("downloads", name))
+  json.dump({}, open(_cache("manifest.json"), "w"))
+  with open(part, "wb") as f:
+    f.write(new + b"junk")
+  assert open(fetch.path("energy_ood:300k_random_images"), "rb").read() == new
+  assert server.requests[-2:] == [(name, f"bytes={len(new) + 4}-"), (name, None)]
+  assert "refused the range" in capsys.readouterr().err
 
 
 def test_a_wrong_checksum_is_refused_and_nothing_whole_is_left(server, monkeypatch):
