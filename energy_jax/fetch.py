@@ -238,6 +238,35 @@ def _write_manifest(root: str, manifest: Dict[str, dict]) -> None:
   os.replace(tmp, target)
 
 
+# What each format's first bytes are: (file name ending, what it is, offset, accepted starts).
+_MAGIC = ((".tar.gz", "a gzip archive", 0, (b"\x1f\x8b",)),
+          (".tgz", "a gzip archive", 0, (b"\x1f\x8b",)),
+          (".tar", "a tar archive", 257, (b"ustar",)),
+          (".npy", "a NumPy .npy file", 0, (b"\x93NUMPY",)),
+          (".mat", "a MATLAB .mat file", 0, (b"MATLAB",)),
+          # torch.save writes a zip; before torch 1.6, a pickle (protocol 2+ starts with 0x80)
+          (".pt", "a PyTorch checkpoint", 0, (b"PK\x03\x04", b"\x80")))
+
+
+def _format_problem(entry: Entry, part: str) -> Optional[str]:
+  """None if the file starts as its format does, else what it is not and how it starts (an HTML
+  page served with 200 in place of the file, Dropbox's habit, named as such)."""
+  for ending, what, offset, starts in _MAGIC:
+    if entry.filename.endswith(ending):
+      break
+  else:
+    return None
+  with open(part, "rb") as f:
+    head = f.read(max(512, offset + 8))
+  if any(head[offset:offset + len(start)] == start for start in starts):
+    return None
+  shown = head[:15].decode("utf-8", "replace")
+  page = head.lstrip()[:1] == b"<"
+  return (f"is not {what} (it starts with {shown!r}): "
+          + ("the server sent a web page (an error, sign-in or quota page) in its place"
+             if page else "the server sent something else in its place"))
+
+
 def _check(entry: Entry, part: str, url: str, root: str) -> Dict[str, str]:
   """Checks the whole download ``part`` against the entry's checksum or the manifest; a file
   that fails is moved aside to ``<file>.bad`` and refused."""
@@ -251,8 +280,18 @@ def _check(entry: Entry, part: str, url: str, root: str) -> Dict[str, str]:
     if found[algorithm] != want:
       problem = (f"has {algorithm} {found[algorithm]} ({found['size']} bytes), expected {want} "
                  f"({entry.checksum_from})")
-  elif recorded is not None and (recorded["sha256"], recorded["size"]) != (found["sha256"],
-                                                                            found["size"]):
+  else:
+    # Before the first download's record is compared or written: a web page served with 200
+    # would otherwise be recorded as the file, and every right download refused after it.
+    shape = _format_problem(entry, part)
+    if shape is not None:
+      os.remove(part)
+      raise FetchError(f"{entry.name}: the download from {url} {shape}; it was removed and "
+                       "nothing was recorded: run the same command again later, or download "
+                       "the file in a browser and serve it from a folder with "
+                       f"{MIRROR_ENV}=URL")
+  if problem is None and entry.checksum is None and recorded is not None and (
+      recorded["sha256"], recorded["size"]) != (found["sha256"], found["size"]):
     problem = (f"has SHA-256 {found['sha256']} ({found['size']} bytes), not the "
                f"{recorded['sha256']} ({recorded['size']} bytes) recorded at its first download "
                f"in {os.path.join(root, MANIFEST)}")

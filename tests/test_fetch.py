@@ -273,6 +273,36 @@ def test_concurrent_fetches_of_one_name_share_one_download(server, monkeypatch):
   assert {f"n{i}" for i in range(8)} <= set(manifest)
 
 
+def test_a_web_page_in_place_of_an_archive_is_refused_and_not_recorded(server, monkeypatch):
+  # Dropbox's ?dl=1 can answer 200 with an HTML page: recorded as LSUN-C's first download, its
+  # SHA-256 would refuse every right download after it.
+  _serve(server, monkeypatch, "energy_ood:lsun_c", b"<!DOCTYPE html><html><body>Too many "
+         b"requests</body></html>" + b" " * 600)
+  with pytest.raises(fetch.FetchError, match=r"energy_ood:lsun_c: the download from http://.*"
+                     r"LSUN.tar.gz is not a gzip archive \(it starts with '<!DOCTYPE html>'\): "
+                     r"the server sent a web page .*removed and nothing was recorded"):
+    fetch.path("energy_ood:lsun_c")
+  assert "energy_ood:lsun_c" not in fetch._read_manifest(fetch.cache_dir())
+  assert sorted(os.listdir(_cache("downloads"))) == ["LSUN.tar.gz.lock"]
+  pngs, tgz = _png_tar_gz()
+  server.files["LSUN.tar.gz"] = tgz
+  np.testing.assert_array_equal(sources.load("energy_ood:lsun_c", None, None).images,
+                                np.stack(pngs))
+  assert fetch._read_manifest(fetch.cache_dir())["energy_ood:lsun_c"]["sha256"] == (
+      hashlib.sha256(tgz).hexdigest())
+  # The other formats' first bytes.
+  for name, data in (("energy_ood:300k_random_images", _npy()[1]),
+                     ("energy_ood:places365", b"x" * 257 + b"ustar\x0000" + b"\0" * 300)):
+    entry = fetch.ENTRIES[name]
+    part = _cache("downloads", "probe.part")
+    with open(part, "wb") as f:
+      f.write(data)
+    assert fetch._format_problem(entry, part) is None
+    with open(part, "wb") as f:
+      f.write(b"PK\x03\x04" + b"\0" * 600)
+    assert "the server sent something else" in fetch._format_problem(entry, part)
+
+
 def test_http_errors_and_no_network(server, monkeypatch):
   with pytest.raises(fetch.FetchError, match=r"energy_ood:isun: HTTP 404 .* from http://127.0.0.1"
                      r".*/iSUN.tar.gz: the file is not at that address"):
