@@ -580,29 +580,82 @@ def path(name: str, cache: Optional[str] = None) -> str:
   return found
 
 
-def checkpoint(name: str, config, cache: Optional[str] = None) -> str:
-  """The Orbax run folder of the checkpoint ``name`` for ``config``'s model: the ``.pt``
-  downloaded and converted once (with torch), read afterwards without it."""
-  entry = get(name)
-  if entry.kind != "checkpoint":
-    raise FetchError(f"{name} is a data set, not a checkpoint; checkpoints: "
-                     f"{', '.join(n for n, e in ENTRIES.items() if e.kind == 'checkpoint')}")
-  run = os.path.join(cache_dir(cache), entry.folder, "orbax")
-  if os.path.isdir(os.path.join(run, "checkpoints")):
-    return run
+def _process_count() -> int:
   import jax
-  from energy_jax import __version__, checkpoints, models
-  pt = download(name, cache)
-  variables = checkpoints.load_torch_checkpoint(pt, config)
-  tmp = f"{run}.{os.getpid()}.tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
+  return jax.process_count()
+
+
+def _save_converted(entry: Entry, config, variables, run: str, tmp: str) -> None:
+  """Saves the converted ``variables`` as the Orbax run folder ``tmp`` (a collective save where
+  there are several processes: each calls it with the same ``tmp``), renamed to ``run`` by
+  process 0."""
+  import jax
+  from energy_jax import __version__, checkpoints, distributed, models
   meta = {"epoch": 0, "finished": True, "version": __version__, "format": checkpoints.RUN_FORMAT,
           "architecture": models.architecture(config), "converted_from": url_of(entry),
           "checksum": list(entry.checksum)}
   with checkpoints.RunCheckpoints(tmp, log=_log) as saved:
     saved.save(0, jax.device_get(variables), meta)
-  _into_place(tmp, run)
-  _log(f"{entry.name}: converted {pt} to {run}")
+  if distributed.is_main_process():
+    _into_place(tmp, run)
+    _log(f"{entry.name}: converted {entry.filename} to {run}")
+
+
+def checkpoint(name: str, config, cache: Optional[str] = None) -> str:
+  """The Orbax run folder of the checkpoint ``name`` for ``config``'s model: the ``.pt``
+  downloaded and converted once (with torch), read afterwards without it. With several
+  processes (a shared cache, as the run folder is), every process must call it at the same
+  point: process 0 alone looks at the cache and downloads, and the conversion's save is
+  collective (Orbax writes on process 0 and waits for all)."""
+  entry = get(name)
+  if entry.kind != "checkpoint":
+    raise FetchError(f"{name} is a data set, not a checkpoint; checkpoints: "
+                     f"{', '.join(n for n, e in ENTRIES.items() if e.kind == 'checkpoint')}")
+  run = os.path.join(cache_dir(cache), entry.folder, "orbax")
+  done = os.path.join(run, "checkpoints")
+  from energy_jax import checkpoints
+  if _process_count() == 1:
+    if not os.path.isdir(done):
+      variables = checkpoints.load_torch_checkpoint(download(name, cache), config)
+      tmp = f"{run}.{os.getpid()}.tmp"
+      shutil.rmtree(tmp, ignore_errors=True)
+      _save_converted(entry, config, variables, run, tmp)
+    return run
+  # Several processes: each deciding for itself would convert into a folder of its own (a
+  # collective save that then waits forever, or folders left empty), or skip the save the others
+  # wait in. Process 0 decides for all: 0 convert, 1 already there, 2 the download failed.
+  import numpy as np
+  from energy_jax import distributed
+  state, problem = 0, ""
+  if distributed.is_main_process():
+    if os.path.isdir(done):
+      state = 1
+    else:
+      try:
+        download(name, cache)
+      except FetchError as e:
+        state, problem = 2, str(e)
+      # A folder an earlier run with this process id left (the others write nothing before
+      # the broadcast below, which they wait in).
+      shutil.rmtree(f"{run}.{os.getpid()}.tmp", ignore_errors=True)
+  state, pid = (int(v) for v in distributed.from_main_process(
+      np.array([state, os.getpid()], np.int64)))
+  if state == 2:
+    raise FetchError(problem or f"{name}: process 0 could not download it (its log says why)")
+  if state == 0:
+    # Every process reads the .pt process 0 downloaded (the save needs the arrays on each); one
+    # that cannot is named before the collective save, which would otherwise wait for it forever.
+    pt = os.path.join(cache_dir(cache), "downloads", entry.filename)
+    variables, failed = None, ""
+    try:
+      variables = checkpoints.load_torch_checkpoint(pt, config)
+    except Exception as e:              # torch missing, a file unreadable from this process
+      failed = f"{name}: cannot convert {pt}: {type(e).__name__}: {e}"
+    if distributed.any_process(bool(failed)):
+      raise FetchError(failed or f"{name}: another process cannot convert {pt} (its log says "
+                       "why)")
+    _save_converted(entry, config, variables, run, f"{run}.{pid}.tmp")  # process 0's folder
+    distributed.any_process(False)      # the others wait for process 0's rename
   return run
 
 
