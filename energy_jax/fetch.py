@@ -18,6 +18,12 @@ download. A file that fails its check is moved aside to ``<file>.bad``. Archives
 once into ``<prefix>/<name>/`` (a temporary folder renamed into place, so a folder there is
 whole). ``ENERGY_JAX_FETCH_MIRROR=URL`` fetches every file as ``URL/<file name>`` instead (a
 local mirror, the tests' server).
+
+Concurrent calls for one file take turns on ``downloads/<file>.lock`` (flock), the manifest's
+updates on ``manifest.json.lock``. A resume sends If-Range with the first response's ETag or
+Last-Modified (``<file>.part.validator``) and appends only a 206 whose Content-Range continues
+the part. A file without a published checksum must start as its format does before its SHA-256
+is recorded (a web page served with 200 is refused, not recorded).
 """
 
 from __future__ import annotations
