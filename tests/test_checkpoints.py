@@ -362,6 +362,22 @@ def test_a_kill_at_every_boundary_of_a_save_loses_no_row(toy_id, tmp_path, monke
 
 def test_ctrl_c_asks_once_then_interrupts_and_an_ignored_sigint_stays_ignored():
   import signal
+  # What a process at a terminal has (a pytest-xdist worker ignores SIGINT).
+  before = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    _ctrl_c_twice()
+  finally:
+    signal.signal(signal.SIGINT, before)
+  before = signal.signal(signal.SIGINT, signal.SIG_IGN)     # a background job `cmd &`
+  try:
+    with preemption.PreemptionWatch():
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, before)
+
+
+def _ctrl_c_twice():
+  import signal
   import time
   with preemption.PreemptionWatch() as watch:
     os.kill(os.getpid(), signal.SIGINT)
@@ -370,12 +386,6 @@ def test_ctrl_c_asks_once_then_interrupts_and_an_ignored_sigint_stays_ignored():
     with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C: at once
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(1)
-  before = signal.signal(signal.SIGINT, signal.SIG_IGN)     # a background job `cmd &`
-  try:
-    with preemption.PreemptionWatch():
-      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-  finally:
-    signal.signal(signal.SIGINT, before)
 
 
 def test_a_failed_start_removes_only_a_folder_it_made_and_holds(tmp_path):
