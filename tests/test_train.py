@@ -169,7 +169,10 @@ def _run(script, preset, workdir, toy_dir, *extra):
   env = dict(os.environ, XLA_FLAGS=child_xla_flags(), PYTHONPATH=REPO)
   # Output to a file, read while the run goes on (a pipe read only at the end can fill and block).
   log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
-  p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+  # SIGINT as a terminal gives it: a pytest-xdist worker ignores SIGINT, and an ignored signal
+  # stays ignored in its children (the run then rightly leaves it alone).
+  p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   log.close()
   p.log = log.name
   return p
