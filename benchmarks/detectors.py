@@ -96,10 +96,10 @@ def offline_runs(args, log):
 def benchmark_model(config, run_dir, ood_real, outliers, batch_size, log, decoded):
   variables = checkpoints.load_variables(run_dir, config)
   size = int(config.image_size)
-  train_set = data.load_cached(decoded, data.sources.under(config.data_dir, config.in_train),
-                               config.in_train_split or None, size)
-  test = data.load_cached(decoded, data.sources.under(config.data_dir, config.in_test),
-                          config.in_test_split or None, size)
+  in_data_dir = lambda source: data.sources.join_data_dir(config.data_dir, source)
+  train_set = data.load_cached(decoded, in_data_dir(config.in_train), config.in_train_split or None,
+                               size)
+  test = data.load_cached(decoded, in_data_dir(config.in_test), config.in_test_split or None, size)
   n = len(test) // 5
   val = {name: synthetic.make_ood_set(name, n, seed=1, base=test) for name in VALIDATION}
   ood = {ood_real[0]: ood_real[1]}

@@ -23,7 +23,6 @@ artifact``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -54,11 +53,6 @@ class Artifact(NamedTuple):
   detector: detectors.Detector
   params: Any
   threshold: float
-
-
-def _saved_hparams(detector: detectors.Detector) -> Dict[str, Any]:
-  return {f.name: getattr(detector, f.name) for f in dataclasses.fields(detector)
-          if f.metadata.get("saved", True)}
 
 
 def _checkpointer():
@@ -121,7 +115,7 @@ def save(path: str, *, config, variables, detector: detectors.Detector, params,
     raise ValueError(f"the variables do not fit the model of the config ({mismatch}); the "
                      "artifact could not be loaded, so it is not saved")
   meta = {"format": ARTIFACT_FORMAT, "version": __version__, "config": config.to_dict(),
-          "detector": {"name": detector.name, "hparams": _saved_hparams(detector)},
+          "detector": {"name": detector.name, "hparams": detector.saved_hparams},
           "threshold": float(threshold)}
   # Empty containers (params of a detector that fits nothing, a model without batch
   # statistics) are not arrays to save: the meta says they are empty.

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from energy_jax import parallel, progress
+from energy_jax.batching import batch_bounds
 from energy_jax.data import augment
 from energy_jax.models import ModelOutput
 
@@ -29,12 +30,6 @@ def eval_step(model, variables, images_uint8, blocks: bool = False) -> ModelOutp
   out = model.apply(variables, x, train=False)
   out = out._replace(blocks=out.blocks if blocks else ())
   return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), out)
-
-
-def batch_bounds(num: int, batch_size: int):
-  """``(start, stop)`` pairs covering ``range(num)``."""
-  for start in range(0, num, batch_size):
-    yield start, min(start + batch_size, num)
 
 
 def padded_batch_size(num: int, batch_size: int, num_devices: int) -> Tuple[int, int]:

@@ -90,9 +90,9 @@ def main(argv):
       raise app.UsageError(f"--hparam {item!r}: expected DETECTOR.NAME=VALUE for one of {names}")
     hparams[det][name] = value
   try:
-    chosen = [detectors.create(d, **_typed(d, hparams[d])) for d in names]
+    chosen = [detectors.create_from_strings(d, hparams[d]) for d in names]
   except ValueError as e:
-    raise app.UsageError(str(e))
+    raise app.UsageError(f"--hparam {e}")
   _main.join_processes()
   try:
     checkpoint = storage.check_reachable(F.checkpoint, "--checkpoint")
@@ -134,31 +134,6 @@ def check_sources(config, ood_sets, fits: bool) -> None:
       problem = config_lib.missing_source(spec.source, config.data_dir)
       if problem:
         _main.fail(f"--ood {name} = {problem}")
-
-
-def _typed(name, values):
-  """``--hparam`` strings as the type of each field's default (int, float, bool)."""
-  import dataclasses
-  from energy_jax import detectors
-  fields = {f.name: f for f in dataclasses.fields(detectors.DETECTORS.get(name))}
-  out = {}
-  for key, text in values.items():
-    if key not in fields or not fields[key].metadata.get("saved", True):
-      raise ValueError(f"detector {name!r} has no hyper-parameter {key!r}; it has "
-                       f"{sorted(k for k, f in fields.items() if f.metadata.get('saved', True))}")
-    kind = type(fields[key].default)
-    try:
-      if kind is bool:
-        out[key] = text.lower() in ("1", "true", "yes")
-      elif kind is int:
-        if not float(text).is_integer():
-          raise ValueError(text)
-        out[key] = int(float(text))
-      else:
-        out[key] = kind(text)
-    except ValueError:
-      raise ValueError(f"--hparam {name}.{key}={text}: expected a {kind.__name__}") from None
-  return out
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def test_folder_and_zip_are_read_the_same_with_sorted_classes(tmp_path):
   np.save(tmp_path / "o.npy", np.zeros((5, 32, 32, 3), np.uint8))
   assert data.count(str(tmp_path / "o.npy")) == 5
   assert data.sources.resolve("tfds:cifar10") == ("tfds", "cifar10")
-  assert data.sources.under("/d", "o.npy") == "/d/o.npy"
-  assert data.sources.under("/d", "tfds:cifar10") == "tfds:cifar10"
+  assert data.sources.join_data_dir("/d", "o.npy") == "/d/o.npy"
+  assert data.sources.join_data_dir("/d", "tfds:cifar10") == "tfds:cifar10"
 
 
 def test_resize_center_crop_and_grayscale(tmp_path):

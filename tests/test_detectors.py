@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 
 from energy_jax import detectors, models, parallel
 from energy_jax.data.augment import STD
-from energy_jax.ood import logistic
+from energy_jax.detectors import logistic
 
 N, D, C = 40, 24, 6
 TRAIN = 400
@@ -556,7 +556,7 @@ def _pinv_of_class_covariance(z, y):
 
 
 def test_singular_gaussian_fits_are_warned_about_and_use_the_pseudo_inverse(data):
-  from energy_jax.ood.scores import SingularCovarianceWarning
+  from energy_jax.detectors.gaussians import SingularCovarianceWarning
   head = (data["w"], data["b"])
   # Fewer examples than dimensions: rank N - C.
   z, y = data["train"][:16], np.arange(16) % C
@@ -586,7 +586,7 @@ def test_singular_gaussian_fits_are_warned_about_and_use_the_pseudo_inverse(data
 
 def test_a_full_rank_gaussian_fit_warns_nothing(data):
   import warnings
-  from energy_jax.ood.scores import SingularCovarianceWarning
+  from energy_jax.detectors.gaussians import SingularCovarianceWarning
   with warnings.catch_warnings():
     warnings.simplefilter("error", SingularCovarianceWarning)
     for name in ("mahalanobis", "relative_mahalanobis"):
@@ -595,7 +595,7 @@ def test_a_full_rank_gaussian_fit_warns_nothing(data):
 
 
 def test_a_singular_fit_of_the_multi_layer_ensemble_is_warned_about(data):
-  from energy_jax.ood.scores import SingularCovarianceWarning
+  from energy_jax.detectors.gaussians import SingularCovarianceWarning
   z, y = data["train"][:16], np.arange(16) % C                  # fewer examples than dimensions
   images = np.zeros((2, 32, 32, 3), np.float32)
   with pytest.warns(SingularCovarianceWarning, match=rf"on the features of block 0: the "
@@ -615,7 +615,7 @@ def _vim_origin(d):
 @pytest.mark.parametrize("name", ["vim", "residual"])
 @pytest.mark.parametrize("n", [1, 2])
 def test_subspace_fits_on_fewer_examples_than_dim_are_warned_about(data, name, n):
-  from energy_jax.ood.scores import SingularCovarianceWarning
+  from energy_jax.detectors.gaussians import SingularCovarianceWarning
   z = data["train"][:n]
   rank = np.linalg.matrix_rank(np.asarray(z, np.float64) - _vim_origin(data))
   assert rank == n
@@ -647,7 +647,7 @@ def test_subspace_fits_on_features_at_the_origin_are_refused(data):
 
 def test_full_rank_subspace_fits_warn_nothing(data):
   import warnings
-  from energy_jax.ood.scores import SingularCovarianceWarning
+  from energy_jax.detectors.gaussians import SingularCovarianceWarning
   with warnings.catch_warnings():
     warnings.simplefilter("error", SingularCovarianceWarning)
     for name in ("vim", "residual"):
@@ -695,9 +695,12 @@ def test_hyper_parameters_at_float32s_ends_are_kept_exactly():
   assert float(hp["temperature"]) == float(f32.max) and float(hp["epsilon"]) == float(f32.tiny)
   assert float(detectors.create("odin", epsilon=0.0).traced_hparams()["epsilon"]) == 0.0
   with pytest.raises(TypeError) as e:
-    detectors.create("energy", temperature="2")     # float("2") passes the range check
-  assert str(e.value) == ("detector 'energy': temperature must be a real number (it is traced "
-                          "as float32), got '2'")
+    detectors.create("energy", temperature="2")     # the temperature's own check, as the scores'
+  assert str(e.value) == "detector 'energy': temperature must be a number, got '2'"
+  with pytest.raises(TypeError) as e:
+    detectors.create("gen", gamma="2")              # float("2") passes the range check
+  assert str(e.value) == ("detector 'gen': gamma must be a real number (it is traced as float32), "
+                          "got '2'")
 
 
 # ----- complex and masked inputs ------------------------------------------------------------------
@@ -743,3 +746,23 @@ class _Prefixed(detectors.Detector):
 
 def test_a_detector_with_its_own_score_keeps_other_hyper_parameters():
   assert _Prefixed(prefix="y").prefix == "y"
+
+
+# ----- hyper-parameters given as text (the command line's --hparam) -----------------------------
+
+def test_hyper_parameters_from_strings_take_the_type_of_their_default():
+  assert detectors.create_from_strings("knn", {"k": "5"}) == detectors.create("knn", k=5)
+  assert detectors.create_from_strings("knn", {"k": "1e3"}).k == 1000
+  odin = detectors.create_from_strings("odin", {"temperature": "1000", "epsilon": "0.0014"})
+  assert odin == detectors.create("odin", temperature=1000.0, epsilon=0.0014)
+  assert detectors.create_from_strings("energy", {}) == detectors.create("energy")
+  with pytest.raises(ValueError, match=re.escape("knn.k=2.5: expected a int")):
+    detectors.create_from_strings("knn", {"k": "2.5"})
+  with pytest.raises(ValueError, match=re.escape("odin.temperature=hot: expected a float")):
+    detectors.create_from_strings("odin", {"temperature": "hot"})
+  # The mesh is set in code, never from text.
+  with pytest.raises(ValueError, match=re.escape("detector 'knn' has no hyper-parameter(s) "
+                                                 "['mesh']; it has ['k', 'memory_bytes']")):
+    detectors.create_from_strings("knn", {"mesh": "x"})
+  with pytest.raises(ValueError, match=r"detector 'odin': temperature must lie in \(0.0, inf\)"):
+    detectors.create_from_strings("odin", {"temperature": "-1"})

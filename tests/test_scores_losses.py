@@ -9,9 +9,9 @@ from jax.test_util import check_grads
 from scipy.special import logsumexp as np_logsumexp, softmax as np_softmax
 
 import energy_jax
-from energy_jax import losses, models
+from energy_jax import arrays, detectors, losses, models
 from energy_jax.data.augment import STD
-from energy_jax.ood import scores
+from energy_jax.detectors import gaussians, scores
 
 # Tolerances: the jitted float32 scores and losses against float64 numpy / scipy, so within float32
 # rounding. "measured": the largest max |got - want| / |want| (or |got - want| where said) with
@@ -43,9 +43,9 @@ def test_hyper_parameters_are_traced_so_a_grid_compiles_once():
   outs = [np.asarray(scores.odin_score(_apply, variables, x, temperature=t, epsilon=e))
           for t in (1.0, 1000.0) for e in (0.0, 0.004)]
   assert scores.odin_score._cache_size() == 1 and len({o.tobytes() for o in outs}) == 4
-  with pytest.raises(ValueError, match="epsilon must be a non-negative"):
+  with pytest.raises(ValueError, match=re.escape("epsilon must lie in [0.0, inf), got -1.0")):
     scores.odin_score(_apply, variables, x, epsilon=-1.0)
-  with pytest.raises(ValueError, match="temperature must be a positive"):
+  with pytest.raises(ValueError, match=re.escape("temperature must lie in (0.0, inf), got inf")):
     scores.msp_score(logits, temperature=float("inf"))
 
 
@@ -111,7 +111,7 @@ def test_mahalanobis_fit_matches_sklearn_and_score_is_min_distance():
   rng = np.random.default_rng(0)
   labels = np.repeat(np.arange(3), 40)
   feats = rng.normal(size=(120, 5)) + labels[:, None] * 2.0
-  params = scores.fit_mahalanobis(feats, labels, 3)
+  params = gaussians.fit_mahalanobis(feats, labels, 3)
   means = np.stack([feats[labels == c].mean(0) for c in range(3)])
   cov = EmpiricalCovariance(assume_centered=False).fit(feats - means[labels])
   # measured 3.4e-8 (means), 3.7e-8 (precision), 7.8e-8 (scores)
@@ -119,10 +119,10 @@ def test_mahalanobis_fit_matches_sklearn_and_score_is_min_distance():
   np.testing.assert_allclose(params.precision, cov.precision_, rtol=1e-4, atol=1e-5)
   query = rng.normal(size=(7, 5))
   d2 = np.stack([np.einsum("nd,de,ne->n", query - m, cov.precision_, query - m) for m in means], 1)
-  np.testing.assert_allclose(scores.mahalanobis_from_features(query, params),
+  np.testing.assert_allclose(gaussians.mahalanobis_from_features(query, params),
                              -0.5 * d2.min(1), rtol=1e-4)
   with pytest.raises(ValueError, match=r"classes without examples: \[3\]"):
-    scores.fit_mahalanobis(feats, labels, 4)
+    gaussians.fit_mahalanobis(feats, labels, 4)
 
 
 def test_mahalanobis_input_processing_moves_toward_closest_class():
@@ -130,12 +130,12 @@ def test_mahalanobis_input_processing_moves_toward_closest_class():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(40, 32, 32, 3)).astype(np.float32)
   feats = np.asarray(_features(variables, x))
-  with pytest.warns(scores.SingularCovarianceWarning, match="rank 36 .40 examples"):  # 64 dims
-    params = scores.fit_mahalanobis(feats, np.arange(40) % 4, 4)
+  with pytest.warns(gaussians.SingularCovarianceWarning, match="rank 36 .40 examples"):  # 64 dims
+    params = gaussians.fit_mahalanobis(feats, np.arange(40) % 4, 4)
   plain = scores.mahalanobis_score(_features, variables, x[:6], params)
   # Two float32 programs (the model and the score in one, the features then the score): measured
   # equal.
-  np.testing.assert_allclose(plain, scores.mahalanobis_from_features(feats[:6], params), rtol=1e-5)
+  np.testing.assert_allclose(plain, gaussians.mahalanobis_from_features(feats[:6], params), rtol=1e-5)
   moved = scores.mahalanobis_score(_features, variables, x[:6], params, epsilon=0.002)
   assert np.all(np.asarray(moved) >= np.asarray(plain) - 1e-4)  # a step up the score
 
@@ -273,12 +273,12 @@ def test_temperatures_of_one_and_above_are_the_plain_computation_bit_for_bit():
 
 
 @pytest.mark.parametrize("bad,error,message", [
-    (0.0, ValueError, "temperature must be a positive finite number, got 0.0"),
-    (-1.0, ValueError, "temperature must be a positive finite number, got -1.0"),
-    (float("nan"), ValueError, "temperature must be a positive finite number, got nan"),
-    (1e-40, ValueError, "temperature 1e-40 lies outside float32's normal range [1.18e-38, "
-                        "3.4e+38]"),
-    (1e39, ValueError, "temperature 1e+39 lies outside float32's normal range"),
+    (0.0, ValueError, "temperature must lie in (0.0, inf), got 0.0"),
+    (-1.0, ValueError, "temperature must lie in (0.0, inf), got -1.0"),
+    (float("nan"), ValueError, "temperature must lie in (0.0, inf), got nan"),
+    (1e-40, ValueError, "temperature = 1e-40 underflows float32, in which it is computed: it "
+                        "must be in [1.1754944e-38, 3.4028235e+38]"),
+    (1e39, ValueError, "temperature = 1e+39 overflows float32"),
     ("1.0", TypeError, "temperature must be a number, got '1.0'"),
     (True, TypeError, "temperature must be a number, got True"),
     ([1.0, 2.0], TypeError, "temperature must be a number, got [1.0, 2.0]"),
@@ -291,16 +291,37 @@ def test_bad_temperatures_are_refused_naming_the_value(bad, error, message):
     scores.odin_score(_apply, _tiny()[1], np.zeros((1, 32, 32, 3), np.float32), epsilon="x")
 
 
+def test_the_scores_and_the_detectors_check_hyper_parameters_alike():
+  # One check each for the temperature and the noise: the scores' arguments and the detectors'
+  # fields are refused in the same words (the detector's name first).
+  for name, field, bad in (("energy", "temperature", -1.0), ("odin", "temperature", 1e39),
+                           ("odin", "epsilon", -0.5), ("mahalanobis", "epsilon", 1e39)):
+    with pytest.raises(ValueError) as by_detector:
+      detectors.create(name, **{field: bad})
+    check = scores.check_temperature if field == "temperature" else scores.check_epsilon
+    with pytest.raises(ValueError) as by_score:
+      check(bad)
+    assert str(by_detector.value) == f"detector {name!r}: {by_score.value}"
+
+
+def test_the_public_scores_keep_their_documented_paths():
+  from energy_jax.ood import scores as documented
+  for name in ("energy_score", "free_energy", "msp_score", "max_logit_score", "odin_score",
+               "mahalanobis_score"):
+    assert getattr(documented, name) is getattr(scores, name) is getattr(energy_jax, name)
+  assert documented.fit_mahalanobis is gaussians.fit_mahalanobis
+
+
 def test_half_precision_host_arrays_reach_xla_as_float32():
   # XLA:CPU's float16 convert needs F16C (absent on some x86 CPUs; `--xla_cpu_max_isa=SSE4_2`
   # stands in for one): host float16 arrays are widened, exactly, before the jitted call.
   h = np.array([[1.5, -2.25], [65504.0, 6e-8]], np.float16)
   for x in (h, jnp.asarray(h)):
-    w = scores.widen_host_half(x)
+    w = arrays.widen_host_half(x)
     assert isinstance(w, np.ndarray) and w.dtype == np.float32
     np.testing.assert_array_equal(w, h.astype(np.float32))
   for other in (h.astype(np.float32), jnp.asarray(h, jnp.bfloat16)):
-    assert scores.widen_host_half(other) is other
+    assert arrays.widen_host_half(other) is other
 
 
 # ----- hyper-parameters traced by the caller's own jit; complex and masked inputs ----------------
@@ -335,7 +356,7 @@ def test_an_invalid_hyper_parameter_traced_by_a_users_jit_gives_nan():
   np.testing.assert_allclose(got[4], scores.odin_score(_linear_logits, _LINEAR_W, _LINEAR_X,
                                                        temperature=10.0, epsilon=0.002),
                              rtol=1e-6)                                       # measured 0 here
-  params = scores.MahalanobisParams(jnp.zeros((2, 4)), jnp.eye(4))
+  params = gaussians.MahalanobisParams(jnp.zeros((2, 4)), jnp.eye(4))
   maha = jax.jit(jax.vmap(lambda e: scores.mahalanobis_score(_linear_logits, _LINEAR_W, _LINEAR_X,
                                                              params, epsilon=e)))
   got = np.asarray(maha(eps))
@@ -347,7 +368,7 @@ def test_an_invalid_hyper_parameter_traced_by_a_users_jit_gives_nan():
 def test_an_epsilon_that_float32_cannot_hold_is_refused():
   message = ("epsilon = 1e+39 overflows float32, in which it is computed: it must be 0 or in "
              "[1.1754944e-38, 3.4028235e+38]")
-  params = scores.MahalanobisParams(jnp.zeros((2, 4)), jnp.eye(4))
+  params = gaussians.MahalanobisParams(jnp.zeros((2, 4)), jnp.eye(4))
   for call in (lambda: scores.odin_score(_linear_logits, _LINEAR_W, _LINEAR_X, epsilon=1e39),
                lambda: scores.mahalanobis_score(_linear_logits, _LINEAR_W, _LINEAR_X, params,
                                                 epsilon=1e39)):
@@ -376,5 +397,5 @@ def test_complex_and_masked_scores_inputs_are_refused():
   assert str(e.value) == "images must be real, got dtype complex64: its imaginary part would be " \
                          "dropped"
   with pytest.raises(TypeError) as e:
-    scores.fit_mahalanobis(np.ma.masked_array(np.ones((4, 2))), np.zeros(4, int), 1)
+    gaussians.fit_mahalanobis(np.ma.masked_array(np.ones((4, 2))), np.zeros(4, int), 1)
   assert str(e.value).startswith("features is a masked array, whose mask would be ignored")

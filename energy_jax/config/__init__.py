@@ -568,7 +568,7 @@ def missing_source(source: str, data_dir: str = "") -> Optional[str]:
   (``tfds:``, ``sklearn:``) and URLs are checked when they are read."""
   from energy_jax import storage
   from energy_jax.data import sources
-  path = sources.under(data_dir, source)
+  path = sources.join_data_dir(data_dir, source)
   kind, location = sources.resolve(path)
   if (sources.SOURCES.get(kind).claims is None or storage.is_url(location)
       or os.path.exists(location)):

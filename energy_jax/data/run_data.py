@@ -22,10 +22,11 @@ def run_sources(config, uses_outliers: bool):
   """``(source, split)`` of the training set, the test set and the outliers (None without an
   outlier objective), relative paths read from ``config.data_dir``: one definition for loading
   and for counting."""
-  at = lambda source: sources.under(config.data_dir, source)
-  return ((at(config.in_train), config.in_train_split or None),
-          (at(config.in_test), config.in_test_split or None),
-          (at(config.outliers), config.outliers_split or None) if uses_outliers else None)
+  in_data_dir = lambda source: sources.join_data_dir(config.data_dir, source)
+  return ((in_data_dir(config.in_train), config.in_train_split or None),
+          (in_data_dir(config.in_test), config.in_test_split or None),
+          (in_data_dir(config.outliers), config.outliers_split or None) if uses_outliers
+          else None)
 
 
 def load_run_data(config, uses_outliers: bool,

@@ -84,9 +84,9 @@ def resolve(source: str) -> Tuple[str, str]:
   raise ValueError(f"no data source kind reads {source!r}; kinds: {', '.join(SOURCES.names())}")
 
 
-def under(data_dir: str, source: str) -> str:
-  """``source`` read from ``data_dir``: a relative path is joined to it; prefixed sources
-  (``tfds:...``) and absolute paths are left as they are."""
+def join_data_dir(data_dir: str, source: str) -> str:
+  """``source`` as read from ``data_dir``: a relative path joined to it; prefixed sources
+  (``tfds:...``) and absolute paths as they are."""
   if not data_dir or not source:
     return source
   kind, _ = resolve(source)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from energy_jax.detectors import scores
 from energy_jax.detectors.base import (Detector, check_feature_size, check_range, head_params,
                                        hparam, register)
 
@@ -207,7 +208,7 @@ class GradNorm(Detector):
   needs = frozenset({"logits", "features"})
 
   def check_hparams(self):
-    check_range("temperature", self.temperature, 0.0, np.inf, low_open=True, high_open=True)
+    scores.check_temperature(self.temperature)
 
   def compute(self, params, hp, *, logits, features, **unused):
     t = hp["temperature"]

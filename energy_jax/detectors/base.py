@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from energy_jax import config
-from energy_jax.ood import metrics, scores
+from energy_jax.arrays import check_plain_real, widen_host_half
 from energy_jax.registry import Registry
 
 Array = jax.Array
@@ -138,6 +138,12 @@ class Detector:
     """The hyper-parameters, by field name."""
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+  @property
+  def saved_hparams(self) -> Dict[str, Any]:
+    """The hyper-parameters a user sets, written into results and exported artifacts (those
+    declared ``hparam(..., saved=False)``, such as a device mesh, are not)."""
+    return {name: getattr(self, name) for name in _saved_fields(type(self))}
+
   def traced_hparams(self) -> Dict[str, Array]:
     """The non-static hyper-parameters as float32 arrays (what :meth:`compute` gets as ``hp``)."""
     return {f.name: jnp.asarray(getattr(self, f.name), jnp.float32)
@@ -211,7 +217,7 @@ def _jitted(detector: Detector, apply_fn) -> Callable:
 # ----- input checks: a clear error naming the input before any work ---------------------------
 
 def _float_array(name: str, x, ndim: int, what: str):
-  metrics.check_plain_real(x, name)
+  check_plain_real(x, name)
   shape = np.shape(x)
   dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
   if len(shape) != ndim:
@@ -220,7 +226,7 @@ def _float_array(name: str, x, ndim: int, what: str):
     raise TypeError(f"{name} must be floating point, got dtype {dtype}")
   if 0 in shape[1:]:
     raise ValueError(f"{name} has an empty axis: shape {tuple(shape)}")
-  return scores.widen_host_half(x)
+  return widen_host_half(x)
 
 
 def check_score_inputs(detector: Detector, params, inputs: Dict[str, Any]) -> Dict[str, Any]:
@@ -279,7 +285,7 @@ def check_fit_inputs(inputs: Mapping[str, Any]) -> None:
     for i, b in enumerate(inputs["train_blocks"]):
       n[f"train_blocks[{i}]"] = np.shape(_float_array(f"train_blocks[{i}]", b, 2, "[N, D_l]"))[0]
   if inputs.get("train_labels") is not None:
-    metrics.check_plain_real(inputs["train_labels"], "train_labels")
+    check_plain_real(inputs["train_labels"], "train_labels")
     y = np.asarray(inputs["train_labels"])
     if y.ndim != 1:
       raise ValueError(f"train_labels must be [N], got shape {y.shape}")
@@ -292,8 +298,8 @@ def check_fit_inputs(inputs: Mapping[str, Any]) -> None:
     head = inputs["head"]
     if not (isinstance(head, (tuple, list)) and len(head) == 2):
       raise ValueError("head must be (W [D, C], b [C])")
-    metrics.check_plain_real(head[0], "the head's W")
-    metrics.check_plain_real(head[1], "the head's b")
+    check_plain_real(head[0], "the head's W")
+    check_plain_real(head[1], "the head's b")
     w_shape, b_shape = np.shape(head[0]), np.shape(head[1])
     if len(w_shape) != 2 or b_shape != (w_shape[1],):
       raise ValueError(f"head must be (W [D, C], b [C]), got W {w_shape} and b {b_shape}")
@@ -383,6 +389,43 @@ def create(name: str, **hparams) -> Detector:
     raise ValueError(f"detector {name!r} has no hyper-parameter(s) {sorted(unknown)}; it has "
                      f"{sorted(fields) or 'none'}")
   return cls(**hparams)
+
+
+def _saved_fields(cls) -> Dict[str, dataclasses.Field]:
+  """The hyper-parameters a user sets (a device mesh is none)."""
+  return {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("saved", True)}
+
+
+def _parse_hparam(name: str, field: dataclasses.Field, text: str):
+  """``text`` as the type of ``field``'s default: int (a whole number, ``1e3`` too), float or
+  bool (``1/true/yes``, ``0/false/no``)."""
+  kind = type(field.default)
+  try:
+    if kind is bool:
+      word = text.strip().lower()
+      if word not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(text)
+      return word in ("1", "true", "yes")
+    if kind is int:
+      if not float(text).is_integer():
+        raise ValueError(text)
+      return int(float(text))
+    return kind(text)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name}.{field.name}={text}: expected a {kind.__name__}") from None
+
+
+def create_from_strings(name: str, strings: Mapping[str, str]) -> Detector:
+  """The detector ``name`` with hyper-parameters given as text (``{"temperature": "1000"}``, as a
+  command line gives them), each read as the type of its default; raises ``ValueError`` naming
+  ``name.field=text`` for a value that type cannot read, or the fields ``name`` has."""
+  fields = _saved_fields(DETECTORS.get(name))
+  unknown = sorted(set(strings) - set(fields))
+  if unknown:
+    raise ValueError(f"detector {name!r} has no hyper-parameter(s) {unknown}; it has "
+                     f"{sorted(fields) or 'none'}")
+  return create(name, **{key: _parse_hparam(name, fields[key], text)
+                         for key, text in strings.items()})
 
 
 def names() -> Tuple[str, ...]:

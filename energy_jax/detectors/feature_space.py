@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from energy_jax.detectors.base import Detector, check_feature_size, hparam, register
-from energy_jax.detectors.gaussians import fit_class_gaussians, gaussian_params, squared_distances
-from energy_jax.ood import scores
+from energy_jax.detectors.gaussians import (SingularCovarianceWarning, fit_class_gaussians,
+                                            gaussian_params, gaussian_precision,
+                                            squared_distances)
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -35,7 +36,7 @@ class RelativeMahalanobis(Detector):
     classes = fit_class_gaussians(z, np.asarray(train_labels), int(np.shape(head[0])[1]),
                                   "the training features (classes)")
     centred = z - z.mean(0)
-    background = gaussian_params(z.mean(0)[None], scores.gaussian_precision(
+    background = gaussian_params(z.mean(0)[None], gaussian_precision(
         centred.T @ centred / len(z), len(z), 1, "the training features (background)"))
     return {"classes": classes, "background": background}
 
@@ -90,11 +91,10 @@ def fit_principal_residual(train_features, head, dim: int, what: str = "vim") ->
   ``1/N sum (z - u)(z - u)^T``, float64 on the host).
 
   Features that all equal ``u`` are refused (no direction to choose). Features spanning at most
-  ``dim`` directions about ``u`` (numerical rank, counted as
-  :func:`energy_jax.ood.scores.gaussian_precision` does; always so for ``N <= dim`` examples) are
-  warned about with a
-  :class:`~energy_jax.ood.scores.SingularCovarianceWarning`: the residual space then holds none of
-  their variance, every training residual is rounding error, and the residual norms (ViM's
+  ``dim`` directions about ``u`` (numerical rank, counted as :func:`gaussian_precision` does;
+  always so for ``N <= dim`` examples) are warned about with a
+  :class:`~energy_jax.detectors.gaussians.SingularCovarianceWarning`: the residual space then
+  holds none of their variance, every training residual is rounding error, and the residual norms (ViM's
   ``alpha`` is their mean's inverse) measure nothing learnt.
   """
   z = np.asarray(train_features, np.float64)
@@ -118,7 +118,7 @@ def fit_principal_residual(train_features, head, dim: int, what: str = "vim") ->
         f"the {d} dimensions about the origin u (at most N = {n}), no more than the dim = {dim} "
         f"principal ones, so the residual space of the other {d - dim} holds none of their "
         "variance and the residual norms are rounding error; fit on more than dim examples "
-        "that vary, or lower dim", scores.SingularCovarianceWarning, stacklevel=4)
+        "that vary, or lower dim", SingularCovarianceWarning, stacklevel=4)
   residual = eigenvectors[:, np.argsort(-eigenvalues)[dim:]]
   return {"origin": origin, "residual_basis": residual}
 

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from energy_jax.detectors.base import Detector, check_range, hparam, register
-from energy_jax.detectors.batching import map_batches
+from energy_jax.batching import map_batches
+from energy_jax.detectors import logistic, scores
+from energy_jax.detectors.base import Detector, hparam, register
 from energy_jax.detectors.gaussians import as_mahalanobis_params, fit_class_gaussians
-from energy_jax.ood import logistic, scores
 
 # Images per batch when ``fit`` scores the validation sets.
 FIT_BATCH_SIZE = 250
@@ -34,10 +34,6 @@ def _block_fn(apply_fn, index: int):
 @functools.lru_cache(maxsize=None)
 def _features_fn(apply_fn):
   return lambda variables, x: apply_fn(variables, x).features
-
-
-def _check_epsilon(value):
-  check_range("epsilon", value, 0.0, np.inf, high_open=True)
 
 
 def _num_classes(head, labels) -> int:
@@ -64,8 +60,8 @@ class ODIN(Detector):
                                 0.0038, 0.0048)}
 
   def check_hparams(self):
-    check_range("temperature", self.temperature, 0.0, np.inf, low_open=True, high_open=True)
-    _check_epsilon(self.epsilon)
+    scores.check_temperature(self.temperature)
+    scores.check_epsilon(self.epsilon)
 
   def compute(self, params, hp, *, images, model, **unused):
     apply_fn, variables = model
@@ -92,7 +88,7 @@ class Mahalanobis(Detector):
   reference_grid = {"epsilon": (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)}
 
   def check_hparams(self):
-    _check_epsilon(self.epsilon)
+    scores.check_epsilon(self.epsilon)
 
   def fit_params(self, *, train_features, train_labels, head, **unused):
     return fit_class_gaussians(train_features, np.asarray(train_labels),
@@ -129,8 +125,8 @@ class MahalanobisEnsemble(Detector):
   Lee et al., NeurIPS 2018, Sec. 2 ("feature ensemble", "input pre-processing"). ``fit`` takes the
   validation sets as ``validation=(images_in, images_out)`` (the evaluation protocol's: in
   :func:`energy_jax.ood.evaluation.run`, the ID test set against its validation OOD sets) and the
-  model; the regression is sklearn's ``LogisticRegression(C=1)`` (:mod:`energy_jax.ood.logistic`;
-  Lee et al. cross-validate C). Default eps=0.0014 (OpenOOD's ``mds_ensemble``, no sweep); the
+  model; the regression is sklearn's ``LogisticRegression(C=1)``
+  (:mod:`energy_jax.detectors.logistic`; Lee et al. cross-validate C). Default eps=0.0014 (OpenOOD's ``mds_ensemble``, no sweep); the
   reference grid is Lee et al.'s eps list.
   """
   epsilon: float = hparam(0.0014)
@@ -140,7 +136,7 @@ class MahalanobisEnsemble(Detector):
   reference_grid = {"epsilon": (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01, 0.05, 0.1, 0.2)}
 
   def check_hparams(self):
-    _check_epsilon(self.epsilon)
+    scores.check_epsilon(self.epsilon)
 
   def fit_params(self, *, train_blocks, train_labels, head, validation, model, **unused):
     labels = np.asarray(train_labels)

@@ -1,6 +1,6 @@
 """Detectors that read the logits only: MSP, MaxLogit, Energy, GEN, KL-Matching.
 
-MSP, MaxLogit and Energy give NaN for a row of non-finite logits (:mod:`energy_jax.ood.scores`).
+MSP, MaxLogit and Energy give NaN for a row of non-finite logits (:mod:`energy_jax.detectors.scores`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from energy_jax.detectors.base import Detector, check_range, hparam, register
-from energy_jax.ood import scores
+from energy_jax.detectors import scores
 
 
 @register("msp")
@@ -53,7 +53,7 @@ class Energy(Detector):
   reference_grid = {}
 
   def check_hparams(self):
-    check_range("temperature", self.temperature, 0.0, np.inf, low_open=True, high_open=True)
+    scores.check_temperature(self.temperature)
 
   def compute(self, params, hp, *, logits, **unused):
     return scores.energy_score(logits, hp["temperature"])

@@ -12,18 +12,18 @@ from __future__ import annotations
 import os
 import time
 import zipfile
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
 from energy_jax import detectors as detector_registry
 from energy_jax import inference, models, parallel, progress
+from energy_jax.batching import map_batches
 from energy_jax.data import augment
 from energy_jax.data.image_set import ImageSet
-from energy_jax.detectors import Detector
-from energy_jax.detectors.batching import map_batches
-from energy_jax.ood import metrics, protocol, report, scores
+from energy_jax.detectors import Detector, scores
+from energy_jax.ood import metrics, protocol, report
 
 TEMPERATURES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -70,8 +70,9 @@ class Scorer:
     self._outputs.append((images, out))
     return out
 
-  def model_fn(self):
-    """``(apply_fn, variables)`` for detectors that take images (variables on the device)."""
+  def apply_fn_and_variables(self):
+    """``(apply_fn, variables)``, the ``model`` input of detectors that take images (the
+    variables on the device)."""
     if self._device_variables is None:
       self._device_variables = jax.device_put(self.variables)
     return models.inference_fn(self.model), self._device_variables
@@ -96,7 +97,7 @@ class Scorer:
           np.asarray(augment.normalize(id_set.images)),
           np.asarray(augment.normalize(np.concatenate([o.images for o in ood_sets.values()]))))
     if any("model" in d.fit_needs for d in needing):
-      inputs["model"] = self.model_fn()
+      inputs["model"] = self.apply_fn_and_variables()
     bar = progress.bar(len(needing), "fit detectors", self.progress_bar)
     for d in needing:
       bar.set_postfix(detector=d.label)
@@ -112,7 +113,7 @@ class Scorer:
       raise RuntimeError(f"call fit([{detector.label}], train_set) before scoring with it")
     params = self._fitted.get(detector, {})
     if "images" in detector.needs:
-      model = self.model_fn()
+      model = self.apply_fn_and_variables()
       fn = lambda x: detector.score(params, images=augment.normalize(x), model=model)
       return map_batches(fn, images, self.batch_size).astype(np.float64)
     out = self.outputs(images, "blocks" in detector.needs)
@@ -272,6 +273,140 @@ def check_checkpoint(path: str, what: str = "checkpoint") -> None:
                    f"reference .pt file{hint}")
 
 
+class EvaluationSets(NamedTuple):
+  """The image sets of one evaluation: ``validation`` only where detectors are tuned or fitted on
+  it, ``train`` only where detectors are fitted."""
+  test: ImageSet
+  ood: Dict[str, ImageSet]
+  validation: Optional[Dict[str, ImageSet]]
+  train: Optional[ImageSet]
+
+
+class Measured(NamedTuple):
+  """What :func:`measure` found: ``results[label][ood_name]`` (see :func:`evaluate`), the ID
+  classification, the detectors as evaluated (validated ones at their chosen point), the energy
+  ablation over :data:`TEMPERATURES` if asked for, and the energy scores the plots show."""
+  results: Dict[str, Dict[str, Dict[str, float]]]
+  classification: Dict[str, float]
+  detectors: List[Detector]
+  temperature_ablation: Optional[Dict[str, Dict[str, Dict[str, float]]]]
+  energy_in: np.ndarray
+  energy_out: Dict[str, np.ndarray]
+
+
+def check_run_arguments(checkpoint: str, ood_sources: Mapping[str, Any], workdir,
+                        num_to_avg: int):
+  """``workdir`` as a path; raises ``ValueError`` for the mistakes that would otherwise surface
+  after the scoring (the results cannot be written, a set name, the draws) or in PyTorch's words
+  (a file that is no checkpoint, :func:`check_checkpoint`)."""
+  workdir = report.check_output_folder(workdir)
+  protocol.check_num_to_avg(num_to_avg)
+  protocol.check_ood_names(ood_sources)
+  check_checkpoint(checkpoint)
+  return workdir
+
+
+def load_scorer(config, checkpoint: str, progress_bar: bool = True) -> Scorer:
+  """The :class:`Scorer` of ``config``'s model with the variables of ``checkpoint`` (a run folder,
+  a reference ``.pt`` file or a fetchable name)."""
+  from energy_jax import checkpoints
+  variables = checkpoints.load_variables(checkpoint, config)
+  return Scorer.from_config(config, variables, progress_bar=progress_bar)
+
+
+def load_sets(config, ood_sources: Mapping[str, Any], detectors: Sequence[Detector],
+              validate: bool = False, seed: int = 0) -> EvaluationSets:
+  """The ID test set, the OOD sets of ``ood_sources`` (name -> :class:`protocol.OODSet` or a
+  source string), the validation sets where ``validate`` or a detector is fitted on them, and the
+  training set where a detector is fitted."""
+  size = int(config.image_size)
+  test = protocol.load_config_set(config, "in_test", size)
+  if test.num_classes != config.num_classes:
+    raise ValueError(f"{test.source} has {test.num_classes} classes, the model "
+                     f"{config.num_classes}")
+  as_set = lambda spec: spec if isinstance(spec, protocol.OODSet) else protocol.OODSet(spec)
+  ood = {name: protocol.load_ood_set(config, as_set(spec), test, seed)
+         for name, spec in ood_sources.items()}
+  validation = None
+  if validate or any("validation" in d.fit_needs for d in detectors):
+    validation = protocol.validation_sets(config, test, seed)
+  train = None
+  if any(d.fit_needs for d in detectors):
+    train = protocol.load_config_set(config, "in_train", size)
+  return EvaluationSets(test, ood, validation, train)
+
+
+def energy_ablation(scorer: Scorer, sets: EvaluationSets, num_to_avg: int, seed: int,
+                    log: Callable[[str], None] = print, ood_positive: bool = False,
+                    progress_bar: bool = False) -> Dict[str, Dict[str, Dict[str, float]]]:
+  """:func:`evaluate` of the energy score at each temperature of :data:`TEMPERATURES`."""
+  energies = [detector_registry.create("energy", temperature=float(t)) for t in TEMPERATURES]
+  return evaluate(scorer, sets.test, sets.ood, energies, num_to_avg, seed, log, ood_positive,
+                  progress_bar)
+
+
+def measure(scorer: Scorer, sets: EvaluationSets, detectors: Sequence[Detector],
+            num_to_avg: int = 1, seed: int = 0, validate: bool = False,
+            temperature_ablation: bool = False, log: Callable[[str], None] = print,
+            grid_source: str = "reference", ood_positive: bool = False,
+            progress_bar: bool = False) -> Measured:
+  """The protocol on loaded sets: the ID classification; with ``validate`` each detector tuned on
+  the validation sets (:func:`tune`); the detectors that need it fitted; every detector measured
+  on every OOD set over ``num_to_avg`` draws (:func:`evaluate`); the energy ablation."""
+  classification = classification_report(scorer.outputs(sets.test.images).logits,
+                                         sets.test.labels)
+  chosen = list(detectors)
+  if validate:
+    chosen = [tune(scorer, sets.test, sets.validation, d, sets.train, seed, log, grid_source,
+                   progress_bar) for d in chosen]
+  if sets.train is not None:
+    scorer.fit(chosen, sets.train,
+               (sets.test, sets.validation) if sets.validation is not None else None)
+  results = evaluate(scorer, sets.test, sets.ood, chosen, num_to_avg, seed, log, ood_positive,
+                     progress_bar)
+  ablation = None
+  if temperature_ablation:
+    ablation = energy_ablation(scorer, sets, num_to_avg, seed, log, ood_positive, progress_bar)
+  energy = detector_registry.create("energy")
+  return Measured(results, classification, chosen, ablation,
+                  scorer.score(energy, sets.test.images),
+                  {name: scorer.score(energy, o.images) for name, o in sets.ood.items()})
+
+
+def run_summary(measured: Measured, checkpoint: str, num_to_avg: int, seed: int,
+            ood_positive: bool) -> Dict[str, Any]:
+  """What :func:`run` returns and ``ood_results.json`` holds: the results, the classification,
+  the run's settings and each detector's hyper-parameters (the ablation where there is one)."""
+  out = {"results": measured.results, "classification": measured.classification,
+         "checkpoint": checkpoint, "num_to_avg": num_to_avg, "seed": seed,
+         "ood_positive": ood_positive,
+         "detectors": {d.label: {"name": d.name, **d.saved_hparams}
+                       for d in measured.detectors}}
+  if measured.temperature_ablation is not None:
+    out["temperature_ablation"] = measured.temperature_ablation
+  return out
+
+
+def report_run(measured: Measured, summary: Dict[str, Any], workdir,
+               log: Callable[[str], None] = print, write: bool = True) -> None:
+  """Prints the classification, the markdown table (and the ablation's); with ``write``,
+  writes the results (JSON, CSV) and the energy plots into ``workdir``."""
+  c = measured.classification
+  log(f"ID test error {100 * c['error']:.2f}%; misclassification detection (MSP): "
+      f"FPR95 {100 * c.get('misclassification_fpr', float('nan')):.2f}, AUROC "
+      f"{100 * c.get('misclassification_auroc', float('nan')):.2f}")
+  ood_names = list(measured.energy_out)         # the OOD sets, in the order given
+  log(report.markdown_table(measured.results, ood_names))
+  if measured.temperature_ablation is not None:
+    log(report.temperature_table(TEMPERATURES, measured.temperature_ablation))
+  if write:
+    report.save_results(summary["results"], workdir,
+                        {k: v for k, v in summary.items() if k != "results"})
+    report.plot_energy_histograms(measured.energy_in, measured.energy_out,
+                                  workdir / "energy_histograms.png")
+    report.plot_roc_curves(measured.energy_in, measured.energy_out, workdir / "roc_energy.png")
+
+
 def run(config, checkpoint: str, ood_sources: Mapping[str, Any], workdir: str,
         detectors: Sequence[Detector], num_to_avg: int = 1, seed: int = 0,
         validate: bool = False, temperature_ablation: bool = False,
@@ -293,67 +428,19 @@ def run(config, checkpoint: str, ood_sources: Mapping[str, Any], workdir: str,
   written to (:func:`report.check_output_folder`), ``num_to_avg`` outside [1,
   ``protocol.MAX_NUM_TO_AVG``], an OOD set named ``mean``, a ``checkpoint`` file that is no
   PyTorch checkpoint (:func:`check_checkpoint`).
+
+  Returns :func:`run_summary`.
   """
-  from energy_jax import checkpoints, distributed
-  from energy_jax.data import sources
-  # The mistakes that would otherwise surface after the scoring (the results cannot be written,
-  # a set name or the draws) or in PyTorch's words (a file that is no checkpoint) end here,
-  # before anything is loaded. Every process checks, so that none is left waiting for the others.
-  workdir = report.check_output_folder(workdir)
-  protocol.check_num_to_avg(num_to_avg)
-  protocol.check_ood_names(ood_sources)
-  check_checkpoint(checkpoint)
-  # Every process scores its share of each batch (the gathers are collective); process 0 alone
-  # prints and writes.
-  writer = distributed.is_main_process()
+  from energy_jax import distributed
+  # Every process checks first, so that none is left waiting for the others; every process
+  # scores its share of each batch (the gathers are collective); process 0 alone prints and
+  # writes.
+  workdir = check_run_arguments(checkpoint, ood_sources, workdir, num_to_avg)
   log = distributed.main_process_only(log)
-  variables = checkpoints.load_variables(checkpoint, config)
-  size = int(config.image_size)
-  at = lambda source: sources.under(config.data_dir, source)
-  test = sources.load(at(config.in_test), config.in_test_split or None, size)
-  if test.num_classes != config.num_classes:
-    raise ValueError(f"{test.source} has {test.num_classes} classes, the model {config.num_classes}")
-  ood = {name: protocol.load_ood_set(
-             config, spec if isinstance(spec, protocol.OODSet) else protocol.OODSet(spec), test, seed)
-         for name, spec in ood_sources.items()}
-  scorer = Scorer.from_config(config, variables, progress_bar=progress_bar)
-  logits = scorer.outputs(test.images).logits
-  result = classification_report(logits, test.labels)
-  log(f"ID test error {100 * result['error']:.2f}%; misclassification detection (MSP): "
-      f"FPR95 {100 * result.get('misclassification_fpr', float('nan')):.2f}, AUROC "
-      f"{100 * result.get('misclassification_auroc', float('nan')):.2f}")
-  chosen = list(detectors)
-  val = None
-  if validate or any("validation" in d.fit_needs for d in chosen):
-    val = protocol.validation_sets(config, test, seed)
-  train = None
-  if any(d.fit_needs for d in chosen):
-    train = sources.load(at(config.in_train), config.in_train_split or None, size)
-  if validate:
-    chosen = [tune(scorer, test, val, d, train, seed, log, grid_source, progress_bar)
-              for d in chosen]
-  if train is not None:
-    scorer.fit(chosen, train, (test, val) if val is not None else None)
-  results = evaluate(scorer, test, ood, chosen, num_to_avg, seed, log, ood_positive, progress_bar)
-  log(report.markdown_table(results, list(ood)))
-  extra = {"classification": result, "checkpoint": checkpoint, "num_to_avg": num_to_avg,
-           "seed": seed, "ood_positive": ood_positive,
-           "detectors": {d.label: {"name": d.name, **{k: v for k, v in d.hparams.items()
-                                                       if k != "mesh"}} for d in chosen}}
-  if temperature_ablation:
-    abl = evaluate(scorer, test, ood,
-                   [detector_registry.create("energy", temperature=float(t)) for t in TEMPERATURES],
-                   num_to_avg, seed, log, ood_positive, progress_bar)
-    log("| T | FPR95 | AUROC | AUPR |\n|---|---|---|---|")
-    for t, (label, per_set) in zip(TEMPERATURES, abl.items()):
-      m = per_set["mean"]
-      log(f"| {t} | {100 * m['fpr']:.2f} | {100 * m['auroc']:.2f} | {100 * m['aupr_in']:.2f} |")
-    extra["temperature_ablation"] = abl
-  energy = detector_registry.create("energy")
-  s_in = scorer.score(energy, test.images)
-  s_out = {n: scorer.score(energy, o.images) for n, o in ood.items()}
-  if writer:
-    report.save_results(results, workdir, extra)
-    report.plot_energy_histograms(s_in, s_out, workdir / "energy_histograms.png")
-    report.plot_roc_curves(s_in, s_out, workdir / "roc_energy.png")
-  return {"results": results, **extra}
+  scorer = load_scorer(config, checkpoint, progress_bar)
+  sets = load_sets(config, ood_sources, detectors, validate, seed)
+  measured = measure(scorer, sets, detectors, num_to_avg, seed, validate, temperature_ablation,
+                     log, grid_source, ood_positive, progress_bar)
+  result = run_summary(measured, checkpoint, num_to_avg, seed, ood_positive)
+  report_run(measured, result, workdir, log, write=distributed.is_main_process())
+  return result

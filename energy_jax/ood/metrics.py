@@ -15,6 +15,8 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
+from energy_jax.arrays import check_plain_real
+
 FPR_METHODS = ("closest", "conservative")
 
 
@@ -35,24 +37,6 @@ def _is_float(dtype: np.dtype) -> bool:
     return True
   except (ImportError, TypeError, ValueError):
     return False
-
-
-def check_plain_real(x, name: str) -> None:
-  """Raises ``TypeError`` naming ``name`` for a masked array (``np.asarray`` drops its mask: every
-  value, masked or not, would count) or a complex one (casting to float drops the imaginary
-  part); any other input passes (arrays, tracers, lists)."""
-  if isinstance(x, np.ma.MaskedArray):
-    raise TypeError(f"{name} is a masked array, whose mask would be ignored (every value, masked "
-                    "or not, would count): pass a plain array of the values to use")
-  dtype = getattr(x, "dtype", None)
-  if dtype is None and isinstance(x, (list, tuple, complex)):
-    try:
-      dtype = np.asarray(x).dtype
-    except (TypeError, ValueError):       # ragged: the caller's own conversion names it
-      return
-  if dtype is not None and np.issubdtype(dtype, np.complexfloating):
-    raise TypeError(f"{name} must be real, got dtype {dtype}: its imaginary part would be "
-                    "dropped")
 
 
 def _as_scores(x, name: str) -> np.ndarray:

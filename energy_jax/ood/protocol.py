@@ -107,13 +107,21 @@ def check_num_to_avg(num_to_avg: int, what: str = "num_to_avg") -> None:
                      f"integer in [1, {MAX_NUM_TO_AVG}] (the reference makes 10)")
 
 
+def load_config_set(config, field: str, image_size: Optional[int]) -> ImageSet:
+  """The image set that ``config.<field>`` names (``in_test``, ``in_train``,
+  ``validation_base``), its split ``config.<field>_split`` ("" = the source's own), a relative
+  path read from ``config.data_dir``."""
+  source = sources.join_data_dir(config.data_dir, getattr(config, field))
+  return sources.load(source, getattr(config, f"{field}_split") or None, image_size)
+
+
 def load_ood_set(config, spec: OODSet, test: ImageSet, seed: int = 0) -> ImageSet:
   """The images of ``spec``: relative paths read from ``config.data_dir``; a synthetic set has
   ``2 * len(test) // 5`` images made from ``test``."""
   if spec.source.startswith("synthetic:"):
     return synthetic.make_ood_set(spec.source.split(":", 1)[1], 2 * (len(test) // 5), seed, test)
   size = int(config.image_size) if spec.transform == "resize" else None
-  return sources.load(sources.under(config.data_dir, spec.source), spec.split, size)
+  return sources.load(sources.join_data_dir(config.data_dir, spec.source), spec.split, size)
 
 
 def validation_sets(config, test: ImageSet, seed: int = 0) -> Dict[str, ImageSet]:
@@ -122,7 +130,6 @@ def validation_sets(config, test: ImageSet, seed: int = 0) -> Dict[str, ImageSet
   is empty, from ``test``."""
   base = test
   if config.validation_base:
-    base = sources.load(sources.under(config.data_dir, config.validation_base),
-                        config.validation_base_split or None, int(config.image_size))
+    base = load_config_set(config, "validation_base", int(config.image_size))
   return {name: synthetic.make_ood_set(name, len(test) // 5, seed, base)
           for name in config.validation_sets}

@@ -28,6 +28,17 @@ def markdown_table(results, ood_names: Sequence[str]) -> str:
   return "\n".join(rows)
 
 
+def temperature_table(temperatures: Sequence[float], results) -> str:
+  """The energy score's mean FPR95 / AUROC / AUPR (%) at each temperature: ``results`` holds one
+  detector per temperature, in the same order (see ``evaluation.energy_ablation``)."""
+  rows = ["| T | FPR95 | AUROC | AUPR |", "|---|---|---|---|"]
+  for t, per_set in zip(temperatures, results.values()):
+    m = per_set["mean"]
+    rows.append(f"| {t} | {100 * m['fpr']:.2f} | {100 * m['auroc']:.2f} | "
+                f"{100 * m['aupr_in']:.2f} |")
+  return "\n".join(rows)
+
+
 def check_output_folder(workdir, what: str = "workdir"):
   """``workdir`` as a path (:func:`storage.check_reachable`), refused naming ``what``, the path
   and the fix where the results could not be written into it: a file, a folder that is not

@@ -1,6 +1,7 @@
 """Fixed-shape batches: a jitted function is applied to every ``batch_size`` rows of some arrays,
 the last batch padded (by repeating its last row) so that one compiled program serves a whole
-set, and the padding dropped."""
+set, and the padding dropped. :func:`batch_bounds` is also the batching of
+:func:`energy_jax.inference.predict`, which pads for the devices instead."""
 
 from __future__ import annotations
 
