@@ -32,7 +32,7 @@ from energy_jax import (checkpoints, config as config_lib, data, detectors,  # n
                         inference, models, parallel, train)
 from energy_jax.data import sampling, synthetic  # noqa: E402
 from energy_jax.ood import evaluation, report  # noqa: E402
-from energy_jax.train import objectives  # noqa: E402
+from energy_jax import objectives  # noqa: E402
 from energy_jax.train.step import device_data, epoch_calls, step_indices_spec  # noqa: E402
 
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
@@ -108,7 +108,7 @@ def compile_run(config, num_train: int, num_outliers: int) -> None:
       config, key, total_steps, _variable_shapes(config) if config.pretrained else None)
   rep = parallel.replicated(mesh)
   state = parallel.abstract(create.out_info, rep)       # the state's shapes, as created
-  uses_outliers = objectives.get(config.objective).uses_outliers
+  uses_outliers = objectives.get(config.objective.name).uses_outliers
   size = int(config.image_size)
   pools = parallel.abstract(device_data(
       jax.ShapeDtypeStruct((num_train, size, size, 3), jnp.uint8),
@@ -116,7 +116,7 @@ def compile_run(config, num_train: int, num_outliers: int) -> None:
       jax.ShapeDtypeStruct((num_outliers, size, size, 3), jnp.uint8) if uses_outliers else None),
       rep)
   out_batch = config.outlier_batch_size if uses_outliers else 0
-  fn = train.device_epoch_fn(config, total_steps, mesh, padded)
+  fn = train.device_epoch_fn(config, mesh, padded)
   idx = jax.sharding.NamedSharding(mesh, step_indices_spec())
   create.compile()
   for length in sorted({sl.stop - sl.start for sl in epoch_calls(steps, config.steps_per_call)}):
@@ -140,7 +140,7 @@ def compile_evaluation(config, num_test: int) -> None:
 def compile_jobs(stage, config):
   """``{name: job}`` of the stage, from the image counts of its sources (nothing decoded): what
   the run needs before its first epoch, then its test-set evaluation (needed only later)."""
-  uses_outliers = objectives.get(config.objective).uses_outliers
+  uses_outliers = objectives.get(config.objective.name).uses_outliers
   num_train, num_test, num_outliers = data.count_run_data(config, uses_outliers)
   return {f"{stage} state + epoch": functools.partial(compile_run, config, num_train,
                                                       num_outliers),

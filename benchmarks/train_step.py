@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))        # the PyTorch twin of the
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from energy_jax import config as config_lib, parallel, train  # noqa: E402
+from energy_jax import config as config_lib, objectives, parallel, train  # noqa: E402
 
 
 SCHEDULE_STEPS = 10_000   # the cosine schedule's length in the benchmarks (its value is immaterial)
@@ -34,12 +34,12 @@ def fused_step_inputs(config, steps: int):
   state = parallel.put_replicated(
       train.create_train_state(config, jax.random.PRNGKey(0), SCHEDULE_STEPS), mesh)
   rng = np.random.default_rng(0)
-  n_out = config.outlier_batch_size if train.objectives.get(config.objective).uses_outliers else 0
+  n_out = config.outlier_batch_size if objectives.get(config.objective.name).uses_outliers else 0
   data = {"image": rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8),
           "label": rng.integers(0, config.num_classes, 4096).astype(np.int32),
           "outlier": rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)}
   data = parallel.put_replicated(data, mesh)
-  fn = train.device_epoch_fn(config, SCHEDULE_STEPS, mesh)
+  fn = train.device_epoch_fn(config, mesh)
   idx_in = rng.integers(0, 4096, (steps, config.batch_size)).astype(np.int32)
   idx_out = rng.integers(0, 4096, (steps, n_out)).astype(np.int32)
   return fn, state, data, idx_in, idx_out

@@ -3,7 +3,7 @@
     from energy_jax import energy_score       # jitted; higher = more in-distribution
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from energy_jax.losses import (energy_bounded_loss, outlier_exposure_loss,  # noqa: E402
                                softmax_cross_entropy)

@@ -40,7 +40,7 @@ def run_meta(config, epoch: int, finished: bool, row: Dict[str, Any], *,
   the per-step metrics of its ``steps_done`` steps in ``partial``, so that the resumed epoch's
   row is the uninterrupted one."""
   return {"epoch": epoch, "finished": finished, "version": __version__, "format": RUN_FORMAT,
-          "architecture": models.architecture(config), "objective": config.objective,
+          "architecture": models.architecture(config), "objective": config.objective.name,
           "config": config.to_dict(), "results": row, "steps_done": steps_done,
           "steps_per_epoch": steps_per_epoch, "history": history, "partial": partial}
 

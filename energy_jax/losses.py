@@ -45,18 +45,21 @@ def softmax_cross_entropy(*, logits: Array, labels: Array) -> Array:
   return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
+def free_energy(logits: Array, name: str = "logits") -> Array:
+  """Per-example free energy ``E(x) = -logsumexp f(x)`` in float32 (lower = in-distribution)."""
+  return -jax.nn.logsumexp(_f32(logits, name), axis=-1)
+
+
 @jax.jit
 def energy_hinge_in(*, logits: Array, m_in: float) -> Array:
   """Per-example ``relu(E(x) - m_in)^2`` with ``E(x) = -logsumexp f(x)``: ID energy above m_in."""
-  energy = -jax.nn.logsumexp(_f32(logits, "logits_in"), axis=-1)
-  return jnp.square(jax.nn.relu(energy - m_in))
+  return jnp.square(jax.nn.relu(free_energy(logits, "logits_in") - m_in))
 
 
 @jax.jit
 def energy_hinge_out(*, logits: Array, m_out: float) -> Array:
   """Per-example ``relu(m_out - E(x))^2``: outlier energy below m_out."""
-  energy = -jax.nn.logsumexp(_f32(logits, "logits_out"), axis=-1)
-  return jnp.square(jax.nn.relu(m_out - energy))
+  return jnp.square(jax.nn.relu(m_out - free_energy(logits, "logits_out")))
 
 
 @jax.jit

@@ -53,13 +53,15 @@ def error_text(e: BaseException) -> str:
 
 
 def refuse_renamed_keys(argv):
-  """Exits naming the new path of any energy-jax 0.1 key given as ``--config.KEY=...``."""
-  from energy_jax.config import RENAMED
+  """Exits naming the new path of any key of an earlier version given as ``--config.KEY=...``
+  (``--config.objective=NAME`` included: the objective is a section since 0.3)."""
+  from energy_jax.config import renamed_key
   for arg in argv[1:]:
     key = arg.split("=", 1)[0][len("--config."):] if arg.startswith("--config.") else None
-    if key in RENAMED:
-      fail(f"--config.{key} was renamed --config.{RENAMED[key]} in energy-jax 0.2 (README: "
-           "renamed config keys)")
+    renamed = key and renamed_key(key)
+    if renamed:
+      fail(f"--config.{renamed.replace(' -> ', ' was renamed --config.', 1)} (README: renamed "
+           "config keys)")
 
 
 def config_spec(argv, default: str) -> str:
@@ -150,7 +152,7 @@ def config_field_hint(flag: str) -> str:
   """For an unknown flag ``--NAME`` where NAME is (the last part of) a config field: how to set
   that field."""
   from energy_jax import config as config_lib
-  fields = [name for name, _, _ in config_lib.FIELDS]
+  fields = [f.name for f in config_lib.fields()]
   match = next((f for f in fields if flag in (f, f.rsplit(".", 1)[-1])), None)
   return f"; config fields are set as --config.{match}=VALUE" if match else ""
 
@@ -224,8 +226,8 @@ def check_workdir(workdir: str, what: str = "--workdir") -> None:
 def check_run_paths(config, workdir: str) -> None:
   """Exits naming the field if a source the run reads, or its pretrained weights, are missing."""
   from energy_jax import config as config_lib
-  from energy_jax.train import objectives
-  uses_outliers = objectives.get(config.objective).uses_outliers
+  from energy_jax import objectives
+  uses_outliers = objectives.get(config.objective.name).uses_outliers
   try:
     config_lib.check_sources_exist(config, ("in_train", "in_test")
                                    + (("outliers",) if uses_outliers else ()))

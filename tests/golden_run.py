@@ -56,8 +56,7 @@ def golden_run(workdir: str) -> dict:
     c.steps_per_call = 4
     c.model.dropout_rate = 0.3
     c.seed = 5
-    for k, v in kw.items():
-      setattr(c, k, v)
+    c.update_from_flattened_dict(kw)
     return c
 
   out = {}
@@ -70,7 +69,7 @@ def golden_run(workdir: str) -> dict:
   for pipeline in ("device", "tfdata"):
     runs = {"pretrain": config("pretrain", pipeline, epochs=2),
             "energy": config("finetune", pipeline, epochs=2),
-            "oe": config("finetune", pipeline, epochs=1, objective="oe")}
+            "oe": config("finetune", pipeline, epochs=1, **{"objective.name": "oe"})}
     for name, c in runs.items():
       if name != "pretrain":
         c.pretrained = os.path.join(workdir, pipeline, "pretrain")

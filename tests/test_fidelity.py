@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energy_jax import checkpoints, config as config_lib, parallel, train
+from energy_jax import checkpoints, config as config_lib, optimizers, parallel, train
 from energy_jax.data import sampling
 
 torch = pytest.importorskip("torch")
@@ -34,11 +34,11 @@ def reference_rates(lr: float, epochs: int, steps_per_epoch: int):
 @pytest.mark.parametrize("stage,epochs,lr", [("pretrain", 100, 0.1), ("finetune", 10, 0.001)])
 def test_learning_rate_of_every_update_is_the_references(stage, epochs, lr):
   c = config_lib.get_config("cifar10", stage)
-  assert (c.epochs, c.learning_rate, c.batch_size) == (epochs, lr, 128)
+  assert (c.epochs, c.optimizer.learning_rate, c.batch_size) == (epochs, lr, 128)
   steps = sampling.steps_per_epoch(50_000, c.batch_size, c.drop_remainder)
   assert steps == 391                      # the DataLoader keeps the last batch of 80
   want = reference_rates(lr, epochs, steps)
-  got = np.asarray(train.make_optimizer(c, epochs * steps).learning_rate(
+  got = np.asarray(optimizers.from_config(c, epochs * steps).learning_rate(
       jnp.arange(epochs * steps)), np.float64)
   # optax's float32 schedule against torch's float64: measured 4.4e-7 (SSE4_2, AVX, AVX2).
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
@@ -76,8 +76,7 @@ def test_outliers_are_a_contiguous_window_from_a_random_offset_each_epoch():
 def _state_and_batches(n_real, n_pad, n_out=32, seed=0):
   c = config_lib.get_config("test", "finetune")
   c.model.dropout_rate = 0.0
-  c.learning_rate = 0.05
-  tx = train.make_optimizer(c, 100).tx
+  c.optimizer.learning_rate = 0.05
   state = train.create_train_state(c, jax.random.PRNGKey(seed), 100)
   rng = np.random.default_rng(seed)
   image = rng.normal(size=(n_real + n_pad, 32, 32, 3)).astype(np.float32)
@@ -87,15 +86,15 @@ def _state_and_batches(n_real, n_pad, n_out=32, seed=0):
             "mask": np.arange(n_real + n_pad) < n_real}
   # The padding holds other images: only the mask may keep them out.
   real = {"image": image[:n_real], "label": label[:n_real], "outlier": outlier}
-  return c, tx, state, padded, real
+  return c, state, padded, real
 
 
-def _step(c, tx, state, batch, mesh=None):
+def _step(c, state, batch, mesh=None):
   if mesh is None:
-    return jax.jit(lambda s, b: train.train_step(s, b, config=c, tx=tx, axis_name=None))(
+    return jax.jit(lambda s, b: train.train_step(s, b, config=c, axis_name=None))(
         state, batch)
   P = jax.sharding.PartitionSpec
-  fn = parallel.data_parallel(lambda s, b: train.train_step(s, b, config=c, tx=tx), mesh,
+  fn = parallel.data_parallel(lambda s, b: train.train_step(s, b, config=c), mesh,
                               (P(), P(parallel.AXIS)), (P(), P()))
   return fn(parallel.put_replicated(state, mesh), parallel.put_sharded(batch, mesh))
 
@@ -118,20 +117,20 @@ def _assert_same_step(a, b):
 def test_a_padded_batch_computes_what_its_real_images_compute():
   """The last batch of an epoch: 10 real + 6 padding images (BatchNorm statistics, the mean
   losses and the metrics over the real ones) against a batch of the 10 alone."""
-  c, tx, state, padded, real = _state_and_batches(10, 6)
-  _assert_same_step(_step(c, tx, state, padded), _step(c, tx, state, real))
+  c, state, padded, real = _state_and_batches(10, 6)
+  _assert_same_step(_step(c, state, padded), _step(c, state, real))
 
 
 def test_a_padded_batch_on_eight_devices_computes_what_one_device_computes():
   """10 real images of 16 over 8 devices: devices 5-7 hold padding only."""
   assert jax.device_count() >= 8, "conftest forces 8 CPU devices"
-  c, tx, state, padded, real = _state_and_batches(10, 6)
-  _assert_same_step(_step(c, tx, state, padded, parallel.make_mesh(8)),
-                    _step(c, tx, state, real))
+  c, state, padded, real = _state_and_batches(10, 6)
+  _assert_same_step(_step(c, state, padded, parallel.make_mesh(8)),
+                    _step(c, state, real))
   # Full batches too: 8 devices x 2 against one device, no mask.
-  c, tx, state, full, _ = _state_and_batches(16, 0)
+  c, state, full, _ = _state_and_batches(16, 0)
   full.pop("mask")
-  _assert_same_step(_step(c, tx, state, full, parallel.make_mesh(8)), _step(c, tx, state, full))
+  _assert_same_step(_step(c, state, full, parallel.make_mesh(8)), _step(c, state, full))
 
 
 def test_a_run_of_an_older_run_format_is_not_resumed(tmp_path):
@@ -163,7 +162,7 @@ def test_cifar100_preset_end_to_end_on_a_generated_100_class_set(tmp_path):
   runs = {}
   for stage in ("pretrain", "finetune"):
     c = config_lib.get_config("cifar100", stage)
-    assert (c.num_classes, c.m_in, c.m_out) == (100, -27.0, -5.0)
+    assert (c.num_classes, c.objective.m_in, c.objective.m_out) == (100, -27.0, -5.0)
     c.in_train = c.in_test = toy_id
     c.outliers = toy_out
     c.model.depth, c.model.widen_factor = 10, 1

@@ -1,10 +1,9 @@
-"""``--config.m_in=auto --config.m_out=auto``: the margins from the pretrained model's energies,
+"""``--config.objective.m_in=auto --config.objective.m_out=auto``: the margins from the pretrained model's energies,
 printed, saved in config.json, kept by a resumed run."""
 
 import json
 import re
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -32,24 +31,29 @@ def _energies(config, variables, images):
 
 def test_resume_takes_auto_as_the_numbers_the_run_computed():
   saved = config_lib.get_config("test", "finetune").to_dict()
-  saved.update(m_in=-9.5, m_out=-3.25, auto_margins="m_in,m_out")
+  saved["objective"].update(m_in=-9.5, m_out=-3.25, auto_margins="m_in,m_out")
   c = config_lib.get_config("test", "finetune")
-  c.m_in = c.m_out = "auto"
+  c.objective.m_in = c.objective.m_out = "auto"
   resume.check_resumable(saved, c, "RUN")
-  c.m_in = -9.5                                  # the same number, given as a number
+  c.objective.m_in = -9.5                        # the same number, given as a number
   resume.check_resumable(saved, c, "RUN")
-  c.m_in = -9.0
-  with pytest.raises(ValueError, match=r"Changed: m_in: -9.5 -> -9.0\. Restore"):
+  c.objective.m_in = -9.0
+  with pytest.raises(ValueError, match=r"Changed: objective.m_in: -9.5 -> -9.0\. Restore"):
     resume.check_resumable(saved, c, "RUN")
   # A run that started with numbers does not take "auto" on resume.
-  saved.update(auto_margins="")
-  c.m_in = "auto"
-  with pytest.raises(ValueError, match=r"Changed: m_in: -9.5 -> 'auto'; m_out: -3.25 -> 'auto'\. "):
+  saved["objective"].update(auto_margins="")
+  c.objective.m_in = "auto"
+  with pytest.raises(ValueError, match=r"Changed: objective.m_in: -9.5 -> 'auto'; "
+                                       r"objective.m_out: -3.25 -> 'auto'\. "):
     resume.check_resumable(saved, c, "RUN")
-  # Runs saved before the field (no auto_margins) resume as before.
-  del saved["auto_margins"]
-  c = ml_collections.ConfigDict(dict(saved, auto_margins=""))
-  resume.check_resumable(saved, c, "RUN")
+  # A run of energy-jax 0.2 (flat m_in, learning_rate, a string objective) is refused naming
+  # the renamed keys and what to do.
+  flat = {k: v for k, v in saved.items() if k not in ("objective", "optimizer")}
+  flat.update(objective="energy", m_in=-9.5, m_out=-3.25, auto_margins="", learning_rate=0.001)
+  with pytest.raises(ValueError, match=r"RUN was started by an earlier energy-jax, whose config "
+                                       r"keys were renamed since \(objective -> objective.name "
+                                       r".*m_in -> objective.m_in .*start a new --workdir"):
+    resume.check_resumable(flat, c, "RUN")
 
 
 
@@ -66,9 +70,9 @@ def test_finetune_with_auto_margins_prints_saves_and_keeps_them(tmp_path, capsys
   # Fine-tuning for 2 epochs with both margins "auto" (as --config.m_in=auto gives them),
   # stopped after the first as SIGTERM would.
   c = config_lib.get_config("test", "finetune")
-  for k, v in dict(fast, epochs=2, pretrained=str(tmp_path / "pre"), m_in="auto",
-                   m_out="auto").items():
+  for k, v in dict(fast, epochs=2, pretrained=str(tmp_path / "pre")).items():
     setattr(c, k, v)
+  c.objective.m_in = c.objective.m_out = "auto"
   run = tmp_path / "ft"
   monkeypatch.setattr(loop, "PreemptionWatch", lambda: _StopAfter(0))
   assert train.train_and_evaluate(c, str(run))["preempted"]
@@ -80,6 +84,7 @@ def test_finetune_with_auto_margins_prints_saves_and_keeps_them(tmp_path, capsys
   assert said, out
   printed = float(said.group(1).rstrip(",")), float(said.group(2))
   saved = json.load(open(run / "config.json"))
+  saved = saved["objective"]
   assert (saved["m_in"], saved["m_out"]) == printed and saved["auto_margins"] == "m_in,m_out"
 
   # The rule on the pretrained model's energies of the same images, computed here.
@@ -93,6 +98,6 @@ def test_finetune_with_auto_margins_prints_saves_and_keeps_them(tmp_path, capsys
   assert train.train_and_evaluate(c, str(run))["epoch"] == 2
   out = capsys.readouterr().out
   assert "resuming" in out and "margins from the energies" not in out
-  again = json.load(open(run / "config.json"))
+  again = json.load(open(run / "config.json"))["objective"]
   assert (again["m_in"], again["m_out"], again["auto_margins"]) == (*printed, "m_in,m_out")
   assert [json.loads(l)["epoch"] for l in open(run / "results.jsonl")] == [1, 2]

@@ -1,5 +1,6 @@
-"""A model, a detector and a data source registered from this file alone (no library edit) run
-through a tiny training and evaluation; the registries refuse what would be ambiguous."""
+"""A model, a detector, a data source, an objective and an optimiser registered from this file
+alone (no library edit) run through a tiny training and evaluation; the registries refuse what
+would be ambiguous."""
 
 import dataclasses
 
@@ -7,12 +8,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from energy_jax import config as config_lib, data, detectors, models, train
+from energy_jax import (config as config_lib, data, detectors, models, objectives, optimizers,
+                        train)
 from energy_jax.data import synthetic, toy
+from energy_jax.fields import Field, real
 from energy_jax.ood import evaluation
 from energy_jax.registry import Registry
+from energy_jax.train import step as step_lib
 
 
 class TinyCNN(nn.Module):
@@ -52,6 +57,68 @@ def load_stripes(location, split, image_size):
                        ("a", "b", "c", "d"), f"stripes:{location}:{split}")
 
 
+def feature_penalty(fields, *, logits_in, features_in, labels, mean_in, **unused):
+  """Cross-entropy plus ``feature_weight * mean ||features||^2`` (reads the features)."""
+  ce = mean_in(-jnp.take_along_axis(jax.nn.log_softmax(logits_in), labels[:, None], 1)[:, 0])
+  norm = mean_in(jnp.sum(jnp.square(features_in), axis=-1))
+  return ce + fields.feature_weight * norm, {"feature_norm": norm}
+
+
+def clipped_sgd(learning_rate, *, weight_decay, max_norm):
+  """Plain SGD after clipping the gradient's global norm to ``max_norm``."""
+  return optax.chain(optax.clip_by_global_norm(max_norm), optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate))
+
+
+@pytest.fixture
+def registered_training():
+  objectives.register("feature_penalty", uses_outliers=False, fields=(
+      Field("feature_weight", 0.01, "feature_penalty: weight of the feature norm", real(0.0)),))(
+          feature_penalty)
+  optimizers.register("clipped_sgd", fields=(
+      Field("max_norm", 1.0, "clipped_sgd: largest global gradient norm",
+            real(0.0, low_open=True)),))(clipped_sgd)
+  yield
+  objectives.OBJECTIVES.unregister("feature_penalty")
+  optimizers.OPTIMIZERS.unregister("clipped_sgd")
+
+
+def test_an_objective_and_optimizer_registered_in_a_test_configure_and_train(
+    registered, registered_training, tmp_path):
+  c = config_lib.get_config("test", "pretrain")
+  # Their fields join the config, its --help and its checks.
+  assert (c.objective.feature_weight, c.optimizer.max_norm) == (0.01, 1.0)
+  assert "--config.optimizer.max_norm" in config_lib.describe(c)
+  c.objective.name, c.optimizer.name = "feature_penalty", "clipped_sgd"
+  c.optimizer.max_norm = 0.0
+  with pytest.raises(ValueError, match=r"^config.optimizer.max_norm must be > 0.0, got 0.0$"):
+    config_lib.validate(c)
+  c.optimizer.max_norm = 0.5
+  # The objective sees the logits and the features of the step's forward pass: its loss is the
+  # numpy one on them.
+  rng = np.random.default_rng(0)
+  out = models.ModelOutput(rng.normal(size=(6, 4)).astype(np.float32),
+                           rng.normal(size=(6, 3)).astype(np.float32), ())
+  labels = np.array([0, 1, 2, 3, 0, 1], np.int32)
+  loss, metrics = step_lib.objective_loss(c, out, labels, 6)
+  lg = out.logits.astype(np.float64)
+  ce = np.mean(np.log(np.exp(lg).sum(1)) - lg[np.arange(6), labels])
+  norm = np.mean(np.sum(out.features.astype(np.float64) ** 2, 1))
+  np.testing.assert_allclose([loss, metrics["feature_norm"]], [ce + 0.01 * norm, norm],
+                             rtol=1e-6)
+  # The optimiser the state carries is the registered one: a clipped, decayed SGD step.
+  tx = optimizers.from_config(c, 10).tx
+  params, grads = {"w": np.full(4, 2.0, np.float32)}, {"w": np.full(4, 3.0, np.float32)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  want = -optimizers.cosine_schedule(0.1, 10)(0) * (3.0 * 0.5 / 6.0 + 5e-4 * 2.0)
+  np.testing.assert_allclose(updates["w"], np.full(4, want), rtol=1e-6)
+  c.model = models.default_spec("tiny_cnn", width=6)
+  c.in_train = c.in_test = "stripes:8"
+  c.num_devices, c.epochs = 1, 1
+  row = train.train_and_evaluate(c, str(tmp_path / "run"), log=lambda s: None)
+  assert row["epoch"] == 1 and np.isfinite(row["train_loss"]) and row["mean_feature_norm"] > 0
+
+
 @pytest.fixture
 def registered():
   models.register("tiny_cnn", shape_fields=("width",), head="head")(build_tiny_cnn)
@@ -67,7 +134,7 @@ def test_a_model_detector_and_source_registered_in_a_test_train_and_evaluate(reg
   c = config_lib.get_config("test", "pretrain")
   c.model = models.default_spec("tiny_cnn", width=6)
   c.in_train = c.in_test = "stripes:25"          # 100 images: a padded last batch of 4
-  c.num_devices, c.epochs, c.learning_rate = 1, 2, 0.05
+  c.num_devices, c.epochs, c.optimizer.learning_rate = 1, 2, 0.05
   assert data.count_run_data(c, False) == (100, 100, 0)
   row = train.train_and_evaluate(c, str(tmp_path / "run"), log=lambda s: None)
   assert row["epoch"] == 2 and np.isfinite(row["train_loss"])
@@ -119,7 +186,11 @@ def test_registries_refuse_duplicates_and_name_the_known_entries():
   with pytest.raises(ValueError, match="unknown model 'resnet9'; registered: wrn"):
     models.get("resnet9")
   with pytest.raises(ValueError, match="unknown objective 'hinge'"):
-    train.objectives.get("hinge")
+    objectives.get("hinge")
+  with pytest.raises(ValueError, match="optimizer field 'momentum' is declared twice with "
+                                       "different defaults"):
+    optimizers.register("heavy_ball", fields=(Field("momentum", 0.5, "", real()),))(clipped_sgd)
+  assert "heavy_ball" not in optimizers.names()
   with pytest.raises(TypeError, match="must be a Detector subclass"):
     detectors.register("not_a_detector")(object)
   with pytest.raises(ValueError, match=r"unknown inputs \['pixels'\]"):

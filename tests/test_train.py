@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energy_jax import config as config_lib, data, models, parallel, train
+from energy_jax import config as config_lib, data, models, optimizers, parallel, train
 from energy_jax.data import toy
 from energy_jax.train import writer
 
@@ -38,9 +38,8 @@ def _batch(rng, n_in, n_out, classes=4):
 
 def test_eight_devices_equal_one_device_and_trace_once():
   assert jax.device_count() >= 8, "conftest forces 8 CPU devices"
-  c = tiny_config("finetune", learning_rate=0.1)
+  c = tiny_config("finetune", **{"optimizer.learning_rate": 0.1})
   c.model.dropout_rate = 0.0
-  tx = train.make_optimizer(c, 100).tx
   state0 = train.create_train_state(c, jax.random.PRNGKey(0), 100)
   batch = _batch(np.random.default_rng(0), 16, 32)
   results = []
@@ -48,7 +47,7 @@ def test_eight_devices_equal_one_device_and_trace_once():
     mesh = parallel.make_mesh(n)
     chex.clear_trace_counter()                 # one trace per mesh, none on the second call
     step = chex.assert_max_traces(n=1)(
-        lambda s, b: train.train_step(s, b, config=c, tx=tx))
+        lambda s, b: train.train_step(s, b, config=c))
     fn = parallel.data_parallel(step, mesh, (jax.sharding.PartitionSpec(),
                                              jax.sharding.PartitionSpec(parallel.AXIS)),
                                 (jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec()))
@@ -69,10 +68,10 @@ def test_eight_devices_equal_one_device_and_trace_once():
 
 def test_optimizer_matches_torch_sgd_nesterov_weight_decay():
   torch = pytest.importorskip("torch")
-  c = tiny_config(learning_rate=0.1)
+  c = tiny_config(**{"optimizer.learning_rate": 0.1})
   w0 = np.array([1.0, -2.0, 3.0], np.float32)
   grads = [np.array([0.5, 0.1, -0.3], np.float32), np.array([-0.2, 0.4, 0.05], np.float32)]
-  tx = train.make_optimizer(c, total_steps=10).tx
+  tx = optimizers.from_config(c, total_steps=10).tx
   params, opt = jnp.asarray(w0), tx.init(jnp.asarray(w0))
   p = torch.nn.Parameter(torch.tensor(w0))
   sgd = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -95,8 +94,8 @@ def test_tiny_wrn_loss_falls(toy_dir, tmp_path, monkeypatch):
       (src, split)) or load(src, split, size))
   cache = {}
   c = tiny_config(in_train=f"{toy_dir}/toy_id.zip", in_test=f"{toy_dir}/toy_id.zip",
-                  epochs=3, learning_rate=0.05, num_devices=1, eval_every_epochs=2,
-                  tensorboard=True)
+                  epochs=3, num_devices=1, eval_every_epochs=2,
+                  tensorboard=True, **{"optimizer.learning_rate": 0.05})
   train.train_and_evaluate(c, str(tmp_path / "run"), log=lambda s: None, data_cache=cache)
   rows = [l.split(",") for l in open(tmp_path / "run" / "training_results.csv").read().split()[1:]]
   losses = [float(r[2]) for r in rows]
@@ -110,11 +109,11 @@ def test_tiny_wrn_loss_falls(toy_dir, tmp_path, monkeypatch):
   assert tb["train/mean_accuracy"][3] == pytest.approx(jsonl[2]["mean_accuracy"], rel=1e-6)
   assert tb["learning_rate"] == pytest.approx({r["epoch"]: r["learning_rate"] for r in jsonl})
   steps = len(data.load_run_data(c, False, cache).train) // c.batch_size
-  lr_min = c.min_learning_rate                         # cosine at update 3 * steps (the last)
+  lr_min = c.optimizer.min_learning_rate                         # cosine at update 3 * steps (the last)
   # optax's float32 schedule against float64: measured 2.5e-9 and 2.9e-8.
   assert tb["learning_rate"][3] == pytest.approx(lr_min, rel=1e-3)
   assert tb["learning_rate"][1] == pytest.approx(
-      lr_min + (c.learning_rate - lr_min) * 0.5 * (1 + np.cos(np.pi * steps / (3 * steps))),
+      lr_min + (c.optimizer.learning_rate - lr_min) * 0.5 * (1 + np.cos(np.pi * steps / (3 * steps))),
       rel=1e-5)
   assert [int(r[0]) for r in rows] == [1, 2, 3] and losses[-1] < losses[0]
   # The resolved config is saved beside the rows.
@@ -261,7 +260,7 @@ def test_bad_inputs(toy_dir, tmp_path):
     train.train_and_evaluate(_with(c, num_classes=10), str(tmp_path / "d"))
   # A checkpoint of another architecture is refused with both shapes named.
   pre = tmp_path / "pre"
-  train.train_and_evaluate(_with(c, objective="ce", pretrained="", epochs=1), str(pre),
+  train.train_and_evaluate(_with(c, pretrained="", epochs=1, **{"objective.name": "ce"}), str(pre),
                            log=lambda s: None)
   wide = _with(c)
   wide.model.widen_factor = 2
@@ -276,18 +275,24 @@ def test_bad_inputs(toy_dir, tmp_path):
   assert not (tmp_path / "made").exists() and not (tmp_path / "a").exists()
   assert (tmp_path / "found").is_dir()
   # Keys of 0.1 are refused with their new names.
-  with pytest.raises(ValueError, match="score -> objective, dtype -> model.dtype"):
+  with pytest.raises(ValueError, match=r"score -> objective.name \(energy-jax 0.2\), dtype -> "
+                                       r"model.dtype \(energy-jax 0.2\)"):
     train.train_and_evaluate(_with(c, score="energy", dtype="bfloat16"), str(tmp_path / "old"))
   # NaN loss stops with a clear message and keeps the last good checkpoint.
   with pytest.raises(FloatingPointError, match="last good checkpoint"):
-    train.train_and_evaluate(_with(c, pretrained=str(pre), learning_rate=1e30, epochs=1),
+    train.train_and_evaluate(_with(c, pretrained=str(pre), epochs=1, **{"optimizer.learning_rate": 1e30}),
                              str(tmp_path / "nan"), log=lambda s: None)
 
 
 def _with(c, **kw):
+  """A copy of ``c`` with the fields ``kw`` (dotted names) set."""
   c = c.copy_and_resolve_references()
   for k, v in kw.items():
-    setattr(c, k, v)
+    *parents, leaf = k.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    setattr(node, leaf, v)
   return c
 
 
@@ -296,12 +301,11 @@ def test_bf16_step_close_to_fp32_and_keeps_fp32_state():
   c32.model.dropout_rate = 0.0
   c16 = _with(c32)
   c16.model.dtype = "bfloat16"
-  tx = train.make_optimizer(c32, 100).tx
   state = train.create_train_state(c32, jax.random.PRNGKey(0), 100)
   batch = _batch(np.random.default_rng(1), 16, 32)
   out = {}
   for c in (c32, c16):
-    step = jax.jit(lambda s, b, c=c: train.train_step(s, b, config=c, tx=tx, axis_name=None))
+    step = jax.jit(lambda s, b, c=c: train.train_step(s, b, config=c, axis_name=None))
     out[c.model.dtype] = step(state, batch)
   (_, m32), (s16, m16) = out["float32"], out["bfloat16"]
   # bfloat16's 8 bits against float32: measured 3.9e-5 (loss), 1.1e-4 (ce).

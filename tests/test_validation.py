@@ -31,7 +31,9 @@ def _config(stage="finetune", **fields):
 
 
 def test_every_field_has_a_check_and_every_preset_validates():
-  assert set(config_lib.CHECKS) == {name for name, _, _ in config_lib.FIELDS}
+  names = [f.name for f in config_lib.fields()]
+  assert len(names) == len(set(names)) and all(callable(f.check) for f in config_lib.fields())
+  assert sorted(names) == sorted(n for n, _ in config_lib.flat_items(config_lib.base_config()))
   for preset in config_lib.presets():
     for stage in config_lib.STAGES:
       config_lib.validate(config_lib.get_config(preset, stage))
@@ -63,28 +65,31 @@ BAD_VALUES = [
     ("epochs", 2 ** 31, "in [1, 2147483647] (JAX's integers are 32-bit)"),
     ("batch_size", 2 ** 40, "in [1, 2147483647] (JAX's integers are 32-bit)"),
     ("num_devices", 2 ** 31, "in [0, 2147483647] (JAX's integers are 32-bit)"),
-    ("learning_rate", 1e39, "in [1.1754944e-38, 3.4028235e+38] (the run computes in float32, "
+    ("optimizer.learning_rate", 1e39, "in [1.1754944e-38, 3.4028235e+38] (the run computes in float32, "
                             "where it overflows)"),
-    ("learning_rate", 1e-39, "in [1.1754944e-38, 3.4028235e+38] (the run computes in float32, "
+    ("optimizer.learning_rate", 1e-39, "in [1.1754944e-38, 3.4028235e+38] (the run computes in float32, "
                              "where it underflows)"),
-    ("weight_decay", 1e-45, "0 or in [1.1754944e-38, 3.4028235e+38] (the run computes in "
+    ("optimizer.weight_decay", 1e-45, "0 or in [1.1754944e-38, 3.4028235e+38] (the run computes in "
                             "float32, where it underflows)"),
-    ("m_in", -1e39, "in [-3.4028235e+38, -1.1754944e-38] or 0 or in [1.1754944e-38, "
+    ("objective.m_in", -1e39, "in [-3.4028235e+38, -1.1754944e-38] or 0 or in [1.1754944e-38, "
                     "3.4028235e+38] (the run computes in float32, where it overflows)"),
     ("model.dropout_rate", 1e-300, "0 or in [1.1754944e-38, 1) (the run computes in float32, "
                                    "where it underflows)"),
-    ("learning_rate", 0.0, "> 0.0"),
-    ("learning_rate", float("nan"), "finite"),
-    ("learning_rate", "0.1", "a number"),
-    ("min_learning_rate", -1e-6, ">= 0.0"),
-    ("momentum", 1.0, "in [0.0, 1.0)"),
-    ("weight_decay", float("inf"), "finite"),
-    ("m_in", float("-inf"), "finite"),
-    ("m_out", None, "a number or 'auto'"),
-    ("m_in", "automatic", "a number or 'auto'"),
-    ("auto_margins", "m_in,seed", "'' or some of m_in, m_out, comma-separated"),
-    ("energy_weight", -0.1, ">= 0.0"),
-    ("oe_weight", float("nan"), "finite"),
+    ("optimizer.learning_rate", 0.0, "> 0.0"),
+    ("optimizer.learning_rate", float("nan"), "finite"),
+    ("optimizer.learning_rate", "0.1", "a number"),
+    ("optimizer.min_learning_rate", -1e-6, ">= 0.0"),
+    ("optimizer.momentum", 1.0, "in [0.0, 1.0)"),
+    ("optimizer.weight_decay", float("inf"), "finite"),
+    ("optimizer.b1", -0.1, "in [0.0, 1.0)"),
+    ("optimizer.b2", 1.0, "in [0.0, 1.0)"),
+    ("optimizer.eps", 0.0, "> 0.0"),
+    ("objective.m_in", float("-inf"), "finite"),
+    ("objective.m_out", None, "a number or 'auto'"),
+    ("objective.m_in", "automatic", "a number or 'auto'"),
+    ("objective.auto_margins", "m_in,seed", "'' or some of m_in, m_out, comma-separated"),
+    ("objective.energy_weight", -0.1, ">= 0.0"),
+    ("objective.oe_weight", float("nan"), "finite"),
     ("model.depth", 12, "6n+4 (10, 16, 22, 28, 40, ...: n blocks per group of the WRN)"),
     ("model.depth", 4, ">= 10"),
     ("model.widen_factor", 0, "a positive integer"),
@@ -92,7 +97,8 @@ BAD_VALUES = [
     ("model.pooling", "max", "one of 'mean', 'reference'"),
     ("model.dtype", "float16", "one of 'float32', 'bfloat16'"),
     ("model.name", "resnet9", "one of 'wrn'"),
-    ("objective", "hinge", "one of 'ce', 'energy', 'oe'"),
+    ("objective.name", "hinge", "one of 'ce', 'energy', 'oe'"),
+    ("optimizer.name", "lbfgs", "one of 'sgd', 'adamw'"),
     ("input_pipeline", "grpc", "one of 'device', 'tfdata'"),
     ("outlier_sampling", "random", "one of 'window', 'shuffle'"),
     ("validation_sets", (), "a non-empty tuple of names"),
@@ -103,7 +109,7 @@ BAD_VALUES = [
     ("data_dir", 3, "a string"),
     ("pretrained", None, "a string"),
     ("drop_remainder", 0, "True or False"),
-    ("nesterov", "yes", "True or False"),
+    ("optimizer.nesterov", "yes", "True or False"),
     ("progress_bar", None, "True or False"),
     ("tensorboard", 1, "True or False"),
     ("resume_override", ("seed",), "a string"),
@@ -147,7 +153,7 @@ def test_every_field_is_among_the_bad_values_tried():
   tried = {f for f, _, _ in BAD_VALUES} | {"validation_sets", "outliers", "outliers_split",
                                            "validation_base", "validation_base_split",
                                            "in_train_split"}
-  untried = {name for name, _, _ in config_lib.FIELDS} - tried
+  untried = {f.name for f in config_lib.fields()} - tried
   assert untried == set(), untried
 
 
@@ -174,8 +180,19 @@ def test_unknown_renamed_and_missing_fields():
     config_lib.validate(_config(**{"model.detph": 16}))
   with pytest.raises(ValueError, match=r"^config.zzz is not a config field$"):
     config_lib.validate(_config(zzz=1))
-  with pytest.raises(ValueError, match="score -> objective"):
+  with pytest.raises(ValueError, match=r"score -> objective.name \(energy-jax 0.2\)"):
     config_lib.validate(_config(score="energy"))
+  # The keys of 0.2 that 0.3 moved into the objective and optimizer sections.
+  with pytest.raises(ValueError, match=re.escape(
+      "config keys renamed: learning_rate -> optimizer.learning_rate (energy-jax 0.3), m_in -> "
+      "objective.m_in (energy-jax 0.3)")):
+    config_lib.validate(_config(m_in=-20.0, learning_rate=0.1))
+  with pytest.raises(ValueError, match=re.escape(
+      "objective -> objective.name (energy-jax 0.3: config.objective is a section)")):
+    config_lib.validate(_config(objective="energy"))
+  with pytest.raises(ValueError, match=r"^config.objective.m_inn is not a field of any registered "
+                                       r"objective .*; did you mean config.objective.m_in\?$"):
+    config_lib.validate(_config(**{"objective.m_inn": -20.0}))
   c = _config()
   del c["seed"]
   with pytest.raises(ValueError, match=r"^config has no field seed: start from"):
@@ -187,25 +204,28 @@ def test_unknown_renamed_and_missing_fields():
 
 
 def test_fields_that_must_agree():
-  with pytest.raises(ValueError, match=r"config.m_in = -2.0 must lie below config.m_out = -2.0"):
-    config_lib.validate(_config(m_in=-2.0, m_out=-2.0))
-  config_lib.validate(_config("pretrain", m_in=-2.0, m_out=-2.0))      # not read by "ce"
+  with pytest.raises(ValueError, match=r"config.objective.m_in = -2.0 must lie below "
+                                       r"config.objective.m_out = -2.0"):
+    config_lib.validate(_config(**{"objective.m_in": -2.0, "objective.m_out": -2.0}))
+  config_lib.validate(_config("pretrain", **{"objective.m_in": -2.0,      # not read by "ce"
+                                             "objective.m_out": -2.0}))
   # "auto" margins are computed by the energy objective from the outliers; m_in < m_out is
   # checked once they are numbers (energy_jax.train.margins).
-  config_lib.validate(_config(m_in="auto", m_out="auto"))
-  config_lib.validate(_config(m_in="auto", m_out=-30.0))
-  with pytest.raises(ValueError, match=r"^config.m_out = 'auto' is computed for the energy "
-                                       r"objective, but config.objective = 'oe'"):
-    config_lib.validate(_config(objective="oe", m_out="auto"))
-  with pytest.raises(ValueError, match=r"config.outliers is empty, but config.objective = "
+  config_lib.validate(_config(**{"objective.m_in": "auto", "objective.m_out": "auto"}))
+  config_lib.validate(_config(**{"objective.m_in": "auto", "objective.m_out": -30.0}))
+  with pytest.raises(ValueError, match=r"^config.objective.m_out = 'auto' is computed for the "
+                                       r"energy objective, but config.objective.name = 'oe'"):
+    config_lib.validate(_config(**{"objective.name": "oe", "objective.m_out": "auto"}))
+  with pytest.raises(ValueError, match=r"config.outliers is empty, but config.objective.name = "
                                        r"'energy' trains on outlier images"):
-    config_lib.validate(_config(m_in="auto", outliers=""))
-  with pytest.raises(ValueError, match=r"config.outliers is empty, but config.objective = 'oe' "
-                                       "trains on outlier images"):
-    config_lib.validate(_config(objective="oe", outliers=""))
-  with pytest.raises(ValueError, match=r"config.min_learning_rate = 0.5 must not exceed "
-                                       r"config.learning_rate = 0.1"):
-    config_lib.validate(_config(learning_rate=0.1, min_learning_rate=0.5))
+    config_lib.validate(_config(outliers="", **{"objective.m_in": "auto"}))
+  with pytest.raises(ValueError, match=r"config.outliers is empty, but config.objective.name = "
+                                       r"'oe' trains on outlier images"):
+    config_lib.validate(_config(outliers="", **{"objective.name": "oe"}))
+  with pytest.raises(ValueError, match=r"config.optimizer.min_learning_rate = 0.5 must not "
+                                       r"exceed config.optimizer.learning_rate = 0.1"):
+    config_lib.validate(_config(**{"optimizer.learning_rate": 0.1,
+                                   "optimizer.min_learning_rate": 0.5}))
 
 
 class _Probe(nn.Module):

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from energy_jax import config
+from energy_jax import fields
 from energy_jax.data.augment import MEAN, STD
 from energy_jax.data.image_set import ImageSet
 
@@ -120,9 +120,9 @@ def make_ood_set(name: str, num_images: int, seed: int = 0, base: Optional[Image
 
   Noise sets are ``image_size`` square (the base's size when a base is given); corruptions need
   ``base`` images: the first ``num_images`` of a seeded permutation of ``base`` are transformed.
-  ``seed`` lies in ``[0, 2**32)``, as the run's (:func:`energy_jax.config.check_seed`).
+  ``seed`` lies in ``[0, 2**32)``, as the run's (:func:`energy_jax.fields.check_seed`).
   """
-  config.check_seed(seed, "seed")
+  fields.check_seed(seed, "seed")
   rng = np.random.default_rng(seed)
   if name in NOISE_SETS:
     images = NOISE_SETS[name](num_images, rng, base.image_size if base is not None else image_size)

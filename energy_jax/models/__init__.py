@@ -5,13 +5,13 @@ Registered here: ``"wrn"`` (:mod:`energy_jax.models.wrn`, the reference's WideRe
 """
 
 from energy_jax.models.base import (DTYPES, MODELS, ModelEntry, ModelOutput, architecture,
-                                    check_architecture, count_params, default_spec, from_config,
-                                    get, head, inference_fn, init_variables, names, register,
-                                    spec_fields, spec_of)
+                                    check_architecture, count_params, default_spec, fields,
+                                    from_config, get, head, inference_fn, init_variables, names,
+                                    register, spec_fields, spec_of)
 from energy_jax.models import wrn  # noqa: F401  registers "wrn"
 from energy_jax.models.wrn import BatchNorm, WideResNet
 
 __all__ = ["DTYPES", "MODELS", "ModelEntry", "ModelOutput", "architecture", "check_architecture",
-           "count_params", "default_spec", "from_config", "get", "head", "inference_fn",
+           "count_params", "default_spec", "fields", "from_config", "get", "head", "inference_fn",
            "init_variables", "names", "register", "spec_fields", "spec_of", "BatchNorm",
            "WideResNet"]

@@ -23,7 +23,9 @@ A model is a ``flax.linen.Module`` built by a registered factory
   DICE, ViM, GradNorm, ...) need.
 
 A new architecture is one file: a module honouring this contract plus ``@register("name",
-shape_fields=...)`` on its factory, imported by the caller (or listed in
+shape_fields=...)`` on its factory (its keyword defaults are the fields' defaults; ``meanings``
+and ``checks`` give their ``--help`` lines and checks, else they are checked by the defaults'
+types), imported by the caller (or listed in
 ``energy_jax/models/__init__.py``).
 """
 
@@ -37,6 +39,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
+from energy_jax.fields import Check, Field, typed_like
 from energy_jax.registry import Registry
 
 Array = jax.Array
@@ -59,22 +62,28 @@ class ModelEntry:
     shape_fields: the spec fields that fix the variables' shapes (a checkpoint must match them).
     head: the name of the classifier ``Dense`` in ``params``.
     from_torch: optional ``from_torch(state_dict, model) -> variables`` for ``.pt`` files.
+    meanings: the ``--help`` line of each field.
+    checks: the check of each field (:mod:`energy_jax.fields`; else by its default's type).
   """
   build: Callable[..., Any]
   shape_fields: Tuple[str, ...]
   head: str = "fc"
   from_torch: Optional[Callable[[Any, Any], Dict[str, Any]]] = None
+  meanings: Tuple[Tuple[str, str], ...] = ()
+  checks: Tuple[Tuple[str, Check], ...] = ()
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def register(name: str, *, shape_fields: Sequence[str], head: str = "fc",
-             from_torch: Optional[Callable] = None, replace: bool = False):
+             from_torch: Optional[Callable] = None, meanings: Optional[Dict[str, str]] = None,
+             checks: Optional[Dict[str, Check]] = None, replace: bool = False):
   """Decorator registering a model factory under ``name`` (see the module docstring)."""
   def add(build):
-    MODELS.register(name, replace=replace)(
-        ModelEntry(build, tuple(shape_fields), head, from_torch))
+    MODELS.register(name, replace=replace)(ModelEntry(
+        build, tuple(shape_fields), head, from_torch, tuple((meanings or {}).items()),
+        tuple((checks or {}).items())))
     return build
   return add
 
@@ -99,6 +108,15 @@ def spec_fields(name: str) -> Dict[str, Any]:
   params = inspect.signature(get(name).build).parameters
   return {k: p.default for k, p in params.items()
           if k not in _RUN_ARGS and p.default is not inspect.Parameter.empty}
+
+
+def fields(name: str) -> Tuple[Field, ...]:
+  """The fields of model ``name`` in ``config.model``: defaults, ``--help`` lines and checks."""
+  entry = get(name)
+  meanings, checks = dict(entry.meanings), dict(entry.checks)
+  return tuple(Field(k, default, meanings.get(k, f"{name} field"),
+                     checks.get(k, typed_like(default)))
+               for k, default in spec_fields(name).items())
 
 
 def default_spec(name: str, dtype: str = "float32", **fields):

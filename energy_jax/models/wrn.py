@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from energy_jax.fields import choice, fail, integer, positive, real
 from energy_jax.models import wrn_convert
 from energy_jax.models.base import ModelOutput, register
 
@@ -216,11 +217,25 @@ class WideResNet(nn.Module):
     return ModelOutput(logits, features, (*blocks, features))
 
 
+def _depth(name: str, value) -> None:
+  integer(10)(name, value)
+  if (value - 4) % 6:
+    fail(name, value, "6n+4 (10, 16, 22, 28, 40, ...: n blocks per group of the WRN)")
+
+
 @register("wrn", shape_fields=("depth", "widen_factor"), head="fc",
-          from_torch=wrn_convert.state_dict_to_variables)
+          from_torch=wrn_convert.state_dict_to_variables,
+          meanings={"depth": "WRN depth, 6n+4", "widen_factor": "WRN channel multiplier k",
+                    "dropout_rate": "dropout inside each WRN block",
+                    "pooling": "WRN final pooling: mean (global) | reference (avg_pool2d(8): "
+                               "the top-left 8x8 of a larger map)"},
+          checks={"depth": _depth, "widen_factor": positive,
+                  "dropout_rate": real(0.0, 1.0, high_open=True),
+                  "pooling": choice(lambda: POOLINGS)})
 def build(*, num_classes: int, dtype=jnp.float32, axis_name: Optional[str] = None,
-          depth: int = 40, widen_factor: int = 2, dropout_rate: float = 0.3,
-          pooling: str = "mean") -> WideResNet:
+          depth: int = WideResNet.depth, widen_factor: int = WideResNet.widen_factor,
+          dropout_rate: float = WideResNet.dropout_rate,
+          pooling: str = WideResNet.pooling) -> WideResNet:
   """WRN-``depth``-``widen_factor`` (``config.model``: ``depth``, ``widen_factor``,
   ``dropout_rate``, ``pooling``)."""
   return WideResNet(depth=depth, widen_factor=widen_factor, num_classes=num_classes,

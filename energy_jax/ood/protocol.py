@@ -16,6 +16,7 @@ import dataclasses
 import numbers
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
+from energy_jax.config import REFERENCE_VALIDATION_SETS  # noqa: F401  (config's default)
 from energy_jax.data import sources, synthetic
 from energy_jax.data.image_set import ImageSet
 
@@ -52,8 +53,6 @@ PAPER_OOD_SETS: Dict[str, OODSet] = {
     "lsun_r": OODSet("energy_ood:lsun_r", None, "as_is"),
     "isun": OODSet("energy_ood:isun", None, "as_is"),
 }
-REFERENCE_VALIDATION_SETS = ("uniform_noise", "arithmetic_mean", "geometric_mean", "jigsaw",
-                             "speckle", "pixelate", "rgb_shift", "invert")
 
 
 def parse_ood(item: str) -> Tuple[str, OODSet]:

@@ -11,21 +11,17 @@ import jax
 import numpy as np
 
 from energy_jax import (checkpoints, config as config_lib, distributed, inference, losses, models,
-                        parallel, progress, storage)
+                        objectives, parallel, progress, storage)
 from energy_jax.data import host_stream_available, load_run_data, sampling
 from energy_jax.data.run_data import RunData
 from energy_jax.config import resume
-from energy_jax.train import margins, objectives
-from energy_jax.train.optim import make_optimizer
+from energy_jax.train import margins
 from energy_jax.train.preemption import PreemptionWatch
 from energy_jax.train.run_lock import RunInProgress, WorkdirLock
 from energy_jax.train.state import TrainState, create_train_state
 from energy_jax.train.step import (device_data, device_epoch_fn, epoch_calls, host_step_fn,
                                    step_indices_spec)
 from energy_jax.train.writer import CSV, JSONL, history_rows, open_run_writer
-
-INPUT_PIPELINES = ("device", "tfdata")
-
 
 class Start(NamedTuple):
   """Where a run starts: ``epoch`` (0-based) at ``step`` of it, with the per-step metrics of
@@ -62,7 +58,6 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   data = load_run_data(config, objective.uses_outliers, data_cache)
   steps = sampling.steps_per_epoch(len(data.train), config.batch_size, config.drop_remainder,
                                    data.train.source)
-  learning_rate = make_optimizer(config, steps * config.epochs).learning_rate
   times = {"data": time.time() - t0}
   row: Dict[str, Any] = {}
   with removed_if_start_fails(workdir), WorkdirLock(workdir, log), PreemptionWatch() as watch, \
@@ -81,12 +76,13 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
         t_epoch = time.time()
         first = start.step if epoch == start.epoch else 0
         state, metrics, done = run_epoch(state, epoch, first)
-        metrics = joined(start.partial if epoch == start.epoch else None, metrics)
+        metrics = with_steps_before(start.partial if epoch == start.epoch else None, metrics)
         check_losses_finite(metrics["loss"], epoch, ckpts)
         if done < steps:              # preempted: save where it stopped, write nothing else
-          save_at(ckpts, config, state, epoch, done, steps, history, partial=metrics)
-          return stopped(epoch, done, steps, watch.signal_name, log)
-        row = epoch_row(config, epoch, metrics, float(learning_rate((epoch + 1) * steps - 1)),
+          save_checkpoint(ckpts, config, state, epoch, done, steps, history, partial=metrics)
+          return stopped_by_signal(epoch, done, steps, watch.signal_name, log)
+        row = epoch_row(config, epoch, metrics,
+                        float(state.learning_rate((epoch + 1) * steps - 1)),
                         time.time() - t_epoch)
         finished = epoch + 1 == config.epochs
         if finished or (epoch + 1) % config.eval_every_epochs == 0:
@@ -100,12 +96,12 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
           history.append(row)
         saved = finished or (epoch + 1) % config.checkpoint_every_epochs == 0
         if saved:
-          save_at(ckpts, config, state, epoch, steps, steps, history, row, finished)
+          save_checkpoint(ckpts, config, state, epoch, steps, steps, history, row, finished)
         times.setdefault("first_epoch", row["train_s"])
         if not finished and watch.requested():   # asked during the epoch's last call or after
           if not saved:
-            save_at(ckpts, config, state, epoch, steps, steps, history, row)
-          return stopped(epoch, steps, steps, watch.signal_name, log)
+            save_checkpoint(ckpts, config, state, epoch, steps, steps, history, row)
+          return stopped_by_signal(epoch, steps, steps, watch.signal_name, log)
   log(timing_summary(times, t0))
   return row
 
@@ -129,7 +125,7 @@ def removed_if_start_fails(workdir: str):
     raise
 
 
-def save_at(ckpts: checkpoints.RunCheckpoints, config, state: TrainState, epoch: int, done: int,
+def save_checkpoint(ckpts: checkpoints.RunCheckpoints, config, state: TrainState, epoch: int, done: int,
             steps: int, history: Optional[List[Dict[str, Any]]],
             row: Optional[Dict[str, Any]] = None, finished: bool = False,
             partial: Optional[Dict[str, np.ndarray]] = None) -> None:
@@ -143,7 +139,7 @@ def save_at(ckpts: checkpoints.RunCheckpoints, config, state: TrainState, epoch:
                                             for k, v in partial.items()}))
 
 
-def stopped(epoch: int, done: int, steps: int, signal_name: str,
+def stopped_by_signal(epoch: int, done: int, steps: int, signal_name: str,
             log: Callable[[str], None]) -> Dict[str, Any]:
   """Says where SIGTERM or SIGINT stopped the run (saved there); the run's return value."""
   where = (f"at epoch {epoch + 1}, step {done} of {steps}" if done < steps
@@ -154,7 +150,7 @@ def stopped(epoch: int, done: int, steps: int, signal_name: str,
 
 def run_summary(config, data: RunData, steps: int, mesh, times: Dict[str, float]) -> str:
   devices = mesh.devices.size
-  return (f"{config.objective} training: {len(data.train)} train / {len(data.test)} test images"
+  return (f"{config.objective.name} training: {len(data.train)} train / {len(data.test)} test images"
           f"{f', {len(data.outliers)} outliers' if data.outliers is not None else ''}; {steps} "
           f"steps/epoch, {devices} device(s) x {config.batch_size // devices}, input "
           f"{config.input_pipeline}; data loaded in {times['data']:.1f} s")
@@ -169,7 +165,7 @@ def epoch_row(config, epoch: int, metrics: Dict[str, np.ndarray], learning_rate:
           "learning_rate": learning_rate, "train_s": seconds}
 
 
-def joined(before: Optional[Dict[str, List[float]]], metrics: Dict[str, np.ndarray]):
+def with_steps_before(before: Optional[Dict[str, List[float]]], metrics: Dict[str, np.ndarray]):
   """The per-step metrics of a resumed epoch: those saved at the preemption, then the new ones."""
   if not before:
     return metrics
@@ -180,7 +176,7 @@ def joined(before: Optional[Dict[str, List[float]]], metrics: Dict[str, np.ndarr
 def check_config(config):
   """``(objective, mesh)`` of ``config``, after checking what must hold before any work."""
   config_lib.validate(config)
-  objective = objectives.get(config.objective)
+  objective = objectives.get(config.objective.name)
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_divisible(config.batch_size, mesh)
   if objective.uses_outliers:
@@ -240,7 +236,7 @@ def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps
     variables = checkpoints.load_variables(config.pretrained, config, "config.pretrained")
     log(f"loaded pretrained weights from {config.pretrained}")
     state = create_train_state(config, rng, total_steps, variables)
-  elif objectives.get(config.objective).uses_outliers:
+  elif objectives.get(config.objective.name).uses_outliers:
     raise ValueError("fine-tuning needs a pretrained model: set --config.pretrained to a run "
                      "directory of experiments/pretrain.py or a reference .pt file")
   else:
@@ -259,7 +255,6 @@ def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch
   ``watch`` asks (then steps done < ``steps``)."""
   num_out = len(data.outliers) if data.outliers is not None else 0
   padded = sampling.has_partial_batch(len(data.train), config.batch_size, config.drop_remainder)
-  total_steps = steps * config.epochs
 
   def indices(epoch):
     return sampling.epoch_indices(config.seed, epoch, len(data.train), config.batch_size,
@@ -268,7 +263,7 @@ def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch
                                   outlier_sampling=config.outlier_sampling)
 
   if config.input_pipeline == "device":
-    fn = device_epoch_fn(config, total_steps, mesh, padded)
+    fn = device_epoch_fn(config, mesh, padded)
     pools = jax.block_until_ready(parallel.put_replicated(device_data(
         data.train.images, data.train.labels,
         data.outliers.images if data.outliers is not None else None), mesh))
@@ -287,7 +282,7 @@ def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch
       raise ImportError("config.input_pipeline = 'tfdata' needs TensorFlow (pip install "
                         "'energy_jax[train]'), or use the device input pipeline")
     from energy_jax.data import host_stream
-    step = host_step_fn(config, total_steps, mesh)
+    step = host_step_fn(config, mesh)
 
     def calls(state, epoch, first):
       in_idx, out_idx = indices(epoch)

@@ -25,11 +25,9 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from energy_jax import models, parallel
+from energy_jax import models, objectives, parallel
 from energy_jax.data import augment
-from energy_jax.train import objectives
-from energy_jax.train.optim import make_optimizer
-from energy_jax.train.state import TrainState, frozen
+from energy_jax.train.state import TrainState, hashable_config
 
 Array = jax.Array
 # The streams of one step's randomness, each folded into fold_in(state.rng, state.step) and then
@@ -49,10 +47,41 @@ def global_size(n_local: int, axis_name: Optional[str]):
   return n_local * lax.psum(1, axis_name) if axis_name is not None else n_local
 
 
+def share_of_mean(mask: Optional[Array], n: int, axis_name: Optional[str]):
+  """``mean(x)``: this device's share of the mean of per-example ``x [n]`` over the real examples
+  (``mask``) of all devices, ``sum_local(x * mask) / count_global``."""
+  if mask is None:
+    count = n * (lax.psum(1, axis_name) if axis_name is not None else 1)
+    return lambda x: jnp.sum(x) / count
+  weights = mask.astype(jnp.float32)
+  count = jnp.sum(weights)
+  if axis_name is not None:
+    count = lax.psum(count, axis_name)
+  count = jnp.maximum(count, 1.0)
+  return lambda x: jnp.sum(jnp.where(mask, x, 0.0)) / count
+
+
+def objective_loss(config, output: models.ModelOutput, labels: Array, num_in: int,
+                   mask_in: Optional[Array] = None, axis_name: Optional[str] = None):
+  """``(loss, metrics)`` of ``config.objective`` on the model's output for ``[in; out]`` images,
+  as this device's share (summed over ``axis_name``, they are the global batch's); metrics add
+  ``loss`` and the in-distribution ``accuracy``. ``mask_in``: the real in-distribution
+  examples."""
+  logits, features = output.logits, output.features
+  mean_in = share_of_mean(mask_in, num_in, axis_name)
+  mean_out = share_of_mean(None, logits.shape[0] - num_in, axis_name)
+  loss, metrics = objectives.get(config.objective.name).loss(
+      config.objective, logits_in=logits[:num_in], logits_out=logits[num_in:],
+      features_in=features[:num_in], features_out=features[num_in:], labels=labels,
+      mean_in=mean_in, mean_out=mean_out)
+  metrics["loss"] = loss
+  metrics["accuracy"] = mean_in((jnp.argmax(logits[:num_in], -1) == labels).astype(jnp.float32))
+  return loss, metrics
+
+
 def train_step(state: TrainState, batch: Mapping[str, Array], *, config,
-               tx: optax.GradientTransformation, axis_name: Optional[str] = parallel.AXIS
-               ) -> Tuple[TrainState, Dict[str, Array]]:
-  """One SGD step on this device's shard; ``batch`` has ``image``, ``label``, for the objectives
+               axis_name: Optional[str] = parallel.AXIS) -> Tuple[TrainState, Dict[str, Array]]:
+  """One step of ``state.tx`` on this device's shard; ``batch`` has ``image``, ``label``, for the objectives
   that use outliers ``outlier`` (normalised NHWC float images), and in a padded batch ``mask``
   (``[B]`` bool, True for the real in-distribution images). Dropout is drawn per example from its
   position in the global batch (outliers after all in-distribution images)."""
@@ -62,7 +91,7 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, config,
   mask_in = batch.get("mask")
   mask = mask_in
   ids = global_positions(num_in, axis_name)
-  if objectives.get(config.objective).uses_outliers:
+  if objectives.get(config.objective.name).uses_outliers:
     num_out = batch["outlier"].shape[0]
     images = jnp.concatenate([images, batch["outlier"].astype(images.dtype)], axis=0)
     ids = jnp.concatenate([ids, global_positions(num_out, axis_name,
@@ -76,14 +105,13 @@ def train_step(state: TrainState, batch: Mapping[str, Array], *, config,
     out, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
                                 train=True, rngs={"dropout": rng}, mutable=["batch_stats"],
                                 **kwargs)
-    loss, metrics = objectives.objective_loss(config, out.logits, batch["label"], num_in,
-                                              mask_in, axis_name)
+    loss, metrics = objective_loss(config, out, batch["label"], num_in, mask_in, axis_name)
     return loss, (new_vars["batch_stats"], metrics)
 
   grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
   if axis_name is not None:
     grads, metrics = lax.psum((grads, metrics), axis_name)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                        opt_state=opt_state), metrics
@@ -124,17 +152,16 @@ def _scan_unroll(config):
 
 
 @functools.lru_cache(maxsize=None)
-def _device_epoch_fn(config, total_steps: int, mesh, padded: bool) -> Callable:
-  tx = make_optimizer(config, total_steps).tx
+def _device_epoch_fn(config, mesh, padded: bool) -> Callable:
   dtype = models.from_config(config).dtype
-  uses_outliers = objectives.get(config.objective).uses_outliers
+  uses_outliers = objectives.get(config.objective.name).uses_outliers
 
   def per_device(state, data, in_idx, out_idx):
     def body(state, idx):
       i_in, i_out = idx
       batch = device_batch(jax.random.fold_in(state.rng, state.step), data, i_in,
                            i_out if uses_outliers else None, dtype, padded, parallel.AXIS)
-      return train_step(state, batch, config=config, tx=tx)
+      return train_step(state, batch, config=config)
     return lax.scan(body, state, (in_idx, out_idx), unroll=_scan_unroll(config))
 
   spec_idx = step_indices_spec()
@@ -148,21 +175,21 @@ def step_indices_spec() -> P:
   return P(None, parallel.AXIS)
 
 
-def device_epoch_fn(config, total_steps: int, mesh, padded: bool = False) -> Callable:
+def device_epoch_fn(config, mesh, padded: bool = False) -> Callable:
   """``fn(state, data, in_idx [S, B], out_idx [S, B_out]) -> (state, metrics [S])``: ``S``
   steps fused into one compiled call. ``data`` (replicated) holds the uint8 ``image`` / ``label``
   (and ``outlier``) pools; the index arrays are split over devices along their batch axis. With
   ``padded``, negative ID indices are padding (an epoch's last partial batch).
 
-  Built once per ``(config, total_steps, mesh, padded)``: every call of a run, and anything
-  compiled ahead for it (``fn.lower(...).compile()``), is the same executable.
+  Built once per ``(config, mesh, padded)``: every call of a run, and anything compiled ahead
+  for it (``fn.lower(...).compile()``), is the same executable.
   """
-  return _device_epoch_fn(frozen(config), total_steps, mesh, padded)
+  return _device_epoch_fn(hashable_config(config), mesh, padded)
 
 
-def host_step_fn(config, total_steps: int, mesh) -> Callable:
+def host_step_fn(config, mesh) -> Callable:
   """``fn(state, batch) -> (state, metrics)`` for batches already sharded over the mesh."""
-  step = functools.partial(train_step, config=config, tx=make_optimizer(config, total_steps).tx)
+  step = functools.partial(train_step, config=config)
   return parallel.data_parallel(step, mesh, in_specs=(P(), P(parallel.AXIS)),
                                 out_specs=(P(), P()), donate_argnums=(0,))
 

@@ -13,6 +13,6 @@ def override(c, stage: str) -> None:
   c.model.pooling = "reference"
   if stage == "finetune":
     c.pretrained = f"workdirs/{c.dataset}_pretrain"
-    c.objective = "energy"
-    c.learning_rate = 0.001
+    c.objective.name = "energy"
+    c.optimizer.learning_rate = 0.001
     c.epochs = 10

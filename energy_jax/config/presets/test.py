@@ -1,10 +1,10 @@
-"""The demo's model and data for the tests: seconds per run."""
+"""The toy preset's model and data for the tests: seconds per run."""
 
-from energy_jax.config.presets import demo
+from energy_jax.config.presets import toy
 
 
 def override(c, stage: str) -> None:
-  demo.override(c, stage)
+  toy.override(c, stage)
   c.in_train = c.in_test = "DATA/toy_id.zip"
   c.outliers = "DATA/toy_outliers.npy"
   c.batch_size, c.outlier_batch_size = 16, 32

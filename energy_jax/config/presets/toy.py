@@ -1,5 +1,6 @@
-"""A tiny WRN-10-1 on generated toy data (``python -m energy_jax.data.toy``): minutes on a laptop
-CPU. 4 classes: the logsumexp of a confident tiny model sits near -8, so m_in -8, m_out -2."""
+"""The toy preset: a tiny WRN-10-1 on generated toy data (``python -m energy_jax.data.toy``):
+minutes on a laptop CPU. 4 classes: the logsumexp of a confident tiny model sits near -8, so
+m_in -8, m_out -2."""
 
 
 def override(c, stage: str) -> None:
@@ -11,8 +12,8 @@ def override(c, stage: str) -> None:
   c.epochs = 6 if stage == "pretrain" else 2
   c.steps_per_call = 20
   c.eval_batch_size = 256
-  c.m_in, c.m_out = -8.0, -2.0
+  c.objective.m_in, c.objective.m_out = -8.0, -2.0
   if stage == "finetune":
-    c.pretrained = "workdirs/demo/pretrain"
-    c.objective = "energy"
-    c.learning_rate = 0.001
+    c.pretrained = "workdirs/toy_pretrain"      # experiments/pretrain.py's --workdir
+    c.objective.name = "energy"
+    c.optimizer.learning_rate = 0.001
