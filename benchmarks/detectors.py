@@ -54,7 +54,7 @@ def small_runs(workdir: str, log):
                                          test_per_class=64, num_outliers=512, seed=0)
   configs, dirs = {}, {}
   for stage in ("pretrain", "finetune"):
-    c = config_lib.get_config("demo", stage)
+    c = config_lib.get_config("toy", stage)
     c.in_train = c.in_test = toy_id
     c.outliers = toy_out
     c.num_devices = 1

@@ -110,8 +110,8 @@ def cross_entropy(fields, *, logits_in, labels, mean_in, **unused):
 @register("energy", uses_outliers=True, check=_margins_in_order, fields=(
     Field("m_in", -23.0, "energy: in-distribution energies are pushed below m_in ('auto': from the "
           "pretrained model's energies, energy_jax.train.margins)", margin, any_type=True),
-    Field("m_out", -5.0, "energy: outlier energies are pushed above m_out ('auto': as m_in)", margin,
-          any_type=True),
+    Field("m_out", -5.0, "energy: outlier energies are pushed above m_out ('auto': as m_in)",
+          margin, any_type=True),
     Field("auto_margins", "", "energy: which of m_in, m_out the run computed from 'auto' "
           "(comma-separated; the run fills it in and saves the numbers it computed)",
           _auto_margins),

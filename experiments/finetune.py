@@ -1,4 +1,4 @@
-"""Energy-bounded fine-tuning (``--config.objective=oe`` for Outlier Exposure):
+"""Energy-bounded fine-tuning (``--config.objective.name=oe`` for Outlier Exposure):
 ``python experiments/finetune.py --config=experiments/configs/finetune.py:PRESET --workdir=DIR``."""
 
 import _main

@@ -36,7 +36,7 @@ def main():
   c.epochs = args.epochs
   c.steps_per_call = args.steps_per_call
   c.batch_size = 16
-  c.learning_rate = 0.002
+  c.optimizer.learning_rate = 0.002
   row = train.train_and_evaluate(c, args.workdir)
   if row.get("preempted"):
     print(f"process {jax.process_index()} preempted at epoch {row['epoch']}, step "

@@ -179,8 +179,10 @@ def test_resume_refuses_a_changed_config_naming_each_field(toy_id, tmp_path):
   c = _config(toy_id, epochs=1)
   train.train_and_evaluate(c, str(tmp_path), log=lambda s: None)
   # The finished check comes after the config check: a changed run is named first.
-  changed = _config(toy_id, epochs=1, learning_rate=0.2, seed=3)
-  with pytest.raises(ValueError, match=r"Changed: learning_rate: 0\.1 -> 0\.2; seed: 1 -> 3"):
+  changed = _config(toy_id, epochs=1, seed=3)
+  changed.optimizer.learning_rate = 0.2
+  with pytest.raises(ValueError,
+                     match=r"Changed: optimizer.learning_rate: 0\.1 -> 0\.2; seed: 1 -> 3"):
     train.train_and_evaluate(changed, str(tmp_path), log=lambda s: None)
   # Fields that do not change the run's numbers may change; then the run is simply finished.
   watched = _config(toy_id, epochs=1, progress_bar=True, eval_every_epochs=3, steps_per_call=2)
@@ -257,11 +259,13 @@ def test_a_preempted_run_continues_mid_epoch_to_the_uninterrupted_numbers(toy_id
 def test_a_run_resumed_on_another_device_count_continues_the_same_stream(toy_id, tmp_path,
                                                                           monkeypatch):
   # Dropout on; a small learning rate keeps the devices' float summation order from growing.
-  c = _config(toy_id, learning_rate=0.01)
+  c = _config(toy_id)
+  c.optimizer.learning_rate = 0.01
   c.model.dropout_rate = 0.3
   full = train.train_and_evaluate(c, str(tmp_path / "full"), log=lambda s: None)
   assert _run_stopped(c, tmp_path / "cut", monkeypatch, 5)["preempted"]   # epoch 2, step 2 of 4
-  c4 = _config(toy_id, learning_rate=0.01, num_devices=4)
+  c4 = _config(toy_id, num_devices=4)
+  c4.optimizer.learning_rate = 0.01
   c4.model.dropout_rate = 0.3
   resumed = train.train_and_evaluate(c4, str(tmp_path / "cut"), log=lambda s: None)
   # Another crop, flip, dropout mask or batch would move the loss by percents. Two programs (1

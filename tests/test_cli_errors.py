@@ -16,8 +16,11 @@ PRE = "--config=experiments/configs/pretrain.py:test"
 # (script, arguments ({tmp}: a folder that exists, holding the file afile, the run directory run
 # and outliers.npy), what the output must say)
 MISTAKES = [
-    ("finetune", ["--config.m_inn=-20"],
-     ["error: config.m_inn is not a config field; did you mean config.m_in?"]),
+    ("finetune", ["--config.objective.m_inn=-20"],
+     ["error: config.objective.m_inn is not a field of any registered objective",
+      "did you mean config.objective.m_in?"]),
+    ("finetune", ["--config.m_in=-20"],
+     ["--config.m_in was renamed --config.objective.m_in (energy-jax 0.3)"]),
     ("pretrain", ["--config.model.dpth=16"],
      ["config.model.dpth is not a field of model 'wrn' (its fields: depth, dropout_rate, pooling, "
       "widen_factor); did you mean config.model.depth?"]),
@@ -27,24 +30,24 @@ MISTAKES = [
      ["Unknown command line flag 'epochs'; config fields are set as --config.epochs=VALUE"]),
     ("evaluate", ["--chekpoint={tmp}/run"],
      ["Unknown command line flag 'chekpoint'. Did you mean: checkpoint ?"]),
-    ("finetune", ["--config.objective=logitnorm"],
-     ["config.objective must be one of 'ce', 'energy', 'oe', got 'logitnorm'"]),
+    ("finetune", ["--config.objective.name=logitnorm"],
+     ["config.objective.name must be one of 'ce', 'energy', 'oe', got 'logitnorm'"]),
     ("pretrain", ["--config.model.name=wrm"],
      ["config.model.name must be one of 'wrn', got 'wrm'; did you mean 'wrn'?"]),
     ("pretrain", ["--config.epochs=0"],
      ["config.epochs must be a positive integer, got 0"]),
-    ("finetune", ["--config.m_in=-2", "--config.m_out=-5"],
-     ["config.m_in = -2", "must lie below config.m_out = -5"]),
-    ("pretrain", ["--config.m_in=auto"],
-     ["config.m_in = 'auto' is computed for the energy objective, but config.objective = 'ce': "
-      "set a number, or objective 'energy'"]),
-    ("finetune", ["--config.m_out=automatic"],
-     ["config.m_out must be a number or 'auto', got 'automatic'"]),
+    ("finetune", ["--config.objective.m_in=-2", "--config.objective.m_out=-5"],
+     ["config.objective.m_in = -2", "must lie below config.objective.m_out = -5"]),
+    ("pretrain", ["--config.objective.m_in=auto"],
+     ["config.objective.m_in = 'auto' is computed for the energy objective, but "
+      "config.objective.name = 'ce': set a number, or objective.name 'energy'"]),
+    ("finetune", ["--config.objective.m_out=automatic"],
+     ["config.objective.m_out must be a number or 'auto', got 'automatic'"]),
     ("pretrain", ["--config.epochs=abc"],
      ["--config.epochs=abc: invalid literal for int()"]),
     ("finetune", ["--config=experiments/configs/finetune.py:cifar1O"],
-     ["unknown preset 'cifar1O'; choose one of ('cifar10', 'cifar100', 'demo', 'digits', "
-      "'offline', 'test'); did you mean 'cifar10'?"]),
+     ["unknown preset 'cifar1O'; choose one of ('cifar10', 'cifar100', 'digits', 'offline', "
+      "'test', 'toy'); did you mean 'cifar10'?"]),
     ("finetune", ["--config=experiments/configs/fine_tune.py:test"],
      ["--config=experiments/configs/fine_tune.py:test: no such config file"]),
     ("evaluate", ["--checkpoint={tmp}/run", "--detectors=enrgy"],

@@ -32,14 +32,14 @@ def test_help_lists_every_config_field_with_its_value_and_meaning(script, config
   lines = {line.split()[0]: line for line in out.splitlines()
            if line.strip().startswith("--config.")}
   values = dict(config.flat_items(config.get_config("digits", stage)))
-  assert len(config.FIELDS) >= 40
-  for name, _, meaning in config.FIELDS:
+  assert len(config.fields()) >= 40
+  for name, meaning in ((f.name, f.meaning) for f in config.fields()):
     line = lines.get(f"--config.{name}")
     assert line is not None, f"--config.{name} missing from {script} --help"
     assert repr(values[name]) in line and meaning in line, line
   assert "presets: " in out and "digits" in out
   if stage == "finetune":
-    assert repr("energy") in lines["--config.objective"]
+    assert repr("energy") in lines["--config.objective.name"]
   if script == "evaluate.py":
     assert "--detectors" in out                 # its own flags are still listed
 
@@ -47,7 +47,7 @@ def test_help_lists_every_config_field_with_its_value_and_meaning(script, config
 def test_help_of_the_default_preset():
   out = _help(["experiments/finetune.py", "--help"])
   assert "--config=experiments/configs/finetune.py:cifar10" in out
-  line = next(l for l in out.splitlines() if l.strip().startswith("--config.m_in "))
+  line = next(l for l in out.splitlines() if l.strip().startswith("--config.objective.m_in "))
   assert "-23.0" in line
   assert "--workdir=DIR (default workdirs/PRESET_finetune" in out
 

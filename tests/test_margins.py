@@ -1,5 +1,5 @@
-"""``--config.objective.m_in=auto --config.objective.m_out=auto``: the margins from the pretrained model's energies,
-printed, saved in config.json, kept by a resumed run."""
+"""``--config.objective.m_in=auto --config.objective.m_out=auto``: the margins from the
+pretrained model's energies, printed, saved in config.json, kept by a resumed run."""
 
 import json
 import re

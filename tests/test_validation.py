@@ -65,12 +65,12 @@ BAD_VALUES = [
     ("epochs", 2 ** 31, "in [1, 2147483647] (JAX's integers are 32-bit)"),
     ("batch_size", 2 ** 40, "in [1, 2147483647] (JAX's integers are 32-bit)"),
     ("num_devices", 2 ** 31, "in [0, 2147483647] (JAX's integers are 32-bit)"),
-    ("optimizer.learning_rate", 1e39, "in [1.1754944e-38, 3.4028235e+38] (the run computes in float32, "
-                            "where it overflows)"),
-    ("optimizer.learning_rate", 1e-39, "in [1.1754944e-38, 3.4028235e+38] (the run computes in float32, "
-                             "where it underflows)"),
-    ("optimizer.weight_decay", 1e-45, "0 or in [1.1754944e-38, 3.4028235e+38] (the run computes in "
-                            "float32, where it underflows)"),
+    ("optimizer.learning_rate", 1e39, "in [1.1754944e-38, 3.4028235e+38] (the run computes in "
+                                      "float32, where it overflows)"),
+    ("optimizer.learning_rate", 1e-39, "in [1.1754944e-38, 3.4028235e+38] (the run computes in "
+                                       "float32, where it underflows)"),
+    ("optimizer.weight_decay", 1e-45, "0 or in [1.1754944e-38, 3.4028235e+38] (the run computes "
+                                      "in float32, where it underflows)"),
     ("objective.m_in", -1e39, "in [-3.4028235e+38, -1.1754944e-38] or 0 or in [1.1754944e-38, "
                     "3.4028235e+38] (the run computes in float32, where it overflows)"),
     ("model.dropout_rate", 1e-300, "0 or in [1.1754944e-38, 1) (the run computes in float32, "

@@ -125,10 +125,10 @@ def removed_if_start_fails(workdir: str):
     raise
 
 
-def save_checkpoint(ckpts: checkpoints.RunCheckpoints, config, state: TrainState, epoch: int, done: int,
-            steps: int, history: Optional[List[Dict[str, Any]]],
-            row: Optional[Dict[str, Any]] = None, finished: bool = False,
-            partial: Optional[Dict[str, np.ndarray]] = None) -> None:
+def save_checkpoint(ckpts: checkpoints.RunCheckpoints, config, state: TrainState, epoch: int,
+                    done: int, steps: int, history: Optional[List[Dict[str, Any]]],
+                    row: Optional[Dict[str, Any]] = None, finished: bool = False,
+                    partial: Optional[Dict[str, np.ndarray]] = None) -> None:
   """Saves ``state`` after ``done`` of the ``steps`` steps of ``epoch`` (0-based), as global step
   ``epoch * steps + done``, with the rows of the epochs completed (``history``); a preempted
   epoch keeps its per-step metrics so far in ``partial``."""
@@ -150,7 +150,8 @@ def stopped_by_signal(epoch: int, done: int, steps: int, signal_name: str,
 
 def run_summary(config, data: RunData, steps: int, mesh, times: Dict[str, float]) -> str:
   devices = mesh.devices.size
-  return (f"{config.objective.name} training: {len(data.train)} train / {len(data.test)} test images"
+  return (f"{config.objective.name} training: {len(data.train)} train / {len(data.test)} test "
+          f"images"
           f"{f', {len(data.outliers)} outliers' if data.outliers is not None else ''}; {steps} "
           f"steps/epoch, {devices} device(s) x {config.batch_size // devices}, input "
           f"{config.input_pipeline}; data loaded in {times['data']:.1f} s")

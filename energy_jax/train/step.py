@@ -81,9 +81,9 @@ def objective_loss(config, output: models.ModelOutput, labels: Array, num_in: in
 
 def train_step(state: TrainState, batch: Mapping[str, Array], *, config,
                axis_name: Optional[str] = parallel.AXIS) -> Tuple[TrainState, Dict[str, Array]]:
-  """One step of ``state.tx`` on this device's shard; ``batch`` has ``image``, ``label``, for the objectives
-  that use outliers ``outlier`` (normalised NHWC float images), and in a padded batch ``mask``
-  (``[B]`` bool, True for the real in-distribution images). Dropout is drawn per example from its
+  """One step of ``state.tx`` on this device's shard; ``batch`` has ``image``, ``label``, for the
+  objectives that use outliers ``outlier`` (normalised NHWC float images), and in a padded batch
+  ``mask`` (``[B]`` bool, True for the real in-distribution images). Dropout is drawn per example from its
   position in the global batch (outliers after all in-distribution images)."""
   model = models.from_config(config, axis_name=axis_name)
   num_in = batch["image"].shape[0]

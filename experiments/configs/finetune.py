@@ -1,4 +1,4 @@
-"""Energy-bounded fine-tuning (or Outlier Exposure with ``--config.objective=oe``):
+"""Energy-bounded fine-tuning (or Outlier Exposure with ``--config.objective.name=oe``):
 ``--config=experiments/configs/finetune.py:PRESET``.
 
 PRESET: as for pretrain.py. The paper's recipe: 10 epochs from the pretrained model, lr 0.001,

@@ -1,6 +1,6 @@
 """Pretraining of the baseline classifier: ``--config=experiments/configs/pretrain.py:PRESET``.
 
-PRESET (``energy_jax/config/presets``): cifar10 (default) | cifar100 | offline | demo | test.
+PRESET (``energy_jax/config/presets``): cifar10 (default) | cifar100 | offline | digits | toy | test.
 The paper's recipe: WRN-40-2, 100 epochs, batch 128, SGD nesterov 0.9, lr 0.1 cosine, weight
 decay 5e-4. ``offline`` reads the packs of this checkout's ``../shared/data``.
 """
