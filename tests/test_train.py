@@ -275,8 +275,8 @@ def test_bad_inputs(toy_dir, tmp_path):
   assert not (tmp_path / "made").exists() and not (tmp_path / "a").exists()
   assert (tmp_path / "found").is_dir()
   # Keys of 0.1 are refused with their new names.
-  with pytest.raises(ValueError, match=r"score -> objective.name \(energy-jax 0.2\), dtype -> "
-                                       r"model.dtype \(energy-jax 0.2\)"):
+  with pytest.raises(ValueError, match=r"dtype -> model.dtype \(energy-jax 0.2\), score -> "
+                                       r"objective.name \(energy-jax 0.2\)"):
     train.train_and_evaluate(_with(c, score="energy", dtype="bfloat16"), str(tmp_path / "old"))
   # NaN loss stops with a clear message and keeps the last good checkpoint.
   with pytest.raises(FloatingPointError, match="last good checkpoint"):
