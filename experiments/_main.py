@@ -248,8 +248,13 @@ INTERRUPTED = 130
 
 
 def define_process_flags() -> None:
-  """The flags that join a multi-process run (README: several hosts)."""
+  """The flags that set up JAX before any work: the processes of a multi-process run (README:
+  several hosts) and the persistent compilation cache."""
   from absl import flags
+  from energy_jax import compilation_cache
+  flags.DEFINE_string("compilation_cache", None, "folder of JAX's persistent compilation cache, "
+                      "'off' for none (default: $" + compilation_cache.ENV + ", else "
+                      "~/.cache/energy_jax/" + compilation_cache.FOLDER + ")")
   flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, to run as one of "
                       "--num_processes processes (jax.distributed); unset: one process")
   flags.DEFINE_integer("num_processes", None, "processes of the run (with --coordinator_address)")
@@ -259,11 +264,13 @@ def define_process_flags() -> None:
 
 
 def join_processes() -> None:
-  """Joins the run's processes as the flags say (before anything touches a device)."""
+  """Turns the compilation cache on and joins the run's processes as the flags say (before
+  anything compiles or touches a device)."""
   from absl import app, flags
-  from energy_jax import distributed
+  from energy_jax import compilation_cache, distributed
   F = flags.FLAGS
   try:
+    compilation_cache.enable(F.compilation_cache)
     distributed.initialize(F.coordinator_address, F.num_processes, F.process_id,
                            auto=F.distributed)
   except ValueError as e:

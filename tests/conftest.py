@@ -17,6 +17,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 sys.path.insert(0, REPO)
 
+# One compilation cache for the tests, their scripts and notebooks (they inherit the variable), in
+# the checkout rather than the user's ~/.cache: most tests compile the same tiny programs, and the
+# heavy tier's processes load what the fast tier compiled.
+os.environ.setdefault("ENERGY_JAX_COMPILATION_CACHE",
+                      os.path.join(REPO, ".pytest_cache", "jax_compilation_cache"))
+from energy_jax import compilation_cache  # noqa: E402
+
+compilation_cache.enable()
+
 
 def shared_pack(name: str) -> str:
   """Path of an offline pack in ../shared/data, or a skip naming what is missing."""
