@@ -294,7 +294,6 @@ def _evaluate(toy, ckpt, workdir, *extra):
                         capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.heavy
 def test_evaluate_script_end_to_end_on_tin32_ood(tiny_checkpoint, tmp_path):
   pack = shared_pack("tin32-ood.zip")
   toy, ckpt = tiny_checkpoint

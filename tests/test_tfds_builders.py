@@ -184,7 +184,6 @@ def test_unreachable_server_is_named(monkeypatch, tmp_path):
   assert "no network" in str(e.value) and "tfds build cifar10" in str(e.value)
 
 
-@pytest.mark.heavy
 def test_missing_module_is_named(tmp_path):
   """With ``importlib_resources`` missing, preparing fails before any download, naming it."""
   script = (
