@@ -436,3 +436,45 @@ def test_the_scripts_path_checks_leave_names_to_the_loaders():
   _main.check_local_path("energy_ood:cifar10_pretrained", "never shown")   # no exit
   with pytest.raises(SystemExit):
     _main.check_local_path("energy_ood:cifar10_pretrainedd", "no such run directory")
+
+
+def test_a_finetune_run_reads_its_pretrained_weights_and_outliers_by_name(server, monkeypatch,
+                                                                          tmp_path):
+  """The test preset's fine-tuning with ``pretrained`` and ``outliers`` given as fetch names: both
+  are downloaded, the .pt converted, and the run starts from exactly the served weights."""
+  torch = pytest.importorskip("torch")
+  sys.path.insert(0, os.path.dirname(__file__))
+  from torch_twin import TwinWRN, randomize_batchnorm
+  from energy_jax import checkpoints, config as config_lib, train
+  from energy_jax.data import toy
+  net = randomize_batchnorm(TwinWRN(10, 4, 1), torch.Generator().manual_seed(0))
+  buf = io.BytesIO()
+  torch.save(net.state_dict(), buf)
+  _serve(server, monkeypatch, "energy_ood:cifar10_pretrained", buf.getvalue())
+  outliers, data = _npy(64)
+  _serve(server, monkeypatch, "energy_ood:300k_random_images", data)
+  toy_id, _ = toy.make_toy_dataset(str(tmp_path / "toy"), train_per_class=8, test_per_class=4,
+                                   num_outliers=0)
+  c = config_lib.get_config("test", "finetune")
+  c.in_train = c.in_test = toy_id
+  c.pretrained, c.outliers = "energy_ood:cifar10_pretrained", "energy_ood:300k_random_images"
+  c.epochs, c.num_devices = 1, 1
+  c.batch_size, c.outlier_batch_size, c.steps_per_call = 8, 16, 4
+  c.model.depth, c.model.widen_factor, c.model.dropout_rate = 10, 1, 0.0
+  row = train.train_and_evaluate(c, str(tmp_path / "run"), log=lambda s: None)
+  assert np.isfinite(row["train_loss"])
+  assert sorted(name for name, _ in server.requests) == ["300K_random_images.npy",
+                                                          "cifar10_wrn_pretrained_epoch_99.pt"]
+  assert np.array_equal(np.load(_cache("downloads", "300K_random_images.npy")), outliers)
+  # The run started from the served state_dict: 2 steps at lr 0.001 move each weight tensor by
+  # a few percent of its size at most (a fresh initialisation would differ by all of it).
+  import jax
+  served = checkpoints.load_torch_checkpoint(
+      _cache("downloads", "cifar10_wrn_pretrained_epoch_99.pt"), c)
+  tuned = checkpoints.load_variables(str(tmp_path / "run"), c)
+  start, end = jax.tree_util.tree_leaves(served["params"]), jax.tree_util.tree_leaves(
+      tuned["params"])
+  assert len(start) == len(end)
+  for a, b in zip(start, end):
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() < 0.05 * (np.abs(np.asarray(a)).max()
+                                                                  + 1e-3)
