@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -22,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from energy_jax import __version__, models, storage
+from energy_jax import __version__, fetch, models, storage
 
 # The training recipe's numbers and the checkpoints' layout: a change to either bumps it, and a
 # run saved under another format is not resumed (its remaining epochs would follow other rules).
@@ -328,9 +330,8 @@ def load_variables(path: str, config, what: str = "checkpoint") -> Dict[str, Any
   ``config``'s model. ``what`` names ``path`` in errors."""
   if not path:
     raise ValueError("no pretrained checkpoint given (config.pretrained is empty)")
-  from energy_jax import fetch
   if fetch.is_name(path):             # the authors' weights by name, converted once to Orbax
-    path = fetch.checkpoint(path, config)
+    path = fetched_run(path, config)
   found = storage.check_reachable(path, what)
   if not found.exists():
     raise FileNotFoundError(f"{what} not found: {path}")
@@ -353,3 +354,85 @@ def load_variables(path: str, config, what: str = "checkpoint") -> Dict[str, Any
             f"{meta['config']['epochs']}); its newest checkpoint, step {step}, is used",
             file=sys.stderr)
     return ckpts.restore_variables(step)
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' checkpoints by name (energy_jax.fetch), converted once.
+
+
+def _process_count() -> int:
+  return jax.process_count()
+
+
+def _save_converted(entry: "fetch.Entry", config, variables, run: str, tmp: str) -> None:
+  """Saves the converted ``variables`` as the Orbax run folder ``tmp`` (a collective save where
+  there are several processes: each calls it with the same ``tmp``), renamed to ``run`` by
+  process 0."""
+  from energy_jax import distributed
+  meta = {"epoch": 0, "finished": True, "version": __version__, "format": RUN_FORMAT,
+          "architecture": models.architecture(config), "converted_from": fetch.url_of(entry),
+          "checksum": list(entry.checksum)}
+  with RunCheckpoints(tmp, log=fetch.log) as saved:
+    saved.save(0, jax.device_get(variables), meta)
+  if distributed.is_main_process():
+    fetch.move_into_place(tmp, run)
+    fetch.log(f"{entry.name}: converted {entry.filename} to {run}")
+
+
+def fetched_run(name: str, config, cache: Optional[str] = None) -> str:
+  """The Orbax run folder of the :mod:`energy_jax.fetch` checkpoint ``name`` for ``config``'s
+  model, in the fetch cache: the ``.pt`` downloaded and converted once (with torch), read
+  afterwards without it. With several
+  processes (a shared cache, as the run folder is), every process must call it at the same
+  point: process 0 alone looks at the cache and downloads, and the conversion's save is
+  collective (Orbax writes on process 0 and waits for all)."""
+  entry = fetch.get(name)
+  if entry.kind != "checkpoint":
+    names = (n for n, e in fetch.ENTRIES.items() if e.kind == "checkpoint")
+    raise fetch.FetchError(f"{name} is a data set, not a checkpoint; checkpoints: "
+                           f"{', '.join(names)}")
+  run = os.path.join(fetch.cache_dir(cache), entry.folder, "orbax")
+  done = os.path.join(run, "checkpoints")
+  if _process_count() == 1:
+    if not os.path.isdir(done):
+      variables = load_torch_checkpoint(fetch.download(name, cache), config)
+      tmp = f"{run}.{os.getpid()}.tmp"
+      shutil.rmtree(tmp, ignore_errors=True)
+      _save_converted(entry, config, variables, run, tmp)
+    return run
+  # Several processes: each deciding for itself would convert into a folder of its own (a
+  # collective save that then waits forever, or folders left empty), or skip the save the others
+  # wait in. Process 0 decides for all: 0 convert, 1 already there, 2 the download failed.
+  from energy_jax import distributed
+  state, problem = 0, ""
+  if distributed.is_main_process():
+    if os.path.isdir(done):
+      state = 1
+    else:
+      try:
+        fetch.download(name, cache)
+      except fetch.FetchError as e:
+        state, problem = 2, str(e)
+      # A folder an earlier run with this process id left (the others write nothing before
+      # the broadcast below, which they wait in).
+      shutil.rmtree(f"{run}.{os.getpid()}.tmp", ignore_errors=True)
+  state, pid = (int(v) for v in distributed.from_main_process(
+      np.array([state, os.getpid()], np.int64)))
+  if state == 2:
+    raise fetch.FetchError(problem or f"{name}: process 0 could not download it (its log says "
+                           "why)")
+  if state == 0:
+    # Every process reads the .pt process 0 downloaded (the save needs the arrays on each); one
+    # that cannot is named before the collective save, which would otherwise wait for it forever.
+    pt = os.path.join(fetch.cache_dir(cache), "downloads", entry.filename)
+    variables, failed = None, ""
+    try:
+      variables = load_torch_checkpoint(pt, config)
+    except Exception as e:              # torch missing, a file unreadable from this process
+      failed = f"{name}: cannot convert {pt}: {type(e).__name__}: {e}"
+    if distributed.any_process(bool(failed)):
+      raise fetch.FetchError(failed or f"{name}: another process cannot convert {pt} (its log "
+                             "says why)")
+    _save_converted(entry, config, variables, run, f"{run}.{pid}.tmp")  # process 0's folder
+    distributed.any_process(False)      # the others wait for process 0's rename
+  return run

@@ -5,9 +5,10 @@
 
 A name (``energy_ood:cifar10_energy_ft``, ``energy_ood:lsun_c``, ...) goes wherever a checkpoint
 or a data source goes: ``--config.pretrained``, ``--config.outliers``, ``evaluate.py
---checkpoint`` and the paper's OOD sets. :func:`path` (data) and :func:`checkpoint` (weights,
-converted once to an Orbax run folder so that later runs read them without torch) are the one
-place the loaders resolve names.
+--checkpoint`` and the paper's OOD sets. :func:`path` is the one place the loaders resolve
+names to local files; a checkpoint's ``.pt`` is converted once to an Orbax run folder in the
+cache where it is read (:func:`energy_jax.checkpoints.fetched_run`), so that later runs read it
+without torch.
 
 The cache is ``~/.cache/energy_jax`` unless ``ENERGY_JAX_CACHE`` or ``--cache_dir`` names another
 folder. A download goes to ``downloads/<file>.part``, is resumed from there with an HTTP Range
@@ -79,7 +80,7 @@ class Entry:
     unpack: ``none`` (the file is the source), ``tar`` (a folder of images) or ``svhn_mat``
       (a ``.mat`` whose ``X [32, 32, 3, N]`` becomes a ``.npy [N, 32, 32, 3]``).
     root: the folder inside the unpacked archive that the source reads.
-    dataset: the in-distribution set of a checkpoint (its preset for ``get``).
+    dataset: the in-distribution set of a checkpoint.
   """
   name: str
   url: str
@@ -185,7 +186,7 @@ def url_of(entry: Entry) -> str:
   return f"{mirror.rstrip('/')}/{entry.filename}" if mirror else entry.url
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
   print(message, file=sys.stderr)
 
 
@@ -374,7 +375,7 @@ def _write_validator(part: str, response, total: Optional[int]) -> None:
 
 def _restart(entry: Entry, part: str, why: str) -> None:
   """Drops the part (and its validator): its bytes belong to another version of the file."""
-  _log(f"{entry.name}: {why}; downloading it from the start")
+  log(f"{entry.name}: {why}; downloading it from the start")
   for stale in (part, part + ".validator"):
     if os.path.exists(stale):
       os.remove(stale)
@@ -441,7 +442,7 @@ def _download(entry: Entry, part: str, url: str) -> None:
   with response:
     resumed = have > 0 and response.status == 206
     if have and not resumed:
-      _log(f"{entry.name}: {url} ignored the range request (or its file changed since the part "
+      log(f"{entry.name}: {url} ignored the range request (or its file changed since the part "
            "was written); downloading it from the start")
       have = 0
     length = response.headers.get("Content-Length")
@@ -528,7 +529,7 @@ def _unpack_tar(archive: str, into: str) -> None:
     tar.extractall(into)
 
 
-def _into_place(tmp: str, target: str) -> None:
+def move_into_place(tmp: str, target: str) -> None:
   """Renames the finished ``tmp`` to ``target``; where another process got there first, its
   copy is kept."""
   try:
@@ -567,7 +568,7 @@ def path(name: str, cache: Optional[str] = None) -> str:
     tmp = f"{target}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    _log(f"{entry.name}: unpacking {archive}")
+    log(f"{entry.name}: unpacking {archive}")
     try:
       _UNPACKERS[entry.unpack](archive, tmp)
     except FetchError:
@@ -577,92 +578,13 @@ def path(name: str, cache: Optional[str] = None) -> str:
       shutil.rmtree(tmp, ignore_errors=True)
       raise FetchError(f"{entry.name}: cannot unpack {archive} ({type(e).__name__}: {e}): "
                        "free space if the disk is full, else delete the file and run again")
-    _into_place(tmp, target)
+    move_into_place(tmp, target)
   found = os.path.join(target, entry.root)
   if not os.path.exists(found):
     raise FetchError(f"{entry.name}: {archive} unpacked without {entry.root} (found "
                      f"{sorted(os.listdir(target))[:5]}); delete {target} and the archive, and "
                      "run again")
   return found
-
-
-def _process_count() -> int:
-  import jax
-  return jax.process_count()
-
-
-def _save_converted(entry: Entry, config, variables, run: str, tmp: str) -> None:
-  """Saves the converted ``variables`` as the Orbax run folder ``tmp`` (a collective save where
-  there are several processes: each calls it with the same ``tmp``), renamed to ``run`` by
-  process 0."""
-  import jax
-  from energy_jax import __version__, checkpoints, distributed, models
-  meta = {"epoch": 0, "finished": True, "version": __version__, "format": checkpoints.RUN_FORMAT,
-          "architecture": models.architecture(config), "converted_from": url_of(entry),
-          "checksum": list(entry.checksum)}
-  with checkpoints.RunCheckpoints(tmp, log=_log) as saved:
-    saved.save(0, jax.device_get(variables), meta)
-  if distributed.is_main_process():
-    _into_place(tmp, run)
-    _log(f"{entry.name}: converted {entry.filename} to {run}")
-
-
-def checkpoint(name: str, config, cache: Optional[str] = None) -> str:
-  """The Orbax run folder of the checkpoint ``name`` for ``config``'s model: the ``.pt``
-  downloaded and converted once (with torch), read afterwards without it. With several
-  processes (a shared cache, as the run folder is), every process must call it at the same
-  point: process 0 alone looks at the cache and downloads, and the conversion's save is
-  collective (Orbax writes on process 0 and waits for all)."""
-  entry = get(name)
-  if entry.kind != "checkpoint":
-    raise FetchError(f"{name} is a data set, not a checkpoint; checkpoints: "
-                     f"{', '.join(n for n, e in ENTRIES.items() if e.kind == 'checkpoint')}")
-  run = os.path.join(cache_dir(cache), entry.folder, "orbax")
-  done = os.path.join(run, "checkpoints")
-  from energy_jax import checkpoints
-  if _process_count() == 1:
-    if not os.path.isdir(done):
-      variables = checkpoints.load_torch_checkpoint(download(name, cache), config)
-      tmp = f"{run}.{os.getpid()}.tmp"
-      shutil.rmtree(tmp, ignore_errors=True)
-      _save_converted(entry, config, variables, run, tmp)
-    return run
-  # Several processes: each deciding for itself would convert into a folder of its own (a
-  # collective save that then waits forever, or folders left empty), or skip the save the others
-  # wait in. Process 0 decides for all: 0 convert, 1 already there, 2 the download failed.
-  import numpy as np
-  from energy_jax import distributed
-  state, problem = 0, ""
-  if distributed.is_main_process():
-    if os.path.isdir(done):
-      state = 1
-    else:
-      try:
-        download(name, cache)
-      except FetchError as e:
-        state, problem = 2, str(e)
-      # A folder an earlier run with this process id left (the others write nothing before
-      # the broadcast below, which they wait in).
-      shutil.rmtree(f"{run}.{os.getpid()}.tmp", ignore_errors=True)
-  state, pid = (int(v) for v in distributed.from_main_process(
-      np.array([state, os.getpid()], np.int64)))
-  if state == 2:
-    raise FetchError(problem or f"{name}: process 0 could not download it (its log says why)")
-  if state == 0:
-    # Every process reads the .pt process 0 downloaded (the save needs the arrays on each); one
-    # that cannot is named before the collective save, which would otherwise wait for it forever.
-    pt = os.path.join(cache_dir(cache), "downloads", entry.filename)
-    variables, failed = None, ""
-    try:
-      variables = checkpoints.load_torch_checkpoint(pt, config)
-    except Exception as e:              # torch missing, a file unreadable from this process
-      failed = f"{name}: cannot convert {pt}: {type(e).__name__}: {e}"
-    if distributed.any_process(bool(failed)):
-      raise FetchError(failed or f"{name}: another process cannot convert {pt} (its log says "
-                       "why)")
-    _save_converted(entry, config, variables, run, f"{run}.{pid}.tmp")  # process 0's folder
-    distributed.any_process(False)      # the others wait for process 0's rename
-  return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -710,12 +632,10 @@ def main(argv=None) -> int:
     parser.error("get: name at least one (python -m energy_jax.fetch list shows them)")
   try:
     for name in args.names:
-      entry = get(name)
-      if entry.kind == "checkpoint":
-        from energy_jax import config as config_lib
-        print(checkpoint(name, config_lib.get_config(entry.dataset, "finetune"), args.cache_dir))
-      else:
-        print(path(name, args.cache_dir))
+      print(path(name, args.cache_dir))
+      if get(name).kind == "checkpoint":
+        log(f"{name}: converted to Orbax in the cache where it is first read "
+            "(--config.pretrained, evaluate.py --checkpoint), then read without torch")
   except FetchError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

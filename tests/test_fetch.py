@@ -363,6 +363,8 @@ def test_the_authors_checkpoint_by_name_converted_once_then_read_without_torch(s
   _serve(server, monkeypatch, PT, buf.getvalue())
   c = config_lib.get_config("cifar10", "finetune")
   c.model.depth, c.model.widen_factor = 10, 1
+  assert fetch.main(["get", PT]) == 0          # downloads; the conversion waits for a reader
+  assert not os.path.exists(_cache("energy_ood", "cifar10_energy_ft", "orbax"))
   first = checkpoints.load_variables(PT, c)
   pt = _cache("downloads", "cifar10_wrn_s1_energy_ft_epoch_9.pt")
   direct = checkpoints.load_torch_checkpoint(pt, c)
@@ -385,37 +387,37 @@ def test_with_several_processes_only_process_0_downloads_and_all_share_its_save(
   # This process plays process 1 of 2: the cache is process 0's to look at and download into,
   # the Orbax save collective into the one folder process 0 names (its pid), the rename its.
   from energy_jax import checkpoints, config as config_lib, distributed
-  monkeypatch.setattr(fetch, "_process_count", lambda: 2)
+  monkeypatch.setattr(checkpoints, "_process_count", lambda: 2)
   monkeypatch.setattr(distributed, "is_main_process", lambda: False)
   said, flags, saves = {}, [], []
   monkeypatch.setattr(distributed, "from_main_process", lambda values: said["state"])
   monkeypatch.setattr(distributed, "any_process", lambda flag: flags.append(flag) or flag)
-  monkeypatch.setattr(fetch, "_save_converted", lambda *args: saves.append(args[3:]))
+  monkeypatch.setattr(checkpoints, "_save_converted", lambda *args: saves.append(args[3:]))
   read = []
   monkeypatch.setattr(checkpoints, "load_torch_checkpoint", lambda pt, c: read.append(pt) or {})
   c = config_lib.get_config("cifar10", "finetune")
   run = _cache("energy_ood", "cifar10_energy_ft", "orbax")
   said["state"] = np.array([1, 4242])               # process 0 found it converted already
-  assert fetch.checkpoint(PT, c) == run and not read and not saves and not flags
+  assert checkpoints.fetched_run(PT, c) == run and not read and not saves and not flags
   said["state"] = np.array([2, 4242])               # process 0's download failed
   with pytest.raises(fetch.FetchError, match="process 0 could not download it"):
-    fetch.checkpoint(PT, c)
+    checkpoints.fetched_run(PT, c)
   said["state"] = np.array([0, 4242])               # process 0 downloaded: convert together
-  assert fetch.checkpoint(PT, c) == run
+  assert checkpoints.fetched_run(PT, c) == run
   assert read == [_cache("downloads", "cifar10_wrn_s1_energy_ft_epoch_9.pt")]
   assert saves == [(run, run + ".4242.tmp")] and flags == [False, False]   # then the barrier
   assert server.requests == [] and not os.path.exists(_cache("downloads"))
   # A process that cannot read the .pt says so to all before the save (else they would wait).
   monkeypatch.setattr(checkpoints, "load_torch_checkpoint", lambda pt, c: 1 / 0)
   with pytest.raises(fetch.FetchError, match="cannot convert .*ZeroDivisionError"):
-    fetch.checkpoint(PT, c)
+    checkpoints.fetched_run(PT, c)
   assert flags[-1] is True and len(saves) == 1
   # As process 0: it downloads, and names its own pid's folder to all.
   monkeypatch.setattr(distributed, "is_main_process", lambda: True)
   monkeypatch.setattr(distributed, "from_main_process", lambda values: values)
   monkeypatch.setattr(checkpoints, "load_torch_checkpoint", lambda pt, c: {})
   _serve(server, monkeypatch, PT, b"PK\x03\x04 a stand-in .pt")
-  assert fetch.checkpoint(PT, c) == run
+  assert checkpoints.fetched_run(PT, c) == run
   assert len(server.requests) == 1 and saves[-1] == (run, f"{run}.{os.getpid()}.tmp")
 
 
