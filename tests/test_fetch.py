@@ -440,10 +440,11 @@ def test_the_scripts_path_checks_leave_names_to_the_loaders():
     _main.check_local_path("energy_ood:cifar10_pretrainedd", "no such run directory")
 
 
-def test_a_finetune_run_reads_its_pretrained_weights_and_outliers_by_name(server, monkeypatch,
-                                                                          tmp_path):
+def test_a_finetune_run_and_an_evaluation_read_the_weights_and_outliers_by_name(
+    server, monkeypatch, tmp_path):
   """The test preset's fine-tuning with ``pretrained`` and ``outliers`` given as fetch names: both
-  are downloaded, the .pt converted, and the run starts from exactly the served weights."""
+  are downloaded, the .pt converted, and the run starts from the served weights; the evaluation
+  then reads the same name as its checkpoint."""
   torch = pytest.importorskip("torch")
   sys.path.insert(0, os.path.dirname(__file__))
   from torch_twin import TwinWRN, randomize_batchnorm
@@ -480,3 +481,13 @@ def test_a_finetune_run_reads_its_pretrained_weights_and_outliers_by_name(server
   for a, b in zip(start, end):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() < 0.05 * (np.abs(np.asarray(a)).max()
                                                                   + 1e-3)
+  # The evaluation takes the name as its checkpoint: the converted run folder, no new request.
+  from energy_jax import detectors
+  from energy_jax.ood import evaluation
+  requests = len(server.requests)
+  out = evaluation.run(c, "energy_ood:cifar10_pretrained", {"noise": "synthetic:uniform_noise"},
+                       str(tmp_path / "eval"), [detectors.create("energy")], log=lambda s: None,
+                       progress_bar=False)
+  assert len(server.requests) == requests
+  assert out["checkpoint"] == "energy_ood:cifar10_pretrained"
+  assert 0.0 <= out["results"]["energy (T=1)"]["noise"]["auroc"] <= 1.0
