@@ -60,8 +60,8 @@ def refuse_renamed_keys(argv):
     key = arg.split("=", 1)[0][len("--config."):] if arg.startswith("--config.") else None
     renamed = key and renamed_key(key)
     if renamed:
-      fail(f"--config.{renamed.replace(' -> ', ' was renamed --config.', 1)} (README: renamed "
-           "config keys)")
+      fail(f"--config.{renamed.replace(' -> ', ' was renamed --config.', 1)} (CHANGELOG.md: "
+           "renamed config keys)")
 
 
 def config_spec(argv, default: str) -> str:
@@ -248,8 +248,8 @@ INTERRUPTED = 130
 
 
 def define_process_flags() -> None:
-  """The flags that set up JAX before any work: the processes of a multi-process run (README:
-  several hosts) and the persistent compilation cache."""
+  """The flags that set up JAX before any work: the processes of a multi-process run
+  (docs/training.md: several hosts) and the persistent compilation cache."""
   from absl import flags
   from energy_jax import compilation_cache
   flags.DEFINE_string("compilation_cache", None, "folder of JAX's persistent compilation cache, "

@@ -195,7 +195,7 @@ def check_renamed(config) -> None:
   """Raises naming the new path of every key of an earlier version that ``config`` still sets."""
   old = [m for k in config.keys() if (m := renamed_key(k, config[k]))]
   if old:
-    raise ValueError("config keys renamed: " + ", ".join(old) + " (see the README's table)")
+    raise ValueError("config keys renamed: " + ", ".join(old) + " (see CHANGELOG.md)")
 
 
 def base_config() -> ml_collections.ConfigDict:
