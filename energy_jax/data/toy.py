@@ -64,5 +64,5 @@ def make_toy_dataset(directory: str, num_classes: int = 4, train_per_class: int 
 
 
 if __name__ == "__main__":
-  paths = make_toy_dataset(sys.argv[1] if len(sys.argv) > 1 else "workdirs/demo/data")
+  paths = make_toy_dataset(sys.argv[1] if len(sys.argv) > 1 else "workdirs/toy/data")
   print("wrote", *paths)

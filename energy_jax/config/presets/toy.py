@@ -5,8 +5,8 @@ m_in -8, m_out -2."""
 
 def override(c, stage: str) -> None:
   c.dataset, c.num_classes = "toy", 4
-  c.in_train = c.in_test = "workdirs/demo/data/toy_id.zip"
-  c.outliers = "workdirs/demo/data/toy_outliers.npy"
+  c.in_train = c.in_test = "workdirs/toy/data/toy_id.zip"
+  c.outliers = "workdirs/toy/data/toy_outliers.npy"
   c.model.depth, c.model.widen_factor, c.model.dropout_rate = 10, 1, 0.0
   c.batch_size, c.outlier_batch_size = 32, 64
   c.epochs = 6 if stage == "pretrain" else 2
