@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from energy_jax import config
+from energy_jax.fields import check_float32
 from energy_jax.arrays import check_plain_real, widen_host_half
 from energy_jax.registry import Registry
 
@@ -344,7 +344,7 @@ def check_range(name: str, value, low, high, *, low_open: bool = False,
   if not ok:
     lo, hi = "(" if low_open else "[", ")" if high_open else "]"
     raise ValueError(f"{name} must lie in {lo}{low}, {high}{hi}, got {value!r}")
-  config.check_float32(name, value, low, high, low_open, high_open)
+  check_float32(name, value, low, high, low_open, high_open)
 
 
 def check_traced_hparams(detector: Detector) -> None:
@@ -360,7 +360,7 @@ def check_traced_hparams(detector: Detector) -> None:
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
       if not np.isfinite(float(value)):
         raise ValueError(f"{f.name} must be finite, got {value!r}")
-      config.check_float32(f.name, value)
+      check_float32(f.name, value)
     elif traced and not isinstance(value, (bool, np.bool_)):
       raise TypeError(f"{f.name} must be a real number (it is traced as float32), got {value!r}")
 
