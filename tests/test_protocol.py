@@ -29,7 +29,14 @@ def test_the_paper_sets_and_their_preprocessing():
                                           "isun"}
   resized = {n for n, s in protocol.PAPER_OOD_SETS.items() if s.transform == "resize"}
   assert resized == {"textures", "places365"}           # the others are fed as they are
-  assert protocol.PAPER_OOD_SETS["textures"].split == "train+validation+test"   # all 5,640
+  # Each the official archive, fetched by name: all 5,640 DTD images (the folder of its 47
+  # classes), the SVHN test .mat, Places365's val_256.
+  from energy_jax import fetch
+  for name, root in (("textures", "dtd/images"), ("svhn", "test_32x32.npy"),
+                     ("places365", "val_256")):
+    spec = protocol.PAPER_OOD_SETS[name]
+    assert spec.source == f"energy_ood:{name}" and spec.split is None
+    assert fetch.get(spec.source).root == root
   assert protocol.parse_ood("lsun_c") == ("lsun_c", protocol.PAPER_OOD_SETS["lsun_c"])
   assert protocol.parse_ood("x=/d/x@as_is") == ("x", protocol.OODSet("/d/x", None, "as_is"))
   assert protocol.parse_ood("synthetic:jigsaw")[0] == "jigsaw"

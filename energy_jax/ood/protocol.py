@@ -43,12 +43,12 @@ class OODSet:
                        f"{self.transform!r}")
 
 
+# Each fetched once by name (energy_jax.fetch: the official archives, checked); a copy on the
+# disk or in TFDS is read with e.g. --ood lsun_c=data/LSUN@as_is or svhn=tfds:svhn_cropped@as_is.
 PAPER_OOD_SETS: Dict[str, OODSet] = {
-    "textures": OODSet("tfds:dtd", "train+validation+test"),
-    "svhn": OODSet("tfds:svhn_cropped", "test", "as_is"),
-    "places365": OODSet("tfds:places365_small", "test"),
-    # The ODIN release's archives, fetched once by name (energy_jax.fetch); a copy on the disk
-    # is read with --ood lsun_c=data/LSUN@as_is.
+    "textures": OODSet("energy_ood:textures"),             # all 5,640 DTD images
+    "svhn": OODSet("energy_ood:svhn", None, "as_is"),      # the 26,032 test images
+    "places365": OODSet("energy_ood:places365"),           # the 36,500 of val_256
     "lsun_c": OODSet("energy_ood:lsun_c", None, "as_is"),
     "lsun_r": OODSet("energy_ood:lsun_r", None, "as_is"),
     "isun": OODSet("energy_ood:isun", None, "as_is"),
