@@ -112,12 +112,13 @@ def _npy(n=4):
   return images, buf.getvalue()
 
 
-def _png_tar_gz(top="LSUN", n=3, size=36):
+def _png_tar_gz(top="LSUN", n=3, size=36, mode="w:gz"):
+  """A tar.gz (``mode="w"``: a plain tar) of ``n`` PNGs in ``{top}/test/``."""
   from PIL import Image
   rng = np.random.default_rng(1)
   images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
   buf = io.BytesIO()
-  with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+  with tarfile.open(fileobj=buf, mode=mode) as tar:
     for i, image in enumerate(images):
       png = io.BytesIO()
       Image.fromarray(image).save(png, format="PNG")
@@ -444,36 +445,49 @@ def test_the_scripts_path_checks_leave_names_to_the_loaders():
     _main.check_local_path("energy_ood:cifar10_pretrainedd", "no such run directory")
 
 
-def test_a_finetune_run_and_an_evaluation_read_the_weights_and_outliers_by_name(
+def test_the_cifar10_preset_fine_tunes_and_evaluates_on_what_it_fetches_by_name(
     server, monkeypatch, tmp_path):
-  """The test preset's fine-tuning with ``pretrained`` and ``outliers`` given as fetch names: both
-  are downloaded, the .pt converted, and the run starts from the served weights; the evaluation
-  then reads the same name as its checkpoint."""
+  """The :cifar10 fine-tuning preset (its model shrunk, one short epoch on toy ID images) as it
+  ships: the authors' pretrained weights, the 300K outliers and the six OOD sets of the paper
+  come by name from the server; the run starts from the served weights, and the evaluation reads
+  the same name as its checkpoint."""
   torch = pytest.importorskip("torch")
   sys.path.insert(0, os.path.dirname(__file__))
+  from scipy import io as scipy_io
   from torch_twin import TwinWRN, randomize_batchnorm
-  from energy_jax import checkpoints, config as config_lib, train
+  from energy_jax import checkpoints, config as config_lib, detectors, train
   from energy_jax.data import toy
-  net = randomize_batchnorm(TwinWRN(10, 4, 1), torch.Generator().manual_seed(0))
+  from energy_jax.ood import evaluation, protocol
+  net = randomize_batchnorm(TwinWRN(10, 10, 1), torch.Generator().manual_seed(0))
   buf = io.BytesIO()
   torch.save(net.state_dict(), buf)
   _serve(server, monkeypatch, "energy_ood:cifar10_pretrained", buf.getvalue())
   outliers, data = _npy(64)
   _serve(server, monkeypatch, "energy_ood:300k_random_images", data)
-  toy_id, _ = toy.make_toy_dataset(str(tmp_path / "toy"), train_per_class=8, test_per_class=4,
-                                   num_outliers=0)
-  c = config_lib.get_config("test", "finetune")
+  for name, top, mode in (("textures", "dtd/images", "w:gz"), ("places365", "val_256", "w"),
+                          ("lsun_c", "LSUN", "w:gz"), ("lsun_r", "LSUN_resize", "w:gz"),
+                          ("isun", "iSUN", "w:gz")):
+    _serve(server, monkeypatch, f"energy_ood:{name}", _png_tar_gz(top=top, n=4, mode=mode)[1])
+  mat = io.BytesIO()
+  scipy_io.savemat(mat, {"X": np.random.default_rng(2).integers(0, 256, (32, 32, 3, 4),
+                                                                  dtype=np.uint8),
+                         "y": np.arange(1, 5)[:, None]})
+  _serve(server, monkeypatch, "energy_ood:svhn", mat.getvalue())
+  toy_id, _ = toy.make_toy_dataset(str(tmp_path / "toy"), num_classes=10, train_per_class=4,
+                                   test_per_class=2, num_outliers=0)
+  c = config_lib.get_config("cifar10", "finetune")
+  assert c.outliers == "energy_ood:300k_random_images"
   c.in_train = c.in_test = toy_id
-  c.pretrained, c.outliers = "energy_ood:cifar10_pretrained", "energy_ood:300k_random_images"
-  c.epochs, c.num_devices = 1, 1
-  c.batch_size, c.outlier_batch_size, c.steps_per_call = 8, 16, 4
+  c.pretrained = "energy_ood:cifar10_pretrained"
+  c.epochs, c.num_devices, c.progress_bar, c.tensorboard = 1, 1, False, False
+  c.batch_size, c.outlier_batch_size, c.steps_per_call, c.eval_batch_size = 8, 16, 4, 16
   c.model.depth, c.model.widen_factor, c.model.dropout_rate = 10, 1, 0.0
   row = train.train_and_evaluate(c, str(tmp_path / "run"), log=lambda s: None)
   assert np.isfinite(row["train_loss"])
   assert sorted(name for name, _ in server.requests) == ["300K_random_images.npy",
                                                           "cifar10_wrn_pretrained_epoch_99.pt"]
   assert np.array_equal(np.load(_cache("downloads", "300K_random_images.npy")), outliers)
-  # The run started from the served state_dict: 2 steps at lr 0.001 move each weight tensor by
+  # The run started from the served state_dict: 5 steps at lr 0.001 move each weight tensor by
   # a few percent of its size at most (a fresh initialisation would differ by all of it).
   import jax
   served = checkpoints.load_torch_checkpoint(
@@ -485,13 +499,16 @@ def test_a_finetune_run_and_an_evaluation_read_the_weights_and_outliers_by_name(
   for a, b in zip(start, end):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() < 0.05 * (np.abs(np.asarray(a)).max()
                                                                   + 1e-3)
-  # The evaluation takes the name as its checkpoint: the converted run folder, no new request.
-  from energy_jax import detectors
-  from energy_jax.ood import evaluation
-  requests = len(server.requests)
-  out = evaluation.run(c, "energy_ood:cifar10_pretrained", {"noise": "synthetic:uniform_noise"},
+  # The paper's table for the authors' model by name: the six sets fetched, the converted
+  # checkpoint read without a second request for it.
+  out = evaluation.run(c, "energy_ood:cifar10_pretrained", protocol.PAPER_OOD_SETS,
                        str(tmp_path / "eval"), [detectors.create("energy")], log=lambda s: None,
                        progress_bar=False)
-  assert len(server.requests) == requests
+  fetched = [name for name, _ in server.requests]
+  assert fetched.count("cifar10_wrn_pretrained_epoch_99.pt") == 1
+  assert len(fetched) == 2 + 6
   assert out["checkpoint"] == "energy_ood:cifar10_pretrained"
-  assert 0.0 <= out["results"]["energy (T=1)"]["noise"]["auroc"] <= 1.0
+  table = out["results"]["energy (T=1)"]
+  assert set(table) == set(protocol.PAPER_OOD_SETS) | {"mean"}
+  for name in protocol.PAPER_OOD_SETS:
+    assert 0.0 <= table[name]["auroc"] <= 1.0 and table[name]["num_ood"] == 20 // 5
