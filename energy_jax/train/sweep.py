@@ -1,0 +1,342 @@
+"""Sweeps: N runs that differ in seed and in numeric hyper-parameters, trained as one program.
+
+A sweep's members share the model, the data and the stream of images (the indices each step
+reads, drawn with the sweep's ``config.seed``); each member has its own weights, BatchNorm
+statistics, optimiser state and rng, stacked along a leading member axis, and the step is the
+single run's :func:`~energy_jax.train.step.train_step` under ``jax.vmap``. A member differs in
+
+* ``seed``: its initialisation, augmentation and dropout (the single run's streams, folded from
+  its own ``state.rng``);
+* any number of ``config.objective`` and ``config.optimizer`` its objective and optimiser read
+  (``objective.m_in``, ``m_out``, ``energy_weight``, ``oe_weight``, ``optimizer.learning_rate``,
+  ``weight_decay``, ``momentum``, ...): a field whose value differs between members enters the
+  step as a traced ``[N]`` float32 array (one compiled program for every value), a field all
+  members give alike stays a constant of the program, as in a single run.
+
+Member ``k`` computes what the single run with member ``k``'s config computes on the same images
+(tests/test_sweep.py states how close); the images come from the sweep's seed, so a member's
+data order is that of a single run whose seed is the sweep's.
+
+::
+
+  sweep = create_sweep_state(config, [{"seed": 1, "objective.m_in": -23},
+                                      {"seed": 2, "objective.m_in": -25}], total_steps)
+  step = sweep_step_fn(mesh)                      # or jax.jit(sweep_train_step)
+  sweep, metrics = step(sweep, batch)             # metrics: {name: [N]}
+  state_k = member_state(sweep, k)                # a TrainState as any run's
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import numbers
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from energy_jax import config as config_lib, models, objectives, optimizers, parallel
+from energy_jax.fields import is_int
+from energy_jax.train import step as step_lib
+from energy_jax.train.state import TrainState, create_train_state, hashable_config
+
+Array = jax.Array
+# The sections whose numbers may differ between members: they enter the step's arithmetic only
+# (the loss and the update), never a shape or the model.
+SECTIONS = ("objective", "optimizer")
+
+
+class SweepState(flax.struct.PyTreeNode):
+  """The state of a sweep: ``members``, a :class:`TrainState` whose every array has a leading
+  member axis ``[N, ...]``; ``hparams``, ``{dotted field: [N] float32}`` for the fields whose
+  values differ between members; and, outside the arrays, ``config``, what the members share
+  (its ``seed`` draws the stream of images), ``overrides``, what sets each member apart
+  (``(("seed", 1), ("objective.m_in", -23.0))``), and ``total_steps``, the schedule's length."""
+  members: TrainState
+  hparams: Dict[str, Array]
+  config: ml_collections.FrozenConfigDict = flax.struct.field(pytree_node=False)
+  overrides: Tuple[Tuple[Tuple[str, Any], ...], ...] = flax.struct.field(pytree_node=False)
+  total_steps: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def size(self) -> int:
+    """The number of members."""
+    return len(self.overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Members: their settings, checked as a single run's config.
+
+def _not_varying(name: str) -> str:
+  return (f"config.{name} cannot differ between the members of a sweep, which share one "
+          "compiled program, its model and its stream of images: only seed and the numbers of "
+          "config.objective and config.optimizer can (set config."
+          f"{name} in the sweep's config)")
+
+
+def _read_fields(config) -> Dict[str, str]:
+  """``{dotted field: what reads it}`` of the fields the chosen objective and optimiser read."""
+  objective, optimizer = config.objective.name, config.optimizer.name
+  read = {f"objective.{f.name}": f"objective {objective!r}"
+          for f in objectives.get(objective).fields}
+  read.update({f"optimizer.{f.name}": f"optimizer {optimizer!r}"
+               for f in (*optimizers.SCHEDULE_FIELDS, *optimizers.get(optimizer).fields)})
+  return read
+
+
+def check_member_field(config, name: Any, value: Any, member: int = 0) -> None:
+  """Raises ``ValueError`` naming the field and value unless member ``member`` of a sweep of
+  ``config`` may set ``name`` to ``value``: ``seed`` or a number of ``config.objective`` /
+  ``config.optimizer`` that the chosen objective or optimiser reads, valid as that field."""
+  where = f"sweep member {member}: "
+  if not isinstance(name, str):
+    raise ValueError(f"{where}a member's keys are config fields such as 'objective.m_in', got "
+                     f"{name!r}")
+  unknown = config_lib.unknown_field(config, name)
+  if unknown:
+    raise ValueError(where + unknown)
+  checks = {f.name: f for f in config_lib.fields(config.model.name)}
+  if name not in checks:
+    raise ValueError(f"{where}config.{name} is a section of the config: a member sets its "
+                     f"fields by their dotted names, such as 'objective.m_in'")
+  if name.endswith(".name") or (
+      name != "seed" and name.split(".")[0] not in SECTIONS):
+    raise ValueError(where + _not_varying(name))
+  default = checks[name].default
+  if isinstance(default, (bool, str)) or not isinstance(default, numbers.Real):
+    raise ValueError(f"{where}config.{name} is not a number ({default!r} by default): members of "
+                     f"a sweep differ in numbers only, which enter one compiled program as "
+                     f"arrays; set config.{name} in the sweep's config, or sweep it as separate "
+                     "runs")
+  if isinstance(value, str) or not isinstance(value, numbers.Real) or isinstance(value, bool):
+    extra = (" ('auto' margins are computed per run from the pretrained model: compute them "
+             "first, energy_jax.train.margins, and give the numbers)"
+             if value == objectives.AUTO else "")
+    raise ValueError(f"{where}config.{name} must be a number in a sweep, got {value!r}{extra}")
+  checks[name].check(name, value)
+  read = _read_fields(config)
+  if name != "seed" and name not in read:
+    raise ValueError(f"{where}config.{name} is not read by objective "
+                     f"{config.objective.name!r} nor optimizer {config.optimizer.name!r}: its "
+                     "members would not differ in it")
+
+
+def _set(config, name: str, value: Any) -> None:
+  *parents, leaf = name.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  if isinstance(node[leaf], float) and is_int(value):
+    value = float(value)
+  setattr(node, leaf, value)
+
+
+def _get(config, name: str) -> Any:
+  node = config
+  for p in name.split("."):
+    node = node[p]
+  return node
+
+
+def member_configs(config, members: Sequence[Mapping[str, Any]]) -> List[ml_collections.ConfigDict]:
+  """Each member's config: ``config`` with the member's overrides (``{"seed": 1,
+  "objective.m_in": -23, ...}``), each checked as the field it sets and the whole as a run's
+  config (:func:`energy_jax.config.validate`: ``m_in < m_out``, ...)."""
+  if isinstance(members, Mapping) or not members:
+    raise ValueError(f"a sweep's members are a non-empty list of dicts of overrides such as "
+                     f"[{{'seed': 1}}, {{'seed': 2}}], got {members!r}")
+  config_lib.validate(config)
+  out = []
+  for k, overrides in enumerate(members):
+    if not isinstance(overrides, Mapping):
+      raise ValueError(f"sweep member {k} must be a dict of overrides such as "
+                       f"{{'seed': 1, 'objective.m_in': -23}}, got {overrides!r}")
+    c = copy.deepcopy(ml_collections.ConfigDict(config))
+    for name, value in overrides.items():
+      check_member_field(c, name, value, k)
+      _set(c, name, value)
+    try:
+      config_lib.validate(c)
+    except ValueError as e:
+      raise ValueError(f"sweep member {k} ({describe(overrides)}): {e}") from None
+    for name in objectives.AUTO_FIELDS:
+      if f"objective.{name}" in _read_fields(c) and c.objective[name] == objectives.AUTO:
+        raise ValueError(
+            f"sweep member {k}: config.objective.{name} = {objectives.AUTO!r}: a sweep takes "
+            "numbers (the margins a single run computes from the pretrained model: compute "
+            "them first, energy_jax.train.margins, and give them to the sweep)")
+    out.append(c)
+  return out
+
+
+def describe(overrides: Mapping[str, Any]) -> str:
+  """A member's overrides as one short label, e.g. ``seed=1,m_in=-23``."""
+  return ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()) or "base"
+
+
+def varying_fields(configs: Sequence[Any]) -> List[str]:
+  """The objective and optimizer fields whose values differ between ``configs``."""
+  names = [n for n, _ in config_lib.flat_items(configs[0]) if n.split(".")[0] in SECTIONS]
+  return [n for n in names if len({repr(_get(c, n)) for c in configs}) > 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The state.
+
+def create_sweep_state(config, members: Sequence[Mapping[str, Any]], total_steps: int,
+                       variables: Optional[Mapping[str, Any]] = None) -> SweepState:
+  """The sweep of ``members`` (a list of dicts of overrides of ``config``, see
+  :func:`member_configs`) over ``total_steps`` updates, each member as
+  :func:`~energy_jax.train.state.create_train_state` makes a run of its config (fresh from its
+  seed, or around ``variables``, the pretrained weights every member fine-tunes)."""
+  configs = member_configs(config, members)
+  varying = varying_fields(configs)
+  shared = copy.deepcopy(configs[0])
+  shared.seed = config.seed
+  # Initialisation reads the seed and the model alone: one compiled program for every member.
+  init = {}
+  for c in configs:
+    if c.seed not in init:
+      init[c.seed] = create_train_state(shared, jax.random.PRNGKey(c.seed), total_steps,
+                                        variables)
+  states = [init[c.seed] for c in configs]
+  stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+  hparams = {n: jnp.asarray([_get(c, n) for c in configs], jnp.float32) for n in varying}
+  overrides = tuple((("seed", c.seed),) + tuple((n, _get(c, n)) for n in varying)
+                    for c in configs)
+  return SweepState(members=stacked, hparams=hparams, config=hashable_config(shared),
+                    overrides=overrides, total_steps=total_steps)
+
+
+def member_config(sweep: SweepState, k: int) -> ml_collections.ConfigDict:
+  """Member ``k``'s config: the run it equals (its data order aside, which is the sweep's)."""
+  c = copy.deepcopy(ml_collections.ConfigDict(sweep.config))
+  for name, value in sweep.overrides[k]:
+    _set(c, name, value)
+  return c
+
+
+def member_state(sweep: SweepState, k: int) -> TrainState:
+  """Member ``k``'s :class:`TrainState` (its arrays at index ``k``): saved, evaluated or trained
+  on as any run's, with the optimiser of member ``k``'s config."""
+  state = jax.tree_util.tree_map(lambda x: x[k], sweep.members)
+  optimizer = optimizers.from_config(member_config(sweep, k), sweep.total_steps)
+  return state.replace(tx=optimizer.tx, learning_rate=optimizer.learning_rate)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step.
+
+class _Values:
+  """A view of ``config`` in which the dotted fields of ``values`` read those values (a member's
+  traced hyper-parameters) and every other field reads ``config``'s: what the single-run step
+  and the optimiser registry read as ``config.objective.m_in`` or ``section["momentum"]``."""
+
+  def __init__(self, config, values: Mapping[str, Any], prefix: str = ""):
+    self._config, self._values, self._prefix = config, values, prefix
+
+  def __getattr__(self, name: str):
+    if name.startswith("_"):
+      raise AttributeError(name)
+    return self[name]
+
+  def __getitem__(self, name: str):
+    path = self._prefix + name
+    if path in self._values:
+      return self._values[path]
+    value = self._config[name]
+    if isinstance(value, ml_collections.ConfigDict) and any(
+        k.startswith(path + ".") for k in self._values):
+      return _Values(value, self._values, path + ".")
+    return value
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._config
+
+
+def _optimizer(section, total_steps: int) -> optax.GradientTransformation:
+  """The optimiser ``section`` names, built as :func:`energy_jax.optimizers.from_config` builds a
+  run's, from numbers that may be traced arrays (its cached build takes hashable values only)."""
+  entry = optimizers.get(section.name)
+  schedule = optimizers.cosine_schedule(section.learning_rate, total_steps,
+                                        section.min_learning_rate)
+  own = {k: section[k] for k in inspect.signature(entry.build).parameters
+         if k != "learning_rate" and k in section}
+  return entry.build(schedule, **own)
+
+
+def _member_step(state: TrainState, hparams: Mapping[str, Array], batch, *, config,
+                 total_steps: int, axis_name: Optional[str]):
+  """One member's step: the single run's ``train_step`` with the member's numbers (traced
+  scalars inside ``vmap``) in its config and in the optimiser built from it."""
+  values = _Values(config, hparams)
+  tx = _optimizer(values.optimizer, total_steps)
+  new, metrics = step_lib.train_step(state.replace(tx=tx), batch, config=values,
+                                     axis_name=axis_name)
+  # The optimiser closes over this trace's values: the state that leaves keeps the shared one.
+  return new.replace(tx=state.tx), metrics
+
+
+def sweep_train_step(sweep: SweepState, batch: Mapping[str, Array], *,
+                     axis_name: Optional[str] = None) -> Tuple[SweepState, Dict[str, Array]]:
+  """One step of every member on the same ``batch`` (as :func:`train_step`'s: ``image``,
+  ``label``, ``outlier``, ``mask``, already augmented); returns the new sweep and the metrics
+  ``{name: [N]}``. Per device, as ``train_step``: ``axis_name`` sums over the devices of a
+  mesh (:func:`sweep_step_fn`), None for one device under ``jax.jit``."""
+  step = functools.partial(_member_step, batch=batch, config=sweep.config,
+                           total_steps=sweep.total_steps, axis_name=axis_name)
+  members, metrics = jax.vmap(step)(sweep.members, sweep.hparams)
+  return sweep.replace(members=members), metrics
+
+
+def sweep_device_steps(sweep: SweepState, data: Mapping[str, Array], in_idx: Array,
+                       out_idx: Array, *, padded: bool = False,
+                       axis_name: Optional[str] = None) -> Tuple[SweepState, Dict[str, Array]]:
+  """``S`` steps of every member on the device-resident pools ``data`` (see
+  :func:`~energy_jax.train.step.device_epoch_fn`): each step's images are the same indices
+  ``in_idx [S, B]``, ``out_idx [S, B_out]`` for every member, augmented with the member's own
+  keys, as its single run would; metrics ``{name: [S, N]}``."""
+  config = sweep.config
+  dtype = models.from_config(config).dtype
+  uses_outliers = objectives.get(config.objective.name).uses_outliers
+
+  def member(state, hparams, i_in, i_out):
+    batch = step_lib.device_batch(jax.random.fold_in(state.rng, state.step), data, i_in,
+                                  i_out if uses_outliers else None, dtype, padded, axis_name)
+    return _member_step(state, hparams, batch, config=config, total_steps=sweep.total_steps,
+                        axis_name=axis_name)
+
+  def body(sweep, idx):
+    members, metrics = jax.vmap(member, in_axes=(0, 0, None, None))(
+        sweep.members, sweep.hparams, *idx)
+    return sweep.replace(members=members), metrics
+
+  return lax.scan(body, sweep, (in_idx, out_idx), unroll=step_lib._scan_unroll(config))
+
+
+@functools.lru_cache(maxsize=None)
+def sweep_step_fn(mesh):
+  """``fn(sweep, batch) -> (sweep, metrics [N])`` over ``mesh``: the batch split over its devices
+  (data-parallel, as a single run's :func:`~energy_jax.train.step.host_step_fn`), the sweep on
+  every device."""
+  step = functools.partial(sweep_train_step, axis_name=parallel.AXIS)
+  return parallel.data_parallel(step, mesh, in_specs=(P(), P(parallel.AXIS)),
+                                out_specs=(P(), P()), donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=None)
+def sweep_epoch_fn(mesh, padded: bool = False):
+  """``fn(sweep, data, in_idx [S, B], out_idx [S, B_out]) -> (sweep, metrics [S, N])``: ``S``
+  fused steps of :func:`sweep_device_steps` over ``mesh`` (the index arrays split over its
+  devices along their batch axis, as :func:`~energy_jax.train.step.device_epoch_fn`'s)."""
+  steps = functools.partial(sweep_device_steps, padded=padded, axis_name=parallel.AXIS)
+  spec_idx = step_lib.step_indices_spec()
+  return parallel.data_parallel(steps, mesh, in_specs=(P(), P(), spec_idx, spec_idx),
+                                out_specs=(P(), P()), donate_argnums=(0,))
