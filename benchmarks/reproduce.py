@@ -26,19 +26,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from energy_jax import (checkpoints, config as config_lib, data, detectors,  # noqa: E402
-                        inference, models, parallel, train)
-from energy_jax.data import sampling, synthetic  # noqa: E402
+                        train)
+from energy_jax.data import synthetic  # noqa: E402
 from energy_jax.ood import evaluation, report  # noqa: E402
 from energy_jax import objectives  # noqa: E402
-from energy_jax.train.step import device_data, epoch_calls, step_indices_spec  # noqa: E402
 
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 # Convolutions in XLA's CUDA graphs: on an H200 the pretraining step ran at 32.6k images/s
-# instead of 31.5k and compiled in 19.8 s instead of 23.3 s (docs/performance.md). XLA:CPU parses
-# the flag and ignores it. Not for a process that compiles with TensorFlow's own XLA (2.21
+# instead of 31.5k and compiled in 19.8 s instead of 23.3 s (docs/logs/2026-11-26_h200_tuned.log).
+# XLA:CPU parses the flag and ignores it. Not for a process that compiles with TensorFlow's own XLA (2.21
 # rejects the value); this script uses no TensorFlow.
 GPU_CONV_GRAPHS = "--xla_gpu_enable_command_buffer=+CONVOLUTION"
 
@@ -89,62 +87,16 @@ class BackgroundCompile(threading.Thread):
     return time.time() - t0
 
 
-def _variable_shapes(config):
-  size = int(config.image_size)
-  return jax.eval_shape(lambda: models.init_variables(models.from_config(config),
-                                                      jax.random.PRNGKey(0), (size, size, 3)))
-
-
-def compile_run(config, num_train: int, num_outliers: int) -> None:
-  """Compiles what ``train.train_and_evaluate(config)`` calls before its first epoch for these
-  image counts (device input): the state's creation and every fused call length of an epoch.
-  The run then reuses the executables in this process."""
-  mesh = parallel.make_mesh(config.num_devices or None)
-  steps = sampling.steps_per_epoch(num_train, config.batch_size, config.drop_remainder)
-  padded = sampling.has_partial_batch(num_train, config.batch_size, config.drop_remainder)
-  total_steps = steps * config.epochs
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-  create = train.lower_create_train_state(
-      config, key, total_steps, _variable_shapes(config) if config.pretrained else None)
-  rep = parallel.replicated(mesh)
-  state = parallel.abstract(create.out_info, rep)       # the state's shapes, as created
-  uses_outliers = objectives.get(config.objective.name).uses_outliers
-  size = int(config.image_size)
-  pools = parallel.abstract(device_data(
-      jax.ShapeDtypeStruct((num_train, size, size, 3), jnp.uint8),
-      jax.ShapeDtypeStruct((num_train,), jnp.int32),
-      jax.ShapeDtypeStruct((num_outliers, size, size, 3), jnp.uint8) if uses_outliers else None),
-      rep)
-  out_batch = config.outlier_batch_size if uses_outliers else 0
-  fn = train.device_epoch_fn(config, mesh, padded)
-  idx = jax.sharding.NamedSharding(mesh, step_indices_spec())
-  create.compile()
-  for length in sorted({sl.stop - sl.start for sl in epoch_calls(steps, config.steps_per_call)}):
-    fn.lower(state, pools,
-             jax.ShapeDtypeStruct((length, config.batch_size), jnp.int32, sharding=idx),
-             jax.ShapeDtypeStruct((length, out_batch), jnp.int32, sharding=idx)).compile()
-
-
-def compile_evaluation(config, num_test: int) -> None:
-  """Compiles the test-set evaluation of the run (``num_test`` images)."""
-  mesh = parallel.make_mesh(config.num_devices or None)
-  _, padded = inference.padded_batch_size(num_test, config.eval_batch_size, mesh.devices.size)
-  size = int(config.image_size)
-  inference.eval_step.lower(
-      models.from_config(config), parallel.abstract(_variable_shapes(config),
-                                                    parallel.replicated(mesh)),
-      parallel.abstract(jax.ShapeDtypeStruct((padded, size, size, 3), jnp.uint8),
-                        parallel.batch_sharded(mesh)), False).compile()
-
-
 def compile_jobs(stage, config):
-  """``{name: job}`` of the stage, from the image counts of its sources (nothing decoded): what
-  the run needs before its first epoch, then its test-set evaluation (needed only later)."""
+  """``{name: job}`` of the stage, for the image counts of its sources (nothing decoded): what
+  the run compiles before its first epoch (:func:`energy_jax.train.compile_run`, which the run
+  calls too and then finds compiled), then its test-set evaluation (needed only later; the
+  fine-tuning stage finds pretraining's where the model and batch are the same)."""
   uses_outliers = objectives.get(config.objective.name).uses_outliers
   num_train, num_test, num_outliers = data.count_run_data(config, uses_outliers)
-  return {f"{stage} state + epoch": functools.partial(compile_run, config, num_train,
-                                                      num_outliers),
-          f"{stage} evaluation": functools.partial(compile_evaluation, config, num_test)}
+  return {f"{stage} state + epoch": functools.partial(train.compile_run, config, num_train,
+                                                      num_test, num_outliers, evaluation=False),
+          f"{stage} evaluation": functools.partial(train.compile_evaluation, config, num_test)}
 
 
 def main():

@@ -39,6 +39,20 @@ def padded_batch_size(num: int, batch_size: int, num_devices: int) -> Tuple[int,
   return step, step if num > step else -(-num // num_devices) * num_devices
 
 
+def lower_predict(model, variables, image_shape: Tuple[int, int, int], num: int,
+                  batch_size: int = 1000, mesh=None, blocks: bool = False):
+  """The lowered batch program :func:`predict` runs for ``num`` images of ``image_shape``
+  (``[H, W, 3]``; ``variables`` may be ``jax.ShapeDtypeStruct``): compiled ahead, it is the
+  executable ``predict`` then calls in this process. Every batch of a set is padded to one
+  shape, so a set is one program, shared by any set that pads to the same batch."""
+  mesh = mesh or parallel.make_mesh()
+  _, padded = padded_batch_size(num, batch_size, mesh.devices.size)
+  return eval_step.lower(
+      model, parallel.abstract(variables, parallel.replicated(mesh)),
+      jax.ShapeDtypeStruct((padded, *image_shape), jnp.uint8,
+                           sharding=parallel.batch_sharded(mesh)), blocks)
+
+
 # Inference shows a progress bar from this many batches on.
 PROGRESS_MIN_BATCHES = 10
 

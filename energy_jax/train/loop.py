@@ -17,6 +17,7 @@ from energy_jax.data.run_data import RunData
 from energy_jax.config import resume
 from energy_jax.train import margins
 from energy_jax.train.preemption import PreemptionWatch
+from energy_jax.train.programs import RunPrograms, compile_run
 from energy_jax.train.run_lock import RunInProgress, WorkdirLock
 from energy_jax.train.state import TrainState, create_train_state
 from energy_jax.train.step import (device_data, device_epoch_fn, epoch_calls, host_step_fn,
@@ -67,7 +68,13 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
         config, state.variables, data.train.images,
         data.outliers.images if data.outliers is not None else None, mesh, start.saved_config,
         log)
-    run_epoch = epoch_runner(config, data, mesh, steps, watch)
+    # The programs of the run compiled here, once: the epoch's with the config the run trains
+    # with (margins resolved); the state's creation, compiled above, is reused; the evaluation's
+    # is the same program when test_metrics compiles it.
+    programs = compile_run(config, len(data.train), len(data.test),
+                           len(data.outliers) if data.outliers is not None else 0, mesh,
+                           evaluation=False)
+    run_epoch = epoch_runner(config, data, mesh, steps, watch, programs)
     times["setup"] = time.time() - t0 - times["data"]
     log(run_summary(config, data, steps, mesh, times))
     history = None if start.history is None else list(start.history)
@@ -249,11 +256,14 @@ EpochRunner = Callable[[TrainState, int, int],
                        Tuple[TrainState, Dict[str, np.ndarray], int]]
 
 
-def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch) -> EpochRunner:
+def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch,
+                 programs: RunPrograms) -> EpochRunner:
   """``run(state, epoch, first_step) -> (state, {metric: per-step values}, steps done)``: one
   epoch on either input path from ``first_step``, the images of each step drawn by
   :func:`energy_jax.data.sampling.epoch_indices`; it stops early at a step boundary when
-  ``watch`` asks (then steps done < ``steps``)."""
+  ``watch`` asks (then steps done < ``steps``). Device input runs each call with the program
+  of its length in ``programs.epochs`` (a resumed epoch's shorter first call compiles its
+  own)."""
   num_out = len(data.outliers) if data.outliers is not None else 0
   padded = sampling.has_partial_batch(len(data.train), config.batch_size, config.drop_remainder)
 
@@ -276,7 +286,7 @@ def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch
           continue
         sl = slice(max(sl.start, first), sl.stop)
         idx = parallel.put_global((in_idx[sl], out_idx[sl]), mesh, step_indices_spec())
-        state, m = fn(state, pools, *idx)
+        state, m = programs.epochs.get(sl.stop - sl.start, fn)(state, pools, *idx)
         yield state, jax.device_get(m), sl.stop
   else:
     if not host_stream_available():
