@@ -1,0 +1,114 @@
+"""Size and compile time of a run's epoch programs: HLO op counts and XLA compile seconds.
+
+  python benchmarks/compile_stats.py                    # cifar10 preset (WRN-40-2), 1-step calls
+  python benchmarks/compile_stats.py --steps-per-call 8 # 8 steps unrolled (on CPU) per call
+  python benchmarks/compile_stats.py --preset test --steps-per-call 4
+
+For each stage (pretraining, energy fine-tuning) the device-resident epoch program of the
+epoch's longest call (``--steps-per-call`` or a divisor of the epoch near it) is lowered for
+the given image counts (nothing is decoded: the data are shapes) and compiled with the
+persistent compilation cache off; it prints the
+StableHLO ops of the lowered module (each function once), the HLO instructions XLA's optimised
+module holds (everything inlined, the unrolled steps each counted), and the seconds of lowering
+and of compiling. On CPU the fused steps are unrolled, so both counts grow with the steps.
+"""
+
+import argparse
+import os
+import re
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+
+from energy_jax import config as config_lib  # noqa: E402
+from energy_jax import train  # noqa: E402
+from energy_jax.train import programs  # noqa: E402
+
+# An op line of StableHLO text: "%x = stablehlo.add ...", "stablehlo.return ...", "func.call".
+_MLIR_OP = re.compile(r'^\s*(?:%[^=]+= )?"?(?:stablehlo|func|chlo|mhlo|sdy|shardy)\.[a-z_]+')
+# An instruction of optimised HLO text: "name = type opcode(...)" (ROOT ones too).
+_HLO_OP = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = ")
+
+
+def stablehlo_ops(lowered) -> int:
+  return sum(1 for line in lowered.as_text().splitlines() if _MLIR_OP.match(line))
+
+
+def hlo_instructions(compiled) -> int:
+  return sum(1 for line in compiled.as_text().splitlines() if _HLO_OP.match(line))
+
+
+# What each optimised instruction computes, from the op_name of its metadata (first match).
+PARTS = (("dropout randomness", ("WideResNet",), ("bernoulli", "threefry", "_uniform")),
+         ("augmentation randomness", (), ("randint", "threefry", "bernoulli", "_uniform")),
+         ("BatchNorm", ("/bn",), ()),
+         ("rest of the network", ("WideResNet",), ()))
+
+
+def breakdown(compiled) -> dict:
+  """Optimised HLO instructions by what they compute (see :data:`PARTS`)."""
+  counts = {}
+  for line in compiled.as_text().splitlines():
+    if not _HLO_OP.match(line):
+      continue
+    name = re.search(r'op_name="([^"]*)"', line)
+    part = "no op_name (fusion parameters, constants, tuples)"
+    if name:
+      part = "rest (optimiser, loss, metrics, gathers)"
+      for label, within, any_of in PARTS:
+        if all(w in name.group(1) for w in within) and (
+            not any_of or any(a in name.group(1) for a in any_of)):
+          part = label
+          break
+    counts[part] = counts.get(part, 0) + 1
+  return counts
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--preset", default="cifar10")
+  p.add_argument("--steps-per-call", type=int, default=1)
+  p.add_argument("--stages", default="pretrain,finetune")
+  p.add_argument("--num-train", type=int, default=50000)
+  p.add_argument("--num-test", type=int, default=10000)
+  p.add_argument("--num-outliers", type=int, default=300000)
+  p.add_argument("--dtype", default="", help="model.dtype (default: the preset's)")
+  p.add_argument("--unroll", type=int, default=0,
+                 help="config.scan_unroll (0: the steps unrolled on CPU; 1: one step in a loop, "
+                      "as on a GPU)")
+  p.add_argument("--breakdown", action="store_true",
+                 help="also the optimised instructions by what they compute")
+  args = p.parse_args()
+  jax.config.update("jax_enable_compilation_cache", False)     # every compile is a real one
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
+        f"preset {args.preset}, steps_per_call {args.steps_per_call}, unroll {args.unroll}",
+        flush=True)
+  for stage in args.stages.split(","):
+    c = config_lib.get_config(args.preset, stage)
+    c.steps_per_call = args.steps_per_call
+    c.num_devices = 1
+    c.scan_unroll = args.unroll
+    if args.dtype:
+      c.model.dtype = args.dtype
+    length = programs.call_lengths(c, args.num_train)[0]       # the epoch's longest call
+    t0 = time.time()
+    lowered = train.lower_epoch(c, args.num_train, args.num_outliers)
+    t_lower = time.time() - t0
+    t0 = time.time()
+    compiled = lowered.compile()
+    t_compile = time.time() - t0
+    print(f"{stage}: WRN-{c.model.depth}-{c.model.widen_factor} {c.model.dtype}, "
+          f"calls of {length} steps: {stablehlo_ops(lowered)} StableHLO ops, "
+          f"{hlo_instructions(compiled)} optimised HLO instructions; lowered in {t_lower:.1f} s, "
+          f"compiled in {t_compile:.1f} s", flush=True)
+    if args.breakdown:
+      for part, n in sorted(breakdown(compiled).items(), key=lambda kv: -kv[1]):
+        print(f"  {n:7d}  {part}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
