@@ -3,7 +3,8 @@
 A sweep's members share the model, the data and the stream of images (the indices each step
 reads, drawn with the sweep's ``config.seed``); each member has its own weights, BatchNorm
 statistics, optimiser state and rng, stacked along a leading member axis, and the step is the
-single run's :func:`~energy_jax.train.step.train_step` under ``jax.vmap``. A member differs in
+single run's :func:`~energy_jax.train.step.train_step` under ``jax.vmap`` (or, on a CPU, once
+per member in the same program: see ``vectorize``). A member differs in
 
 * ``seed``: its initialisation, augmentation and dropout (the single run's streams, folded from
   its own ``state.rng``);
@@ -58,12 +59,15 @@ class SweepState(flax.struct.PyTreeNode):
   member axis ``[N, ...]``; ``hparams``, ``{dotted field: [N] float32}`` for the fields whose
   values differ between members; and, outside the arrays, ``config``, what the members share
   (its ``seed`` draws the stream of images), ``overrides``, what sets each member apart
-  (``(("seed", 1), ("objective.m_in", -23.0))``), and ``total_steps``, the schedule's length."""
+  (``(("seed", 1), ("objective.m_in", -23.0))``), ``total_steps``, the schedule's length, and
+  ``vectorize``: the members' steps run as one ``vmap``-ed step (else one after another in the
+  same program)."""
   members: TrainState
   hparams: Dict[str, Array]
   config: ml_collections.FrozenConfigDict = flax.struct.field(pytree_node=False)
   overrides: Tuple[Tuple[Tuple[str, Any], ...], ...] = flax.struct.field(pytree_node=False)
   total_steps: int = flax.struct.field(pytree_node=False)
+  vectorize: bool = flax.struct.field(pytree_node=False, default=True)
 
   @property
   def size(self) -> int:
@@ -191,11 +195,17 @@ def varying_fields(configs: Sequence[Any]) -> List[str]:
 # The state.
 
 def create_sweep_state(config, members: Sequence[Mapping[str, Any]], total_steps: int,
-                       variables: Optional[Mapping[str, Any]] = None) -> SweepState:
+                       variables: Optional[Mapping[str, Any]] = None,
+                       vectorize: Optional[bool] = None) -> SweepState:
   """The sweep of ``members`` (a list of dicts of overrides of ``config``, see
   :func:`member_configs`) over ``total_steps`` updates, each member as
   :func:`~energy_jax.train.state.create_train_state` makes a run of its config (fresh from its
-  seed, or around ``variables``, the pretrained weights every member fine-tunes)."""
+  seed, or around ``variables``, the pretrained weights every member fine-tunes).
+
+  ``vectorize``: the members' steps as one ``jax.vmap``-ed step (the default on accelerators),
+  or one member after another within the compiled program (the default on a CPU: vmap turns
+  each convolution into a grouped one over the members, which XLA:CPU runs several times slower
+  than the members' convolutions one by one; docs/sweeps.md)."""
   configs = member_configs(config, members)
   varying = varying_fields(configs)
   shared = copy.deepcopy(configs[0])
@@ -211,8 +221,10 @@ def create_sweep_state(config, members: Sequence[Mapping[str, Any]], total_steps
   hparams = {n: jnp.asarray([_get(c, n) for c in configs], jnp.float32) for n in varying}
   overrides = tuple((("seed", c.seed),) + tuple((n, _get(c, n)) for n in varying)
                     for c in configs)
+  if vectorize is None:
+    vectorize = jax.default_backend() != "cpu"
   return SweepState(members=stacked, hparams=hparams, config=hashable_config(shared),
-                    overrides=overrides, total_steps=total_steps)
+                    overrides=overrides, total_steps=total_steps, vectorize=bool(vectorize))
 
 
 def member_config(sweep: SweepState, k: int) -> ml_collections.ConfigDict:
@@ -284,6 +296,16 @@ def _member_step(state: TrainState, hparams: Mapping[str, Array], batch, *, conf
   return new.replace(tx=state.tx), metrics
 
 
+def _each_member(fn, sweep: SweepState):
+  """``fn(state, hparams) -> (state, metrics)`` of every member, stacked: ``vmap``-ed, or (not
+  ``sweep.vectorize``) once per member, unrolled in the program."""
+  if sweep.vectorize:
+    return jax.vmap(fn)(sweep.members, sweep.hparams)
+  outs = [fn(*jax.tree_util.tree_map(lambda x, k=k: x[k], (sweep.members, sweep.hparams)))
+          for k in range(sweep.size)]
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+
+
 def sweep_train_step(sweep: SweepState, batch: Mapping[str, Array], *,
                      axis_name: Optional[str] = None) -> Tuple[SweepState, Dict[str, Array]]:
   """One step of every member on the same ``batch`` (as :func:`train_step`'s: ``image``,
@@ -292,7 +314,7 @@ def sweep_train_step(sweep: SweepState, batch: Mapping[str, Array], *,
   mesh (:func:`sweep_step_fn`), None for one device under ``jax.jit``."""
   step = functools.partial(_member_step, batch=batch, config=sweep.config,
                            total_steps=sweep.total_steps, axis_name=axis_name)
-  members, metrics = jax.vmap(step)(sweep.members, sweep.hparams)
+  members, metrics = _each_member(step, sweep)
   return sweep.replace(members=members), metrics
 
 
@@ -314,8 +336,8 @@ def sweep_device_steps(sweep: SweepState, data: Mapping[str, Array], in_idx: Arr
                         axis_name=axis_name)
 
   def body(sweep, idx):
-    members, metrics = jax.vmap(member, in_axes=(0, 0, None, None))(
-        sweep.members, sweep.hparams, *idx)
+    members, metrics = _each_member(functools.partial(member, i_in=idx[0], i_out=idx[1]),
+                                    sweep)
     return sweep.replace(members=members), metrics
 
   return lax.scan(body, sweep, (in_idx, out_idx), unroll=step_lib._scan_unroll(config))
