@@ -185,7 +185,7 @@ def test_objectives_read_traced_member_values(name, fields):
     ([{"optimizer.learning_rate": -0.1}], r"config.optimizer.learning_rate must be > 0.0, got "
                                           r"-0.1"),
     ([{"optimizer.weight_decay": float("nan")}], "config.optimizer.weight_decay must be finite"),
-    ([{"seed": -1}], r"config.seed must be in \[0, 4294967296\)"),
+    ([{"seed": 1}, {"seed": -1}], r"sweep member 1: config.seed must be in \[0, 4294967296\)"),
     ([{"seed": 1.5}], r"seed must be an integer"),
     ([{"seed": 1}, {"objective.m_in": -1, "objective.m_out": -2}],
      r"sweep member 1 \(m_in=-1,m_out=-2\): config.objective.m_in = -1.0 must lie below "

@@ -124,7 +124,10 @@ def check_member_field(config, name: Any, value: Any, member: int = 0) -> None:
              "first, energy_jax.train.margins, and give the numbers)"
              if value == objectives.AUTO else "")
     raise ValueError(f"{where}config.{name} must be a number in a sweep, got {value!r}{extra}")
-  checks[name].check(name, value)
+  try:
+    checks[name].check(name, value)
+  except ValueError as e:
+    raise ValueError(f"{where}{e}") from None
   read = _read_fields(config)
   if name != "seed" and name not in read:
     raise ValueError(f"{where}config.{name} is not read by objective "
