@@ -1,6 +1,6 @@
-"""Name -> part registries: how models, data sources, objectives and detectors are chosen by name
-from a config (``models.get(config.model.name)``), and how a user adds one without editing the
-library (``@models.register("resnet18")`` in their own file)."""
+"""Name -> part registries: how models, data sources, objectives, optimisers and detectors are
+chosen by name from a config (``models.get(config.model.name)``), and how a user adds one without
+editing the library (``@models.register("resnet18")`` in their own file)."""
 
 from __future__ import annotations
 

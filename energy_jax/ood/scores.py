@@ -1,5 +1,5 @@
-"""The public OOD scores, at the path the documentation has always given them; their home is
-:mod:`energy_jax.detectors.scores` (the detectors compute them), the Gaussian fit that
+"""The public OOD scores under ``energy_jax.ood``, beside the metrics and the evaluation. They are
+defined in :mod:`energy_jax.detectors.scores` (the detectors compute them); the Gaussian fit that
 ``mahalanobis_score`` takes is :mod:`energy_jax.detectors.gaussians`."""
 
 from energy_jax.detectors.gaussians import (MahalanobisParams, SingularCovarianceWarning,
