@@ -24,7 +24,8 @@ def main():
   args = p.parse_args()
   import jax
   import numpy as np
-  from energy_jax import checkpoints, config as config_lib, train
+  from energy_jax import checkpoints, compilation_cache, config as config_lib, train
+  compilation_cache.enable()           # as the scripts do: the tests' shared cache
 
   if args.kill_in_save:
     saves = {"n": 0}

@@ -23,7 +23,8 @@ def main():
   p.add_argument("--epochs", type=int, default=2)
   p.add_argument("--steps_per_call", type=int, default=3)
   args = p.parse_args()
-  from energy_jax import distributed
+  from energy_jax import compilation_cache, distributed
+  compilation_cache.enable()           # as the scripts do: the tests' shared cache
   distributed.initialize(args.coordinator or None, args.num_processes, args.process_id,
                          timeout_s=120)
   import jax
