@@ -341,6 +341,17 @@ def take_member(members: TrainState, k) -> TrainState:
   return jax.tree_util.tree_map(lambda x: x[k], members)
 
 
+@jax.jit
+def finite_members(members: TrainState) -> Array:
+  """``[N]`` bool: whether each member's weights, BatchNorm statistics and optimiser state are
+  all finite (a loss can stay finite a step after the update that made them NaN)."""
+  leaves = [x for x in jax.tree_util.tree_leaves(
+      (members.params, members.batch_stats, members.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack([jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+                    for x in leaves]).all(axis=0)
+
+
 def member_config(sweep: SweepState, k: int) -> ml_collections.ConfigDict:
   """Member ``k``'s config: the run it equals (its data order aside, which is the sweep's)."""
   c = copy.deepcopy(ml_collections.ConfigDict(sweep.config))
