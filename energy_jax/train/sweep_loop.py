@@ -78,7 +78,8 @@ def sweep_members(config, members: Sequence[Mapping[str, Any]], workdir) -> List
 
 def train_and_evaluate_sweep(config, members: Sequence[Mapping[str, Any]], workdir: str, *,
                              log: Callable[[str], None] = print,
-                             data_cache: Optional[Dict] = None) -> Dict[str, Any]:
+                             data_cache: Optional[Dict] = None,
+                             choose: bool = True) -> Dict[str, Any]:
   """Trains the ``members`` of a sweep of ``config`` (dicts of overrides, see
   :func:`~energy_jax.train.sweep.create_sweep_state`) in ``workdir`` as one compiled program,
   each member written as a run of its own (module docstring), then evaluates every member on
@@ -86,8 +87,9 @@ def train_and_evaluate_sweep(config, members: Sequence[Mapping[str, Any]], workd
 
   Returns ``{"preempted": True, ...}`` when SIGTERM or SIGINT stopped it (the same call then
   continues where it stopped), else :func:`choose_member`'s summary: ``chosen`` (the index),
-  ``chosen_workdir`` and each member's validation metrics. Raises ``FloatingPointError`` when
-  every member diverged. The data are read once, with the sweep's config."""
+  ``chosen_workdir`` and each member's validation metrics (without ``choose``: only
+  ``members``, their workdirs and status, nothing evaluated). Raises ``FloatingPointError``
+  when every member diverged. The data are read once, with the sweep's config."""
   sweep_lib.check_sweep_config(config)
   objective, mesh = loop.check_config(config)
   log = distributed.main_process_only(log)
@@ -120,12 +122,17 @@ def train_and_evaluate_sweep(config, members: Sequence[Mapping[str, Any]], workd
     if start.finished:
       for k in live(record):
         record["members"][k]["status"] = FINISHED
+      write_record(workdir, record, config)
     else:
       sweep, stopped = train_members(config, team, record, sweep, start, ckpts, data, mesh,
                                      steps, watch, workdir, log, times)
       if stopped is not None:
         return stopped
-    summary = choose_member(team, record, sweep, data.test, mesh, workdir, log)
+    if choose:
+      summary = choose_member(team, record, sweep, data.test, mesh, workdir, log)
+    else:
+      summary = {"members": [dict(r, workdir=str(storage.location(workdir) / r["workdir"]))
+                             for r in record["members"]]}
   log(loop.timing_summary(times, t0))
   return summary
 
