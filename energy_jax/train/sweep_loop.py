@@ -195,6 +195,9 @@ def initial_sweep(config, team: Sequence[Member], record: Dict[str, Any],
   sweep's commit, else (nothing committed) fresh from its seed around the pretrained weights.
   A diverged member keeps a fresh state it never saves."""
   committed = record["step"]
+  if not live(record):
+    raise FloatingPointError(f"every member of the sweep in {team[0].workdir.parent.parent} "
+                             f"diverged (see {RECORD}): nothing to continue")
   for k in live(record):
     loop.check_run_format(ckpts[k], team[k].workdir)
     drop_after(ckpts[k], committed, member_log(log, team[k]))
@@ -346,7 +349,6 @@ def stop_diverged(member: Member, record: Dict[str, Any], problem: str, writer,
   row = loop.epoch_row(member.config, epoch, metrics, learning_rate, train_s)
   row.update(time_s=train_s, diverged=problem)
   writer.write(row)
-  writer.close()
   entry = record["members"][member.index]
   entry.update(status=DIVERGED, diverged=problem)
   write_record(workdir, record, config)
@@ -436,7 +438,8 @@ def _pct(value: Optional[float]) -> str:
 def validation_table(rows: Sequence[Mapping[str, Any]], chosen: int) -> str:
   """The members as one markdown table: settings, status, last test error, validation FPR95
   and AUROC of the energy score, the chosen one marked."""
-  lines = ["| member | settings | status | test error % | val FPR95 % ↓ | val AUROC % ↑ | chosen |",
+  lines = ["| member | settings | status | test error % | val FPR95 % ↓ | val AUROC % ↑ "
+           "| chosen |",
            "|---|---|---|---|---|---|---|"]
   for r in rows:
     error = "" if r.get("test_error") is None else f"{r['test_error']:.2f}"
