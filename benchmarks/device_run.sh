@@ -5,7 +5,7 @@
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections`).
 #
 #   bash benchmarks/device_run.sh reproduce   # reproduction, then every detector on its models
-#   bash benchmarks/device_run.sh ab          # benchmarks/reference_ab.py, AB_EPOCHS="15 2", AB_SEED=1
+#   bash benchmarks/device_run.sh ab          # benchmarks/reference_ab.py, AB_EPOCHS="15 2", AB_SEEDS=1,2,3,4
 #
 # Logs and JSON go to $OUT (default /tmp/out). On CPU, SMOKE=1 runs the same steps tiny.
 set -uo pipefail
@@ -46,7 +46,7 @@ case "${1:-}" in
     # numbers): the reference arm's process keeps JAX on the CPU, the energy-jax arm leaves the
     # PyTorch arm room on the GPU.
     read -r pre ft <<< "${AB_EPOCHS:-15 2}"
-    ab=(--data "$D" --pretrain-epochs "$pre" --finetune-epochs "$ft" --seed "${AB_SEED:-1}")
+    ab=(--data "$D" --pretrain-epochs "$pre" --finetune-epochs "$ft" --seeds "${AB_SEEDS:-${AB_SEED:-1}}")
     [ -n "${SMOKE:-}" ] && ab+=(--tiny)
     JAX_PLATFORMS=cpu timeout "${AB_TIMEOUT:-480}" python3 benchmarks/reference_ab.py "${ab[@]}" \
       --arms reference --out "$OUT/ab_reference.json" > "$OUT/ab_reference.log" 2>&1 &

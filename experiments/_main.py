@@ -241,6 +241,38 @@ def check_run_paths(config, workdir: str) -> None:
                      "or a reference .pt file")
 
 
+def sweep_members(config, sweep_flags):
+  """The members of the ``--sweep`` flags (none: an empty list), or an exit naming the flag and
+  value of a mistake (:func:`energy_jax.train.sweep.parse_sweep_flags`)."""
+  if not sweep_flags:
+    return []
+  from energy_jax.train import sweep
+  try:
+    return sweep.parse_sweep_flags(config, sweep_flags)
+  except ValueError as e:
+    fail(e, "docs/sweeps.md: what a sweep's members may set")
+
+
+_CONFIG_ARG = re.compile(r"^--?(?:no)?config(?:[.=]|$)")
+
+
+def evaluate_command(argv, default_config: str, checkpoint: str) -> str:
+  """The ``evaluate.py`` command line of ``checkpoint`` with this command's config flags."""
+  import shlex
+  args, given = [], False
+  for i, arg in enumerate(argv[1:], 1):
+    if _CONFIG_ARG.match(arg):
+      args.append(arg)
+      if arg == "--config" and i + 1 < len(argv):
+        args.append(argv[i + 1])
+      given = given or arg == "--config" or arg.startswith("--config=")
+  if not given:
+    args.insert(0, f"--config={os.path.relpath(os.path.join(HERE, default_config))}")
+  script_path = os.path.relpath(os.path.join(HERE, "evaluate.py"))
+  return " ".join(shlex.quote(a) for a in
+                  ["python", script_path, *args, f"--checkpoint={checkpoint}"])
+
+
 # The exit status of a run stopped by SIGTERM (saved; the same command continues it): BSD's
 # EX_TEMPFAIL, "try again later"; stopped by Ctrl-C (SIGINT), the shell's 128 + 2.
 PREEMPTED = 75
@@ -289,6 +321,11 @@ def run(default_config: str, default_workdir: str):
   main_module.__doc__ = config_help(doc, config_spec(sys.argv, default_config))
   define_config(default_config, "experiment config (file.py:preset)")
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, CSV); default per preset")
+  flags.DEFINE_multi_string("sweep", [], "FIELD=V1,V2,...: train the grid of these values (the "
+                            "product over the --sweep flags) as one sweep, a run per member in "
+                            "WORKDIR/members/ (docs/sweeps.md); FIELD: seed, m_in, m_out, "
+                            "energy_weight, oe_weight, learning_rate, weight_decay, ... or a "
+                            "dotted config name")
   define_process_flags()
 
   def main(argv):
@@ -300,11 +337,19 @@ def run(default_config: str, default_workdir: str):
     check_config(config)
     join_processes()
     workdir = flags.FLAGS.workdir or default_workdir.format(preset=_preset())
+    members = sweep_members(config, flags.FLAGS.sweep)
     check_run_paths(config, workdir)
     from energy_jax import train
-    result = train.train_and_evaluate(config, workdir)
+    if members:
+      from energy_jax.train import sweep_loop
+      result = sweep_loop.train_and_evaluate_sweep(config, members, workdir)
+    else:
+      result = train.train_and_evaluate(config, workdir)
     if result.get("preempted"):     # not 0: a script that chains stages must not go on
       return INTERRUPTED if result.get("signal") == "SIGINT" else PREEMPTED
+    if members:
+      print("the chosen member's table on the OOD test sets:\n  "
+            + evaluate_command(sys.argv, default_config, result["chosen_workdir"]))
 
   def _preset():
     spec = config_flags.get_config_filename(flags.FLAGS["config"])

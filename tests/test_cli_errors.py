@@ -73,6 +73,9 @@ MISTAKES = [
                   "--workdir={tmp}/afile"],
      ["--workdir {tmp}/afile is a file, not a folder"]),
     ("pretrain", ["stray"], ["unexpected arguments: ['stray']"]),
+    ("finetune", ["--sweep=m_in=-23,-25", "--sweep=batch_size=64,128"],
+     ["--sweep=batch_size=64,128: config.batch_size cannot differ between the members of a "
+      "sweep"]),
     # The evaluation's mistakes that used to surface after the scoring, or in PyTorch's words.
     # {tmp}/run holds no checkpoint: a check made after the model load would end in the
     # loader's "holds no Orbax checkpoint" instead of the message below.

@@ -1,14 +1,29 @@
 """Sweeps (energy_jax.train.sweep): member k of a sweep computes what the single run with member
 k's config computes, and a member's settings are checked as that run's config."""
 
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.special import logsumexp
+from sklearn.metrics import roc_auc_score, roc_curve
 
-from energy_jax import config as config_lib, objectives, parallel, train
+from energy_jax import (checkpoints, config as config_lib, data, inference, models, objectives,
+                        parallel, train)
 from energy_jax.data import sampling, toy
-from energy_jax.train import step as step_lib, sweep as sweep_lib
+from energy_jax.ood import protocol
+from energy_jax.train import loop, step as step_lib, sweep as sweep_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+import _main  # noqa: E402  the scripts' command-line checks
 
 MEASURE = False      # True: print the measured differences (pytest -s) instead of failing on them
 
@@ -212,3 +227,205 @@ def test_member_configs_and_what_varies():
   # The same value in every member stays a constant of the program; seeds live in the rngs.
   assert sweep_lib.varying_fields(configs) == ["optimizer.learning_rate"]
   assert sweep_lib.describe({"seed": 1, "objective.m_in": -9}) == "seed=1,m_in=-9"
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: --sweep flags, checked before any work.
+
+def test_sweep_flags_make_the_grid_with_short_and_dotted_names():
+  c = config_lib.get_config("test", "finetune")
+  members = _main.sweep_members(c, ["m_in=-23,-25,-27", "objective.m_out=-5,-7"])
+  assert members == [{"objective.m_in": m_in, "objective.m_out": m_out}
+                     for m_in in (-23, -25, -27) for m_out in (-5, -7)]
+  assert _main.sweep_members(c, ["seed=1,2,3,4"]) == [{"seed": s} for s in (1, 2, 3, 4)]
+  assert _main.sweep_members(c, ["learning_rate=1e-3,0.01", "weight_decay=0,5e-4"])[1] == {
+      "optimizer.learning_rate": 1e-3, "optimizer.weight_decay": 5e-4}
+  assert _main.sweep_members(c, []) == []
+
+
+@pytest.mark.parametrize("flags,said", [
+    (["m_inn=-23,-25"], "--sweep=m_inn=-23,-25: 'm_inn' is no config field; a sweep varies seed "
+                        "and the numbers the objective and optimizer read (seed, energy_weight, "
+                        "m_in, m_out,"),
+    (["m_inn=-23,-25"], "did you mean 'm_in'?"),
+    (["m_in=-23,abc"], "--sweep=m_in=-23,abc: config.objective.m_in must be a number in a sweep, "
+                       "got 'abc'"),
+    (["m_in=-23,nan"], "--sweep=m_in=-23,nan: 'nan' is not a finite number"),
+    (["batch_size=64,128"], "--sweep=batch_size=64,128: config.batch_size cannot differ between "
+                            "the members of a sweep"),
+    (["nesterov=0,1"], "--sweep=nesterov=0,1: config.optimizer.nesterov is not a number"),
+    (["m_in="], "--sweep=m_in=: an empty value"),
+    (["m_in=-23,,-25"], "--sweep=m_in=-23,,-25: an empty value"),
+    (["m_in"], "--sweep=m_in: expected FIELD=V1,V2,..."),
+    (["m_in=-23,-25,-23.0"], "--sweep=m_in=-23,-25,-23.0: the value '-23.0' is given twice "
+                             "('-23' and '-23.0')"),
+    (["seed=1,2", "seed=3"], "--sweep=seed=3: config.seed is swept by an earlier --sweep flag"),
+    (["oe_weight=0.5,1"], "--sweep=oe_weight=0.5,1: config.objective.oe_weight is not read by "
+                          "objective 'energy' nor optimizer 'sgd'"),
+    (["learning_rate=0.1,-0.1"], "--sweep=learning_rate=0.1,-0.1: config.optimizer.learning_rate "
+                                 "must be > 0.0, got -0.1"),
+    (["m_in=-23,-1", "m_out=-2"], "--sweep: sweep member 1 (m_in=-1,m_out=-2): "
+                                  "config.objective.m_in = -1.0 must lie below "
+                                  "config.objective.m_out = -2.0"),
+])
+def test_a_bad_sweep_flag_ends_in_a_short_message_naming_it(flags, said, capsys):
+  """The script's check of the --sweep flags (run before anything is read or compiled): exit
+  status 1, the flag and the value named in one line, a pointer in a second, no traceback."""
+  c = config_lib.get_config("test", "finetune")
+  with pytest.raises(SystemExit) as exit_:
+    _main.sweep_members(c, flags)
+  assert exit_.value.code == 1
+  err = capsys.readouterr().err
+  lines = err.splitlines()
+  assert len(lines) == 2 and lines[0].startswith(f"{_main.script()}: error: "), err
+  assert said in lines[0], err
+  assert "docs/sweeps.md" in lines[1] and "Traceback" not in err
+
+
+def test_a_sweep_refuses_host_input():
+  c = config_lib.get_config("test", "finetune")
+  c.input_pipeline = "tfdata"
+  with pytest.raises(ValueError, match="config.input_pipeline = 'tfdata': a sweep reads its "
+                                       "images from the device-resident pools"):
+    sweep_lib.parse_sweep_flags(c, ["seed=1,2"])
+
+
+# ----------------------------------------------------------------------------------------------
+# A sweep on disk, end to end through the command line.
+
+def fpr_at_95_tpr(scores_in, scores_out):
+  """The reference's FPR95 (ID positive): among the ROC points up to the first at TPR 1, the FPR
+  of the one whose TPR is closest to 0.95; of several, the last by descending threshold (the
+  reference walks the points from full recall down and takes the first minimum)."""
+  labels = np.r_[np.ones(len(scores_in)), np.zeros(len(scores_out))]
+  fpr, tpr, _ = roc_curve(labels, np.r_[scores_in, scores_out], drop_intermediate=False)
+  gap = np.abs(tpr[:int(np.argmax(tpr >= 1.0)) + 1] - 0.95)
+  return float(fpr[np.flatnonzero(gap == gap.min()).max()])
+
+
+def test_sweep_command_line_resumes_as_a_whole_stops_a_diverged_member_and_chooses_one(tmp_path):
+  """pretrain.py --sweep=learning_rate=0.05,0.02,1e8 on toy data, 2 epochs of 2 steps: stopped
+  by SIGTERM once training began, then continued by the same command. Each member's workdir is a
+  run's; the members that finished equal the sweep computed here without a stop; the member
+  with the rate of 1e8 diverges in epoch 2 (its state turns NaN; its loss stays finite), is
+  named, keeps its epoch-1 checkpoint; the member chosen is the one whose energy scores,
+  recomputed here from its weights, have the lowest mean FPR95 on the validation sets."""
+  toy.make_toy_dataset(str(tmp_path / "DATA"), train_per_class=8, test_per_class=32,
+                       num_outliers=64)
+  workdir = tmp_path / "sweep"
+  rates = [0.05, 0.02, 1e8]
+  command = [sys.executable, "experiments/pretrain.py",
+             "--config=experiments/configs/pretrain.py:test", f"--config.data_dir={tmp_path}",
+             "--config.num_devices=1", "--config.steps_per_call=1", f"--workdir={workdir}",
+             "--sweep=learning_rate=" + ",".join(map(str, rates))]
+  env = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+  first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in first.stdout:       # the watch is on once training starts: SIGTERM stops it there
+    lines.append(line)
+    if line.startswith("ce training:"):
+      first.send_signal(signal.SIGTERM)
+  assert first.wait(timeout=300) == _main.PREEMPTED, "".join(lines)
+  assert "stopped by SIGTERM" in "".join(lines)
+  second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+  out = second.stdout + second.stderr
+  assert second.returncode == 0, out
+  assert "resuming the sweep at epoch" in out
+
+  # The sweep computed here: the same members, images and steps, without a stop.
+  c = config_lib.get_config("test", "pretrain")
+  c.data_dir, c.num_devices, c.steps_per_call = str(tmp_path), 1, 1
+  members = [{"optimizer.learning_rate": r} for r in rates]
+  run_data = data.load_run_data(c, False)
+  steps = len(run_data.train) // c.batch_size
+  assert steps == 2
+  mesh = parallel.make_mesh(1)
+  pools = parallel.put_replicated(step_lib.device_data(run_data.train.images,
+                                                       run_data.train.labels, None), mesh)
+  sweep = parallel.put_replicated(sweep_lib.create_sweep_state(c, members, 2 * steps), mesh)
+  epoch_fn = sweep_lib.sweep_epoch_fn(mesh)
+  losses, after_epoch_1, finite = [], None, []
+  for epoch in range(2):
+    in_idx, out_idx = sampling.epoch_indices(c.seed, epoch, len(run_data.train), c.batch_size,
+                                             0, c.outlier_batch_size)
+    for s in range(steps):
+      idx = parallel.put_global((in_idx[s:s + 1], out_idx[s:s + 1]), mesh,
+                                step_lib.step_indices_spec())
+      sweep, m = epoch_fn(sweep, pools, *idx)
+      losses.append(np.asarray(m["loss"][0]))
+      finite.append(all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(jax.device_get(
+          sweep_lib.member_state(sweep, 2).variables))))
+    if epoch == 0:
+      after_epoch_1 = jax.device_get(sweep_lib.member_state(sweep, 2).variables)
+  losses = np.stack(losses)                                   # [step, member]
+  assert np.isfinite(losses[:, :2]).all() and np.isfinite(losses[:2, 2]).all()
+  # The rate of 1e8: NaN weights after epoch 2's first step (epoch 1 finite).
+  assert finite == [True, True, False, False]
+
+  record = json.loads((workdir / "sweep.json").read_text())
+  assert [m["status"] for m in record["members"]] == ["finished", "finished", "diverged"]
+  assert re.match(r"its training state at epoch 2, step [12] holds \d+ non-finite value",
+                  record["members"][2]["diverged"]), record["members"][2]["diverged"]
+  assert ("member 2 (learning_rate=100000000.0) diverged and is stopped; the others go on: its "
+          "training state at epoch 2") in out
+  for k, entry in enumerate(record["members"]):
+    member_dir = workdir / entry["workdir"]
+    assert member_dir.parent.name == "members" and member_dir.name.startswith(f"{k}_learning_rate=")
+    ck = config_lib.get_config("test", "pretrain")
+    ck.data_dir, ck.num_devices, ck.steps_per_call = str(tmp_path), 1, 1
+    ck.optimizer.learning_rate = rates[k]
+    assert json.loads((member_dir / "config.json").read_text()) == json.loads(ck.to_json())
+    rows = [json.loads(l) for l in (member_dir / "results.jsonl").read_text().splitlines()]
+    csv = (member_dir / "training_results.csv").read_text().splitlines()
+    assert len(rows) == len(csv) - 1 == 2
+    saved = checkpoints.load_variables(str(member_dir), ck)
+    if k < 2:
+      # The same programs on the same numbers, stopped and restored: measured equal bit for bit.
+      assert_close(f"member {k}", saved, jax.device_get(sweep_lib.member_state(sweep, k).variables),
+                   rtol=1e-6)
+      for epoch in range(2):
+        assert rows[epoch]["train_loss"] == pytest.approx(
+            loop.reference_average(losses[epoch * steps:(epoch + 1) * steps, k]), rel=1e-6)
+      assert "test_error" in rows[1] and "diverged" not in rows[1]
+    else:
+      assert_close("the diverged member's last good checkpoint", saved, after_epoch_1, rtol=1e-6)
+      assert rows[0]["train_loss"] == pytest.approx(loop.reference_average(losses[:2, 2]),
+                                                    rel=1e-6)
+      assert rows[1]["diverged"] == record["members"][2]["diverged"]
+      assert csv[2].startswith("002,") and "diverged" not in rows[0]
+
+  # The choice: recomputed from the members' saved weights and the validation sets.
+  table = json.loads((workdir / "validation.json").read_text())
+  scores = np.load(workdir / "validation_scores.npz")
+  sets = protocol.validation_sets(c, run_data.test, 0)
+  assert sorted(table["validation_sets"]) == sorted(sets) == sorted(c.validation_sets)
+  mean_fpr, mean_auroc = {}, {}
+  for k in (0, 1):
+    ck = sweep_lib.member_configs(c, members)[k]
+    variables = checkpoints.load_variables(str(workdir / table["members"][k]["workdir"]), ck)
+    model = models.from_config(ck)
+    energy = lambda images: logsumexp(np.asarray(inference.predict(
+        model, variables, images, 256, mesh).logits, np.float64), axis=1)
+    s_in = energy(run_data.test.images)
+    np.testing.assert_allclose(scores[f"{k}/in"], s_in, rtol=1e-5, atol=1e-5)
+    fprs, aurocs = [], []
+    for name, images in sets.items():
+      s_out = energy(images.images)
+      np.testing.assert_allclose(scores[f"{k}/{name}"], s_out, rtol=1e-5, atol=1e-5)
+      fprs.append(fpr_at_95_tpr(s_in, s_out))
+      aurocs.append(roc_auc_score(np.r_[np.ones(len(s_in)), np.zeros(len(s_out))],
+                                  np.r_[s_in, s_out]))
+    mean_fpr[k], mean_auroc[k] = np.mean(fprs), np.mean(aurocs)
+    assert table["members"][k]["fpr95"] == pytest.approx(mean_fpr[k], abs=1e-9)
+    assert table["members"][k]["auroc"] == pytest.approx(mean_auroc[k], abs=1e-9)
+  best = min((0, 1), key=lambda k: (mean_fpr[k], -mean_auroc[k]))
+  assert table["chosen"] == best and "fpr95" not in table["members"][2]
+  chosen_dir = workdir / table["members"][best]["workdir"]
+  assert f"| {best} | learning_rate={rates[best]} | finished |" in out
+  assert [l for l in out.splitlines() if "**chosen**" in l][0].startswith(f"| {best} |")
+  assert f"experiments/evaluate.py --config=experiments/configs/pretrain.py:test" in out
+  assert f"--checkpoint={chosen_dir}" in out
+  csv = (workdir / "validation.csv").read_text().splitlines()
+  assert csv[1 + best].split(",")[6] == "1" and csv[3].split(",")[2] == "diverged"

@@ -199,26 +199,13 @@ def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps
   pretrained model, else a fresh model (pretraining only)."""
   rng = jax.random.PRNGKey(config.seed)
   total_steps = steps * config.epochs
-  newest = ckpts.newest_meta()               # before verifying: another format is refused
-  saved_format = None if newest is None else newest.get("format", 1)
-  if saved_format not in (None, checkpoints.RUN_FORMAT):
-    raise ValueError(
-        f"{workdir} holds a run saved by energy-jax {newest.get('version', '0.1')} (run format "
-        f"{saved_format}), whose training numbers or checkpoints differ from this version's "
-        f"(format {checkpoints.RUN_FORMAT}); finish it with that version, or start a new "
-        "--workdir")
+  check_run_format(ckpts, workdir)           # before verifying: another format is refused
   saved = ckpts.steps()
   latest = ckpts.latest_intact_step()
   if latest is not None:
     meta = ckpts.read_meta(latest)
     source = f"{ckpts.directory}/{latest}"
-    models.check_architecture(checkpoints.architecture_of(meta), config, source)
-    resume.check_resumable(meta["config"], config, workdir)
-    if meta["steps_per_epoch"] != steps:
-      raise ValueError(
-          f"{source} was saved with {meta['steps_per_epoch']} steps per epoch, this config "
-          f"gives {steps} (batch_size, train_subset, drop_remainder or the data changed); a "
-          "resumed run keeps its epochs: restore them, or start a new --workdir")
+    check_resumable_checkpoint(meta, config, workdir, source, steps)
     if meta.get("finished") and meta["epoch"] + 1 >= config.epochs:   # else: epochs overridden
       raise FileExistsError(
           f"{workdir} holds a finished run (epoch {meta['epoch'] + 1} of {config.epochs}); "
@@ -240,16 +227,48 @@ def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps
         f"checkpoint to continue it from (the damaged ones are in {ckpts.quarantine}); starting "
         f"over would overwrite it: choose another --workdir, or move {CSV} and {JSONL} out of "
         "it")
+  state = create_train_state(config, rng, total_steps, pretrained_variables(config, log))
+  return parallel.put_replicated(state, mesh), Start(0)
+
+
+def check_run_format(ckpts: checkpoints.RunCheckpoints, workdir: str) -> None:
+  """Refuses a workdir whose newest checkpoint was saved under another run format (read before
+  verifying, so that such a run is refused rather than moved aside as damaged)."""
+  newest = ckpts.newest_meta()
+  saved_format = None if newest is None else newest.get("format", 1)
+  if saved_format not in (None, checkpoints.RUN_FORMAT):
+    raise ValueError(
+        f"{workdir} holds a run saved by energy-jax {newest.get('version', '0.1')} (run format "
+        f"{saved_format}), whose training numbers or checkpoints differ from this version's "
+        f"(format {checkpoints.RUN_FORMAT}); finish it with that version, or start a new "
+        "--workdir")
+
+
+def check_resumable_checkpoint(meta: Dict[str, Any], config, workdir: str, source: str,
+                               steps: int) -> None:
+  """Refuses to continue the checkpoint at ``source`` (its ``meta``) under ``config``: another
+  architecture, a config that changes the run (:mod:`energy_jax.config.resume`), or another
+  number of ``steps`` per epoch."""
+  models.check_architecture(checkpoints.architecture_of(meta), config, source)
+  resume.check_resumable(meta["config"], config, workdir)
+  if meta["steps_per_epoch"] != steps:
+    raise ValueError(
+        f"{source} was saved with {meta['steps_per_epoch']} steps per epoch, this config "
+        f"gives {steps} (batch_size, train_subset, drop_remainder or the data changed); a "
+        "resumed run keeps its epochs: restore them, or start a new --workdir")
+
+
+def pretrained_variables(config, log: Callable[[str], None]) -> Optional[Dict[str, Any]]:
+  """The weights a new run starts from: ``config.pretrained``'s, None for a fresh model
+  (pretraining); refused for an objective that fine-tunes (it trains on outliers)."""
   if config.pretrained:
     variables = checkpoints.load_variables(config.pretrained, config, "config.pretrained")
     log(f"loaded pretrained weights from {config.pretrained}")
-    state = create_train_state(config, rng, total_steps, variables)
-  elif objectives.get(config.objective.name).uses_outliers:
+    return variables
+  if objectives.get(config.objective.name).uses_outliers:
     raise ValueError("fine-tuning needs a pretrained model: set --config.pretrained to a run "
                      "directory of experiments/pretrain.py or a reference .pt file")
-  else:
-    state = create_train_state(config, rng, total_steps)
-  return parallel.put_replicated(state, mesh), Start(0)
+  return None
 
 
 EpochRunner = Callable[[TrainState, int, int],
@@ -257,13 +276,15 @@ EpochRunner = Callable[[TrainState, int, int],
 
 
 def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch,
-                 programs: RunPrograms) -> EpochRunner:
+                 programs: RunPrograms, epoch_fn: Optional[Callable[[bool], Any]] = None
+                 ) -> EpochRunner:
   """``run(state, epoch, first_step) -> (state, {metric: per-step values}, steps done)``: one
   epoch on either input path from ``first_step``, the images of each step drawn by
   :func:`energy_jax.data.sampling.epoch_indices`; it stops early at a step boundary when
   ``watch`` asks (then steps done < ``steps``). Device input runs each call with the program
   of its length in ``programs.epochs`` (a resumed epoch's shorter first call compiles its
-  own)."""
+  own). ``epoch_fn(padded)``: the compiled epoch its calls run instead of the run's
+  ``device_epoch_fn`` (a sweep's, :mod:`energy_jax.train.sweep`)."""
   num_out = len(data.outliers) if data.outliers is not None else 0
   padded = sampling.has_partial_batch(len(data.train), config.batch_size, config.drop_remainder)
 
@@ -274,7 +295,7 @@ def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch
                                   outlier_sampling=config.outlier_sampling)
 
   if config.input_pipeline == "device":
-    fn = device_epoch_fn(config, mesh, padded)
+    fn = epoch_fn(padded) if epoch_fn else device_epoch_fn(config, mesh, padded)
     pools = jax.block_until_ready(parallel.put_replicated(device_data(
         data.train.images, data.train.labels,
         data.outliers.images if data.outliers is not None else None), mesh))

@@ -32,6 +32,8 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
+import math
 import numbers
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -99,40 +101,44 @@ def check_member_field(config, name: Any, value: Any, member: int = 0) -> None:
   """Raises ``ValueError`` naming the field and value unless member ``member`` of a sweep of
   ``config`` may set ``name`` to ``value``: ``seed`` or a number of ``config.objective`` /
   ``config.optimizer`` that the chosen objective or optimiser reads, valid as that field."""
-  where = f"sweep member {member}: "
+  problem = member_field_problem(config, name, value)
+  if problem:
+    raise ValueError(f"sweep member {member}: {problem}")
+
+
+def member_field_problem(config, name: Any, value: Any) -> Optional[str]:
+  """Why a member of a sweep of ``config`` cannot set ``name`` to ``value`` (None if it can):
+  see :func:`check_member_field`."""
   if not isinstance(name, str):
-    raise ValueError(f"{where}a member's keys are config fields such as 'objective.m_in', got "
-                     f"{name!r}")
+    return f"a member's keys are config fields such as 'objective.m_in', got {name!r}"
   unknown = config_lib.unknown_field(config, name)
   if unknown:
-    raise ValueError(where + unknown)
+    return unknown
   checks = {f.name: f for f in config_lib.fields(config.model.name)}
   if name not in checks:
-    raise ValueError(f"{where}config.{name} is a section of the config: a member sets its "
-                     f"fields by their dotted names, such as 'objective.m_in'")
+    return (f"config.{name} is a section of the config: a member sets its fields by their "
+            "dotted names, such as 'objective.m_in'")
   if name.endswith(".name") or (
       name != "seed" and name.split(".")[0] not in SECTIONS):
-    raise ValueError(where + _not_varying(name))
+    return _not_varying(name)
   default = checks[name].default
   if isinstance(default, (bool, str)) or not isinstance(default, numbers.Real):
-    raise ValueError(f"{where}config.{name} is not a number ({default!r} by default): members of "
-                     f"a sweep differ in numbers only, which enter one compiled program as "
-                     f"arrays; set config.{name} in the sweep's config, or sweep it as separate "
-                     "runs")
+    return (f"config.{name} is not a number ({default!r} by default): members of a sweep differ "
+            f"in numbers only, which enter one compiled program as arrays; set config.{name} in "
+            "the sweep's config, or sweep it as separate runs")
   if isinstance(value, str) or not isinstance(value, numbers.Real) or isinstance(value, bool):
     extra = (" ('auto' margins are computed per run from the pretrained model: compute them "
              "first, energy_jax.train.margins, and give the numbers)"
              if value == objectives.AUTO else "")
-    raise ValueError(f"{where}config.{name} must be a number in a sweep, got {value!r}{extra}")
+    return f"config.{name} must be a number in a sweep, got {value!r}{extra}"
   try:
     checks[name].check(name, value)
   except ValueError as e:
-    raise ValueError(f"{where}{e}") from None
-  read = _read_fields(config)
-  if name != "seed" and name not in read:
-    raise ValueError(f"{where}config.{name} is not read by objective "
-                     f"{config.objective.name!r} nor optimizer {config.optimizer.name!r}: its "
-                     "members would not differ in it")
+    return str(e)
+  if name != "seed" and name not in _read_fields(config):
+    return (f"config.{name} is not read by objective {config.objective.name!r} nor optimizer "
+            f"{config.optimizer.name!r}: its members would not differ in it")
+  return None
 
 
 def _set(config, name: str, value: Any) -> None:
@@ -195,6 +201,98 @@ def varying_fields(configs: Sequence[Any]) -> List[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# The command line: --sweep=FIELD=V1,V2,... flags, their grid.
+
+def short_names(config) -> Dict[str, str]:
+  """``{name a user types: dotted field}`` of the fields a member may set: ``seed``, and each
+  field of ``config.objective`` and ``config.optimizer`` by its own name (``m_in``,
+  ``learning_rate``, ...) where no other field of the two sections shares it."""
+  fields_ = [n for n, _ in config_lib.flat_items(config)
+             if n.split(".")[0] in SECTIONS and not n.endswith(".name")]
+  by_leaf: Dict[str, List[str]] = {}
+  for n in fields_:
+    by_leaf.setdefault(n.rsplit(".", 1)[1], []).append(n)
+  return {"seed": "seed", **{leaf: ns[0] for leaf, ns in by_leaf.items() if len(ns) == 1}}
+
+
+def _flag_value(text: str) -> Any:
+  """A number of the command line: an int where the text is one, else a float; else the text."""
+  try:
+    return int(text)
+  except ValueError:
+    pass
+  try:
+    return float(text)
+  except ValueError:
+    return text
+
+
+def parse_sweep_flags(config, flags_: Sequence[str]) -> List[Dict[str, Any]]:
+  """The members of the ``--sweep=FIELD=V1,V2,...`` flags: the grid of their values (the product
+  over the flags, the first flag's values outermost), each member a dict ``{dotted field:
+  value}`` for :func:`create_sweep_state`. ``FIELD`` is a dotted config name or its short name
+  (:func:`short_names`: ``m_in``, ``learning_rate``, ``seed``, ...). Raises ``ValueError``
+  naming the flag and value for an unknown field, a field members cannot set, a value that is no
+  finite number or is not valid for the field, an empty or repeated value, a field given twice,
+  and members whose whole config is invalid (``m_in < m_out``)."""
+  check_sweep_config(config)
+  shorts = short_names(config)
+  names: List[str] = []
+  grid: List[List[Any]] = []
+  for flag in flags_:
+    where = f"--sweep={flag}"
+    field, sep, text = flag.partition("=")
+    field = field.strip()
+    if not sep or not field:
+      raise ValueError(f"{where}: expected FIELD=V1,V2,... (e.g. --sweep=m_in=-23,-25,-27)")
+    name = shorts.get(field, field)
+    if "." not in name and name not in dict(config_lib.flat_items(config)):
+      read = ["seed"] + [leaf for leaf, n in shorts.items() if n in _read_fields(config)
+                         and member_field_problem(config, n, _get(config, n)) is None]
+      raise ValueError(f"{where}: {field!r} is no config field; a sweep varies seed and the "
+                       f"numbers the objective and optimizer read ({', '.join(read)}; or their "
+                       f"dotted names){config_lib.did_you_mean(field, sorted(shorts))}")
+    if name in names:
+      raise ValueError(f"{where}: config.{name} is swept by an earlier --sweep flag too: give "
+                       "all its values in one flag")
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or not all(parts):
+      raise ValueError(f"{where}: an empty value; give the values as FIELD=V1,V2,...")
+    values = [_flag_value(p) for p in parts]
+    for part, value in zip(parts, values):
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: {part!r} is not a finite number")
+      problem = member_field_problem(config, name, value)
+      if problem:
+        raise ValueError(f"{where}: {problem}")
+    seen: Dict[float, str] = {}
+    for part, value in zip(parts, values):
+      if float(value) in seen:
+        raise ValueError(f"{where}: the value {part!r} is given twice ({seen[float(value)]!r} "
+                         f"and {part!r}): each member of a sweep differs from the others")
+      seen[float(value)] = part
+    names.append(name)
+    grid.append(values)
+  if not names:
+    raise ValueError("--sweep: no flag given; e.g. --sweep=m_in=-23,-25,-27 --sweep=seed=1,2")
+  members = [dict(zip(names, combo)) for combo in itertools.product(*grid)]
+  try:
+    member_configs(config, members)
+  except ValueError as e:
+    raise ValueError(f"--sweep: {e}") from None
+  return members
+
+
+def check_sweep_config(config) -> None:
+  """Raises unless ``config`` can train as a sweep: device-resident input (every member reads
+  the same pools in one compiled program)."""
+  if config.input_pipeline != "device":
+    raise ValueError(f"config.input_pipeline = {config.input_pipeline!r}: a sweep reads its "
+                     "images from the device-resident pools (one compiled program steps every "
+                     "member); set --config.input_pipeline=device")
+
+
+# ----------------------------------------------------------------------------------------------
 # The state.
 
 def create_sweep_state(config, members: Sequence[Mapping[str, Any]], total_steps: int,
@@ -220,7 +318,7 @@ def create_sweep_state(config, members: Sequence[Mapping[str, Any]], total_steps
       init[c.seed] = create_train_state(shared, jax.random.PRNGKey(c.seed), total_steps,
                                         variables)
   states = [init[c.seed] for c in configs]
-  stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+  stacked = stack_members(states)
   hparams = {n: jnp.asarray([_get(c, n) for c in configs], jnp.float32) for n in varying}
   overrides = tuple((("seed", c.seed),) + tuple((n, _get(c, n)) for n in varying)
                     for c in configs)
@@ -228,6 +326,30 @@ def create_sweep_state(config, members: Sequence[Mapping[str, Any]], total_steps
     vectorize = jax.default_backend() != "cpu"
   return SweepState(members=stacked, hparams=hparams, config=hashable_config(shared),
                     overrides=overrides, total_steps=total_steps, vectorize=bool(vectorize))
+
+
+@jax.jit
+def stack_members(states: Sequence[TrainState]) -> TrainState:
+  """The states of the members (of one structure), stacked along a leading member axis: one
+  compiled program (leaf by leaf, each shape would compile its own)."""
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+
+@jax.jit
+def take_member(members: TrainState, k) -> TrainState:
+  """Member ``k``'s arrays of the stacked ``members``: one compiled program for every ``k``."""
+  return jax.tree_util.tree_map(lambda x: x[k], members)
+
+
+@jax.jit
+def finite_members(members: TrainState) -> Array:
+  """``[N]`` bool: whether each member's weights, BatchNorm statistics and optimiser state are
+  all finite (a loss can stay finite a step after the update that made them NaN)."""
+  leaves = [x for x in jax.tree_util.tree_leaves(
+      (members.params, members.batch_stats, members.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack([jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+                    for x in leaves]).all(axis=0)
 
 
 def member_config(sweep: SweepState, k: int) -> ml_collections.ConfigDict:
@@ -241,7 +363,7 @@ def member_config(sweep: SweepState, k: int) -> ml_collections.ConfigDict:
 def member_state(sweep: SweepState, k: int) -> TrainState:
   """Member ``k``'s :class:`TrainState` (its arrays at index ``k``): saved, evaluated or trained
   on as any run's, with the optimiser of member ``k``'s config."""
-  state = jax.tree_util.tree_map(lambda x: x[k], sweep.members)
+  state = take_member(sweep.members, k)
   optimizer = optimizers.from_config(member_config(sweep, k), sweep.total_steps)
   return state.replace(tx=optimizer.tx, learning_rate=optimizer.learning_rate)
 
