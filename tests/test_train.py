@@ -131,6 +131,48 @@ def test_tiny_wrn_loss_falls(toy_dir, tmp_path, monkeypatch):
     train.train_and_evaluate(_with(c, eval_every_epochs=0), str(tmp_path / "bad"))
 
 
+def test_shorter_calls_run_in_the_longest_calls_program_with_skipped_rows(toy_dir):
+  """Steps in a loop (``scan_unroll = 1``, the accelerators' way): 4 steps as one call, and as two
+  calls of 2 each padded with 2 rows of SKIP_STEP, run the same compiled program and end bit for
+  bit alike (one executable, the same steps on the same inputs); the skipped rows advance
+  nothing and their metrics are 0."""
+  from energy_jax.data import sampling
+  from energy_jax.train import step as step_lib
+  c = tiny_config("finetune", in_train=f"{toy_dir}/toy_id.zip", scan_unroll=1, num_devices=1)
+  c.model.dropout_rate = 0.3
+  assert step_lib.fixed_length_calls(c)
+  train_set, outliers = data.load(c.in_train, "train"), data.load(f"{toy_dir}/toy_outliers.npy")
+  mesh = parallel.make_mesh(1)
+  pools = parallel.put_replicated(step_lib.device_data(train_set.images, train_set.labels,
+                                                       outliers.images), mesh)
+  in_idx, out_idx = sampling.epoch_indices(c.seed, 0, len(train_set), c.batch_size,
+                                           len(outliers), c.outlier_batch_size)
+  fn = train.device_epoch_fn(c, mesh)
+  state0 = jax.device_get(train.create_train_state(c, jax.random.PRNGKey(0), 20))
+
+  def call(state, rows, length=4):
+    idx = step_lib.pad_call(in_idx[rows], out_idx[rows], length)
+    return fn(parallel.put_replicated(state, mesh), pools,
+              *parallel.put_global(idx, mesh, step_lib.step_indices_spec()))
+
+  whole, m_whole = jax.device_get(call(state0, slice(0, 4)))
+  half, m_first = jax.device_get(call(state0, slice(0, 2)))
+  assert int(half.step) == 2
+  half, m_second = jax.device_get(call(half, slice(2, 4)))
+  assert int(half.step) == int(whole.step) == 4
+  assert fn._cache_size() == 1                   # one program for both lengths
+  for m in (m_first, m_second):
+    assert np.all(m["loss"][2:] == 0) and np.all(np.isfinite(m["loss"][:2]))
+  np.testing.assert_array_equal(np.concatenate([m_first["loss"][:2], m_second["loss"][:2]]),
+                                m_whole["loss"])
+  chex.assert_trees_all_equal(half.params, whole.params)
+  chex.assert_trees_all_equal(half.batch_stats, whole.batch_stats)
+  # The steps did something: 4 steps moved the weights.
+  assert not np.array_equal(whole.params["fc"]["kernel"], state0.params["fc"]["kernel"])
+  with pytest.raises(ValueError, match="a call of 5 steps does not fit a program of 4"):
+    step_lib.pad_call(in_idx[:5], out_idx[:5], 4)
+
+
 def test_energy_finetuning_separates_energies():
   """Toy problem: ID and outlier logits from one linear map; the energy loss opens the gap."""
   from energy_jax import losses

@@ -20,8 +20,8 @@ from energy_jax.train.preemption import PreemptionWatch
 from energy_jax.train.programs import RunPrograms, compile_run
 from energy_jax.train.run_lock import RunInProgress, WorkdirLock
 from energy_jax.train.state import TrainState, create_train_state
-from energy_jax.train.step import (device_data, device_epoch_fn, epoch_calls, host_step_fn,
-                                   step_indices_spec)
+from energy_jax.train.step import (device_data, device_epoch_fn, epoch_calls, fixed_length_calls,
+                                   host_step_fn, pad_call, step_indices_spec)
 from energy_jax.train.writer import CSV, JSONL, history_rows, open_run_writer
 
 class Start(NamedTuple):
@@ -282,8 +282,9 @@ def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch
   epoch on either input path from ``first_step``, the images of each step drawn by
   :func:`energy_jax.data.sampling.epoch_indices`; it stops early at a step boundary when
   ``watch`` asks (then steps done < ``steps``). Device input runs each call with the program
-  of its length in ``programs.epochs`` (a resumed epoch's shorter first call compiles its
-  own). ``epoch_fn(padded)``: the compiled epoch its calls run instead of the run's
+  of its length in ``programs.epochs``, or, where one program runs every call
+  (:func:`~energy_jax.train.step.fixed_length_calls`), a shorter call padded to the longest.
+  ``epoch_fn(padded)``: the compiled epoch its calls run instead of the run's
   ``device_epoch_fn`` (a sweep's, :mod:`energy_jax.train.sweep`)."""
   num_out = len(data.outliers) if data.outliers is not None else 0
   padded = sampling.has_partial_batch(len(data.train), config.batch_size, config.drop_remainder)
@@ -296,6 +297,8 @@ def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch
 
   if config.input_pipeline == "device":
     fn = epoch_fn(padded) if epoch_fn else device_epoch_fn(config, mesh, padded)
+    fixed = fixed_length_calls(config)
+    length = max(c.stop - c.start for c in epoch_calls(steps, config.steps_per_call))
     pools = jax.block_until_ready(parallel.put_replicated(device_data(
         data.train.images, data.train.labels,
         data.outliers.images if data.outliers is not None else None), mesh))
@@ -306,9 +309,13 @@ def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch
         if sl.stop <= first:
           continue
         sl = slice(max(sl.start, first), sl.stop)
-        idx = parallel.put_global((in_idx[sl], out_idx[sl]), mesh, step_indices_spec())
-        state, m = programs.epochs.get(sl.stop - sl.start, fn)(state, pools, *idx)
-        yield state, jax.device_get(m), sl.stop
+        idx = (in_idx[sl], out_idx[sl])
+        if fixed:                      # one program, a shorter call padded with rows not run
+          idx = pad_call(*idx, length)
+        idx = parallel.put_global(idx, mesh, step_indices_spec())
+        state, m = programs.epochs.get(idx[0].shape[0], fn)(state, pools, *idx)
+        m = jax.device_get(m)
+        yield state, jax.tree_util.tree_map(lambda v: v[:sl.stop - sl.start], m), sl.stop
   else:
     if not host_stream_available():
       raise ImportError("config.input_pipeline = 'tfdata' needs TensorFlow (pip install "

@@ -17,14 +17,17 @@ import jax.numpy as jnp
 from energy_jax import inference, models, objectives, parallel
 from energy_jax.data import sampling
 from energy_jax.train.state import lower_create_train_state
-from energy_jax.train.step import device_data, device_epoch_fn, epoch_calls, step_indices_spec
+from energy_jax.train.step import (device_data, device_epoch_fn, epoch_calls, fixed_length_calls,
+                                   step_indices_spec)
 
 
 class RunPrograms(NamedTuple):
   """The compiled programs of a run (``jax.stages.Compiled``): ``create_state(rng[,
   variables])``; ``epochs``, by call length, ``{steps: epoch(state, pools, in_idx, out_idx)}``
-  (device input; empty for tf.data): one program when the calls of an epoch are of one length
-  (:func:`~energy_jax.train.step.epoch_calls`), a second for a shorter last call;
+  (device input; empty for tf.data): one program where the steps run in a loop (every call, a
+  shorter one padded: :func:`~energy_jax.train.step.fixed_length_calls`); unrolled (XLA:CPU),
+  one when the calls of an epoch are of one length (:func:`~energy_jax.train.step.epoch_calls`),
+  a second for a shorter last call;
   ``evaluate(variables, images)``: each batch of the test set (None: not compiled here)."""
   create_state: Any
   epochs: Dict[int, Any]
@@ -54,10 +57,13 @@ def lower_create_state(config, total_steps: int):
 
 
 def call_lengths(config, num_train: int) -> List[int]:
-  """The lengths of the compiled calls of a run's epochs (device input), longest first."""
+  """The lengths of the compiled programs of a run's epochs (device input), longest first: the
+  longest call's alone where one program runs every call (:func:`~energy_jax.train.step.
+  fixed_length_calls`), else one per length of call."""
   steps = sampling.steps_per_epoch(num_train, config.batch_size, config.drop_remainder)
-  return sorted({c.stop - c.start for c in epoch_calls(steps, config.steps_per_call)},
-                reverse=True)
+  lengths = sorted({c.stop - c.start for c in epoch_calls(steps, config.steps_per_call)},
+                   reverse=True)
+  return lengths[:1] if fixed_length_calls(config) else lengths
 
 
 def lower_epoch(config, num_train: int, num_outliers: int, mesh=None, state_shapes=None,

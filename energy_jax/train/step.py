@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
@@ -146,9 +147,55 @@ def device_data(images, labels, outliers=None) -> Dict[str, Any]:
   return data
 
 
+# An index that marks a row of a fused call's index arrays as no step: rows of SKIP_STEP after
+# the real steps let a shorter call (an epoch's last, a resumed epoch's first) run in the program
+# compiled for the longest.
+SKIP_STEP = int(jnp.iinfo(jnp.int32).min)
+
+
 def _scan_unroll(config):
   # XLA:CPU runs convolutions inside a while loop ~30x slower: unroll the fused steps there.
   return config.scan_unroll or jax.default_backend() == "cpu"
+
+
+def fixed_length_calls(config) -> bool:
+  """Whether one compiled program runs every call of an epoch, whatever its number of steps:
+  the steps in a loop (``lax.fori_loop`` to the call's count of real rows, see
+  :func:`pad_call`), as on accelerators by default. Unrolled steps (XLA:CPU's default) are
+  straight-line code of a fixed number of steps: a call of another length is another program."""
+  return _scan_unroll(config) in (False, 1)
+
+
+def pad_call(in_idx, out_idx, length: int):
+  """The index arrays of a call of ``len(in_idx)`` steps as rows of a ``length``-step call:
+  rows of :data:`SKIP_STEP` after the real ones, which the program does not run."""
+  n = in_idx.shape[0]
+  if n == length:
+    return in_idx, out_idx
+  if n > length:
+    raise ValueError(f"a call of {n} steps does not fit a program of {length}")
+  skip = lambda a: np.concatenate([a, np.full((length - n, *a.shape[1:]), SKIP_STEP, a.dtype)])
+  return skip(np.asarray(in_idx)), skip(np.asarray(out_idx))
+
+
+def run_call_steps(body: Callable, carry, in_idx: Array, out_idx: Array, config):
+  """``(carry, metrics [S, ...])``: ``body(carry, (in_idx[k], out_idx[k])) -> (carry, metrics)``
+  for the rows of a fused call, as ``lax.scan``, unrolled where :func:`_scan_unroll` says. Where
+  :func:`fixed_length_calls`, a loop over the rows before the first :data:`SKIP_STEP` row (every
+  device holds a column of every row, so each counts the same); the metrics of rows not run
+  are 0."""
+  if not fixed_length_calls(config):
+    return lax.scan(body, carry, (in_idx, out_idx), unroll=_scan_unroll(config))
+  num_steps = jnp.sum(in_idx[:, 0] != SKIP_STEP)
+  shapes = jax.eval_shape(body, carry, (in_idx[0], out_idx[0]))[1]
+  metrics = jax.tree_util.tree_map(
+      lambda s: jnp.zeros((in_idx.shape[0], *s.shape), s.dtype), shapes)
+
+  def loop_body(i, state):
+    carry, metrics = state
+    carry, m = body(carry, (in_idx[i], out_idx[i]))
+    return carry, jax.tree_util.tree_map(lambda buf, v: buf.at[i].set(v), metrics, m)
+  return lax.fori_loop(0, num_steps, loop_body, (carry, metrics))
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,7 +209,8 @@ def _device_epoch_fn(config, mesh, padded: bool) -> Callable:
       batch = device_batch(jax.random.fold_in(state.rng, state.step), data, i_in,
                            i_out if uses_outliers else None, dtype, padded, parallel.AXIS)
       return train_step(state, batch, config=config)
-    return lax.scan(body, state, (in_idx, out_idx), unroll=_scan_unroll(config))
+
+    return run_call_steps(body, state, in_idx, out_idx, config)
 
   spec_idx = step_indices_spec()
   return parallel.data_parallel(per_device, mesh, in_specs=(P(), P(), spec_idx, spec_idx),
@@ -179,7 +227,9 @@ def device_epoch_fn(config, mesh, padded: bool = False) -> Callable:
   """``fn(state, data, in_idx [S, B], out_idx [S, B_out]) -> (state, metrics [S])``: ``S``
   steps fused into one compiled call. ``data`` (replicated) holds the uint8 ``image`` / ``label``
   (and ``outlier``) pools; the index arrays are split over devices along their batch axis. With
-  ``padded``, negative ID indices are padding (an epoch's last partial batch).
+  ``padded``, negative ID indices are padding (an epoch's last partial batch). Where
+  :func:`fixed_length_calls`, rows of :data:`SKIP_STEP` after the real steps are not run (their
+  metrics are 0): :func:`pad_call` fits a shorter call to the program of the longest.
 
   Built once per ``(config, mesh, padded)``: every call of a run, and anything compiled ahead
   for it (``fn.lower(...).compile()``), is the same executable.

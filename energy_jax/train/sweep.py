@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from energy_jax import config as config_lib, models, objectives, optimizers, parallel
@@ -449,7 +448,9 @@ def sweep_device_steps(sweep: SweepState, data: Mapping[str, Array], in_idx: Arr
   """``S`` steps of every member on the device-resident pools ``data`` (see
   :func:`~energy_jax.train.step.device_epoch_fn`): each step's images are the same indices
   ``in_idx [S, B]``, ``out_idx [S, B_out]`` for every member, augmented with the member's own
-  keys, as its single run would; metrics ``{name: [S, N]}``."""
+  keys, as its single run would; metrics ``{name: [S, N]}``. Rows of
+  :data:`~energy_jax.train.step.SKIP_STEP` are not run where the steps run in a loop
+  (:func:`~energy_jax.train.step.run_call_steps`)."""
   config = sweep.config
   dtype = models.from_config(config).dtype
   uses_outliers = objectives.get(config.objective.name).uses_outliers
@@ -465,7 +466,7 @@ def sweep_device_steps(sweep: SweepState, data: Mapping[str, Array], in_idx: Arr
                                     sweep)
     return sweep.replace(members=members), metrics
 
-  return lax.scan(body, sweep, (in_idx, out_idx), unroll=step_lib._scan_unroll(config))
+  return step_lib.run_call_steps(body, sweep, in_idx, out_idx, config)
 
 
 @functools.lru_cache(maxsize=None)
