@@ -147,18 +147,3 @@ def test_a_pt_file_with_pickled_objects_is_refused_without_running_them(tmp_path
   with pytest.raises(ValueError, match=r"whole_model\.pt holds pickled objects other than "
                                        r"tensors .* save the model's state_dict\(\) instead"):
     checkpoints.read_torch_state_dict(str(path))
-
-
-def test_dropout_masks_of_a_group_are_each_layers_own_draw():
-  """One batched call draws the masks of several layers: each equals the layer's draw alone,
-  ``bernoulli(fold_in(rng_l, id_i), 1 - rate)`` per example, written here with jax.random."""
-  from energy_jax.models import wrn
-  rngs = jax.random.split(jax.random.PRNGKey(3), 3)
-  ids = jnp.arange(5) + 7
-  keep = wrn.dropout_keep(rngs, (4, 4, 2), 0.3, ids)
-  assert keep.shape == (3, 5, 4, 4, 2) and keep.dtype == jnp.bool_
-  for l in range(3):
-    for i, example in enumerate(np.asarray(ids)):
-      alone = jax.random.bernoulli(jax.random.fold_in(rngs[l], example), 0.7, (4, 4, 2))
-      np.testing.assert_array_equal(keep[l, i], alone)
-  assert 0.5 < float(jnp.mean(keep)) < 0.9          # about 70% kept
