@@ -13,7 +13,7 @@ Parameter names follow the PyTorch module tree (``block1/layer_0/conv1`` for
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -91,29 +91,15 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-def dropout_keep(rngs: Array, shape: Sequence[int], rate: float, example_ids: Array) -> Array:
-  """``[L, N, *shape]`` bool: which units dropout keeps in ``L`` layers of one shape, example
-  ``i`` of layer ``l`` drawn from ``fold_in(rngs[l], example_ids[i])``. Given global positions
-  as ids, the masks do not depend on how a batch is split over devices. The layers are drawn in
-  one batched call: the same bits as one call per layer (JAX's random bits under ``vmap`` are
-  those of each key alone), in one program fusion instead of one per layer."""
-  per_example = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(None, 0)), in_axes=(0, None))
-  keep = lambda key: jax.random.bernoulli(key, 1.0 - rate, tuple(shape))
-  return jax.vmap(jax.vmap(keep))(per_example(rngs, example_ids))
-
-
-def apply_dropout(x: Array, keep: Array, rate: float) -> Array:
-  """Inverted dropout: the kept units of ``x`` scaled by ``1 / (1 - rate)``, the others 0."""
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
 def per_example_dropout(rng: Array, x: Array, rate: float,
                         example_ids: Optional[Array] = None) -> Array:
-  """Inverted dropout whose mask for example ``i`` comes from ``fold_in(rng, example_ids[i])``
-  (one layer of :func:`dropout_keep`)."""
+  """Inverted dropout whose mask for example ``i`` comes from ``fold_in(rng, example_ids[i])``:
+  given global positions as ids, the masks do not depend on how a batch is split over devices."""
   if example_ids is None:
     example_ids = jnp.arange(x.shape[0])
-  return apply_dropout(x, dropout_keep(rng[None], x.shape[1:], rate, example_ids)[0], rate)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, example_ids)
+  keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(keys)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class BasicBlock(nn.Module):
@@ -125,15 +111,9 @@ class BasicBlock(nn.Module):
   axis_name: Optional[str] = None
   dtype: Dtype = jnp.float32
 
-  def dropout_rng(self) -> Array:
-    """The block's dropout rng (its first ``make_rng("dropout")``)."""
-    return self.make_rng("dropout")
-
   @nn.compact
   def __call__(self, x: Array, *, train: bool, mask: Optional[Array] = None,
-               example_ids: Optional[Array] = None, keep: Optional[Array] = None) -> Array:
-    """The block on ``x``; ``keep``: its dropout mask (default: drawn here from
-    :meth:`dropout_rng`, as :func:`dropout_keep` would)."""
+               example_ids: Optional[Array] = None) -> Array:
     conv = lambda c, k, s, name: nn.Conv(
         c, (k, k), strides=(s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False,
         kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32, name=name)
@@ -143,10 +123,7 @@ class BasicBlock(nn.Module):
     out = conv(self.out_channels, 3, self.stride, "conv1")(preact)
     out = nn.relu(bn("bn2")(out, train=train, mask=mask))
     if self.dropout_rate > 0 and train:
-      if keep is None:
-        ids = jnp.arange(out.shape[0]) if example_ids is None else example_ids
-        keep = dropout_keep(self.dropout_rng()[None], out.shape[1:], self.dropout_rate, ids)[0]
-      out = apply_dropout(out, keep, self.dropout_rate)
+      out = per_example_dropout(self.make_rng("dropout"), out, self.dropout_rate, example_ids)
     out = conv(self.out_channels, 3, 1, "conv2")(out)
     if equal_in_out:
       return x + out
@@ -218,23 +195,12 @@ class WideResNet(nn.Module):
                   kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32,
                   name="conv1")(x.astype(self.dtype))
     blocks = [pooled(out)]
-    dropout = self.dropout_rate > 0 and train
-    if dropout and example_ids is None:
-      example_ids = jnp.arange(x.shape[0])
     for group, (channels, stride) in enumerate(zip(c[1:], (1, 2, 2)), start=1):
-      layers = [BasicBlock(channels, stride if i == 0 else 1, self.dropout_rate,
-                           axis_name=self.axis_name, dtype=self.dtype,
-                           name=f"block{group}_layer_{i}") for i in range(n)]
-      keep = [None] * n
-      if dropout:
-        # The group's dropout masks (one shape: its blocks' output) in one call; the blocks'
-        # own rngs, so each mask is the one the block would draw.
-        size = lambda d: (d - 1) // stride + 1            # a 3x3 conv, padding 1
-        shape = (size(out.shape[1]), size(out.shape[2]), channels)
-        keep = dropout_keep(jnp.stack([layer.dropout_rng() for layer in layers]), shape,
-                            self.dropout_rate, example_ids)
-      for layer, layer_keep in zip(layers, keep):
-        out = layer(out, train=train, mask=mask, example_ids=example_ids, keep=layer_keep)
+      for i in range(n):
+        out = BasicBlock(channels, stride if i == 0 else 1, self.dropout_rate,
+                         axis_name=self.axis_name, dtype=self.dtype,
+                         name=f"block{group}_layer_{i}")(out, train=train, mask=mask,
+                                                         example_ids=example_ids)
       if group < 3:
         blocks.append(pooled(out))
     out = nn.relu(BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name="bn1")(
