@@ -163,7 +163,8 @@ def fixed_length_calls(config) -> bool:
   the steps in a loop (``lax.fori_loop`` to the call's count of real rows, see
   :func:`pad_call`), as on accelerators by default. Unrolled steps (XLA:CPU's default) are
   straight-line code of a fixed number of steps: a call of another length is another program."""
-  return _scan_unroll(config) in (False, 1)
+  unroll = _scan_unroll(config)
+  return unroll is False or (type(unroll) is int and unroll == 1)   # (True == 1 in Python)
 
 
 def pad_call(in_idx, out_idx, length: int):
