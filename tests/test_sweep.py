@@ -19,7 +19,7 @@ from energy_jax import (checkpoints, config as config_lib, data, inference, mode
                         parallel, train)
 from energy_jax.data import sampling, toy
 from energy_jax.ood import protocol
-from energy_jax.train import loop, step as step_lib, sweep as sweep_lib
+from energy_jax.train import loop, step as step_lib, sweep as sweep_lib, sweep_loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
@@ -395,6 +395,8 @@ def test_sweep_command_line_resumes_as_a_whole_stops_a_diverged_member_and_choos
                                                     rel=1e-6)
       assert rows[1]["diverged"] == record["members"][2]["diverged"]
       assert csv[2].startswith("002,") and "diverged" not in rows[0]
+      # Its last row's loss is NaN in both files (the loss of its steps stayed finite).
+      assert np.isnan(rows[1]["train_loss"]) and csv[2].split(",")[2] == "nan"
 
   # The choice: recomputed from the members' saved weights and the validation sets.
   table = json.loads((workdir / "validation.json").read_text())
@@ -429,3 +431,13 @@ def test_sweep_command_line_resumes_as_a_whole_stops_a_diverged_member_and_choos
   assert f"--checkpoint={chosen_dir}" in out
   csv = (workdir / "validation.csv").read_text().splitlines()
   assert csv[1 + best].split(",")[6] == "1" and csv[3].split(",")[2] == "diverged"
+
+  # The sweep's folder is refused to a single run, and to the sweep under another data seed
+  # (it draws every member's images), before any step.
+  c.optimizer.learning_rate = rates[0]
+  with pytest.raises(FileExistsError, match=r"holds a sweep \(sweep.json\): continue it with "
+                                            "the same --sweep flags"):
+    train.train_and_evaluate(c, str(workdir), log=lambda s: None)
+  c.seed = 2
+  with pytest.raises(ValueError, match="seed"):
+    sweep_loop.train_and_evaluate_sweep(c, members, str(workdir), log=lambda s: None)

@@ -24,6 +24,11 @@ from energy_jax.train.step import (device_data, device_epoch_fn, epoch_calls, fi
                                    host_step_fn, pad_call, step_indices_spec)
 from energy_jax.train.writer import CSV, JSONL, history_rows, open_run_writer
 
+# The record a sweep keeps in its workdir (energy_jax.train.sweep_loop): a single run refuses
+# such a folder.
+SWEEP_RECORD = "sweep.json"
+
+
 class Start(NamedTuple):
   """Where a run starts: ``epoch`` (0-based) at ``step`` of it, with the per-step metrics of
   the steps before ``step`` when a preempted epoch resumes, the config saved with the
@@ -52,6 +57,9 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   objective, mesh = check_config(config)
   log = distributed.main_process_only(log)
   workdir = storage.check_reachable(workdir)
+  if (storage.location(workdir) / SWEEP_RECORD).exists():
+    raise FileExistsError(f"{workdir} holds a sweep ({SWEEP_RECORD}): continue it with the same "
+                          "--sweep flags, or give a single run a --workdir of its own")
   if config.pretrained:
     storage.check_reachable(config.pretrained, "config.pretrained")
   log(f"config of {workdir}:\n{config}")

@@ -11,8 +11,9 @@ per member in the same program: see ``vectorize``). A member differs in
 * any number of ``config.objective`` and ``config.optimizer`` its objective and optimiser read
   (``objective.m_in``, ``m_out``, ``energy_weight``, ``oe_weight``, ``optimizer.learning_rate``,
   ``weight_decay``, ``momentum``, ...): a field whose value differs between members enters the
-  step as a traced ``[N]`` float32 array (one compiled program for every value), a field all
-  members give alike stays a constant of the program, as in a single run.
+  step as a traced ``[N]`` float32 array (one compiled program for every member; the settings
+  are static in ``SweepState.overrides``, so a sweep of other values compiles its own), a field
+  all members give alike stays a constant of the program, as in a single run.
 
 Member ``k`` computes what the single run with member ``k``'s config computes on the same images
 (tests/test_sweep.py states how close); the images come from the sweep's seed, so a member's

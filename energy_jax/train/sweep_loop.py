@@ -26,6 +26,7 @@ augmentation and dropout).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import re
 import time
@@ -34,6 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 import numpy as np
 
 from energy_jax import __version__, checkpoints, detectors, distributed, parallel, storage
+from energy_jax.config import resume
 from energy_jax.data import load_run_data, sampling
 from energy_jax.ood import evaluation, protocol
 from energy_jax.ood.metrics import ood_metrics
@@ -43,7 +45,7 @@ from energy_jax.train.programs import RunPrograms
 from energy_jax.train.run_lock import RunInProgress, WorkdirLock
 from energy_jax.train.writer import CSV, JSONL, history_rows, open_run_writer
 
-RECORD = "sweep.json"
+RECORD = loop.SWEEP_RECORD
 MEMBERS = "members"
 VALIDATION_JSON, VALIDATION_CSV = "validation.json", "validation.csv"
 VALIDATION_SCORES = "validation_scores.npz"
@@ -106,7 +108,7 @@ def train_and_evaluate_sweep(config, members: Sequence[Mapping[str, Any]], workd
   times = {"data": time.time() - t0}
   with removed_if_sweep_start_fails(workdir), WorkdirLock(workdir, log), \
       PreemptionWatch() as watch, contextlib.ExitStack() as stack:
-    record = read_record(workdir, team)
+    record = read_record(workdir, team, config)
     ckpts = []
     for m in team:
       stack.enter_context(loop.removed_if_start_fails(m.workdir))
@@ -152,9 +154,11 @@ def member_log(log: Callable[[str], None], member: Member) -> Callable[[str], No
   return lambda text: log(f"[member {member.index} {member.label}] {text}")
 
 
-def read_record(workdir, team: Sequence[Member]) -> Dict[str, Any]:
+def read_record(workdir, team: Sequence[Member], config) -> Dict[str, Any]:
   """The sweep's record in ``workdir`` (a new one if there is none), after checking that it
-  records these members and that the folder holds no single run."""
+  records these members, that its config is one the sweep may continue under (as a run's,
+  :func:`energy_jax.config.resume.check_resumable`: the sweep's seed, which draws the images of
+  every member, included) and that the folder holds no single run."""
   path = storage.location(workdir)
   if (path / "checkpoints").exists() or history_rows(path):
     raise FileExistsError(f"{path} holds a single run (checkpoints/, {CSV}): a sweep needs "
@@ -174,6 +178,8 @@ def read_record(workdir, team: Sequence[Member]) -> Dict[str, Any]:
     raise ValueError(f"{path} holds a sweep of other members ({', '.join(l for l, _ in saved)}) "
                      f"than these ({', '.join(l for l, _ in now)}): give the same --sweep flags "
                      "to continue it, or start a new --workdir")
+  if "config" in record:
+    resume.check_resumable(record["config"], config, str(path))
   return record
 
 
@@ -342,12 +348,15 @@ def divergence(state, finite: bool, losses: np.ndarray, epoch: int, done: int,
 def stop_diverged(member: Member, record: Dict[str, Any], problem: str, writer,
                   config, epoch: int, metrics: Dict[str, np.ndarray], learning_rate: float,
                   train_s: float, workdir, log: Callable[[str], None]) -> None:
-  """Stops ``member``, whose training loss turned non-finite: a last row in its files says so
-  (it is in no checkpoint: a resumed sweep leaves the member as it is), the record names it."""
+  """Stops ``member``, whose training loss or state turned non-finite: a last row in its files
+  says so (its ``train_loss`` NaN, ``diverged`` the reason; the row is in no checkpoint: a
+  resumed sweep leaves the member as it is), the record names it."""
   log(f"member {member.index} ({member.label}) diverged and is stopped; the others go on: "
       f"{problem}")
   row = loop.epoch_row(member.config, epoch, metrics, learning_rate, train_s)
-  row.update(time_s=train_s, diverged=problem)
+  # The epoch gave no model to go on with: its loss is NaN in every file, even where the loss
+  # of its steps stayed finite while the state did not.
+  row.update(time_s=train_s, train_loss=float("nan"), diverged=problem)
   writer.write(row)
   entry = record["members"][member.index]
   entry.update(status=DIVERGED, diverged=problem)
@@ -417,10 +426,11 @@ def choose_member(team: Sequence[Member], record: Dict[str, Any], sweep, test, m
       f"({RULE})")
   if distributed.is_main_process():
     path = storage.location(workdir)
-    storage.write_text(path / VALIDATION_JSON, json.dumps(summary, indent=1) + "\n")
+    buffer = io.BytesIO()
+    np.savez(buffer, **scores)
+    storage.write_bytes(path / VALIDATION_SCORES, buffer.getvalue())
     storage.write_text(path / VALIDATION_CSV, validation_csv(out, chosen["index"]))
-    with (path / VALIDATION_SCORES).open("wb") as f:
-      np.savez(f, **scores)
+    storage.write_text(path / VALIDATION_JSON, json.dumps(summary, indent=1) + "\n")  # last
   return summary
 
 
