@@ -141,6 +141,7 @@ def test_shorter_calls_run_in_the_longest_calls_program_with_skipped_rows(toy_di
   c = tiny_config("finetune", in_train=f"{toy_dir}/toy_id.zip", scan_unroll=1, num_devices=1)
   c.model.dropout_rate = 0.3
   assert step_lib.fixed_length_calls(c)
+  assert not step_lib.fixed_length_calls(tiny_config())    # XLA:CPU's default: steps unrolled
   train_set, outliers = data.load(c.in_train, "train"), data.load(f"{toy_dir}/toy_outliers.npy")
   mesh = parallel.make_mesh(1)
   pools = parallel.put_replicated(step_lib.device_data(train_set.images, train_set.labels,
