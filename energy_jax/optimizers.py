@@ -117,6 +117,12 @@ def from_config(config, total_steps: int) -> Optimizer:
 
 @functools.lru_cache(maxsize=None)
 def _build(section, total_steps: int) -> Optimizer:
+  return build(section, total_steps)
+
+
+def build(section, total_steps: int) -> Optimizer:
+  """The optimiser ``section`` (``config.optimizer``, or anything read as it) names over
+  ``total_steps`` updates, uncached: its numbers may be traced arrays (a sweep's members)."""
   entry = get(section.name)
   schedule = cosine_schedule(section.learning_rate, total_steps, section.min_learning_rate)
   own = {k: section[k] for k in inspect.signature(entry.build).parameters

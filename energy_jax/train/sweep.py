@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import itertools
 import math
 import numbers
@@ -42,7 +41,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from jax.sharding import PartitionSpec as P
 
 from energy_jax import config as config_lib, models, objectives, optimizers, parallel
@@ -398,23 +396,12 @@ class _Values:
     return name in self._config
 
 
-def _optimizer(section, total_steps: int) -> optax.GradientTransformation:
-  """The optimiser ``section`` names, built as :func:`energy_jax.optimizers.from_config` builds a
-  run's, from numbers that may be traced arrays (its cached build takes hashable values only)."""
-  entry = optimizers.get(section.name)
-  schedule = optimizers.cosine_schedule(section.learning_rate, total_steps,
-                                        section.min_learning_rate)
-  own = {k: section[k] for k in inspect.signature(entry.build).parameters
-         if k != "learning_rate" and k in section}
-  return entry.build(schedule, **own)
-
-
 def _member_step(state: TrainState, hparams: Mapping[str, Array], batch, *, config,
                  total_steps: int, axis_name: Optional[str]):
   """One member's step: the single run's ``train_step`` with the member's numbers (traced
   scalars inside ``vmap``) in its config and in the optimiser built from it."""
   values = _Values(config, hparams)
-  tx = _optimizer(values.optimizer, total_steps)
+  tx = optimizers.build(values.optimizer, total_steps).tx
   new, metrics = step_lib.train_step(state.replace(tx=tx), batch, config=values,
                                      axis_name=axis_name)
   # The optimiser closes over this trace's values: the state that leaves keeps the shared one.
