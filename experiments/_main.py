@@ -263,7 +263,9 @@ def evaluate_command(argv, default_config: str, checkpoint: str) -> str:
   for i, arg in enumerate(argv[1:], 1):
     if _CONFIG_ARG.match(arg):
       args.append(arg)
-      if arg == "--config" and i + 1 < len(argv):
+      # The split form `--config.x VALUE` (a flag without `=` followed by a value; a boolean
+      # field given as `--config.flag` is followed by the next flag instead).
+      if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
         args.append(argv[i + 1])
       given = given or arg == "--config" or arg.startswith("--config=")
   if not given:

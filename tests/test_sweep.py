@@ -243,6 +243,30 @@ def test_sweep_flags_make_the_grid_with_short_and_dotted_names():
   assert _main.sweep_members(c, []) == []
 
 
+def test_the_chosen_members_evaluate_command_keeps_every_config_flag():
+  argv = ["experiments/finetune.py", "--config=experiments/configs/finetune.py:cifar10",
+          "--config.objective.m_in", "-25", "--noconfig.progress_bar", "--config.epochs=3",
+          "--workdir", "runs/x", "--sweep=m_out=-5,-7"]
+  command = _main.evaluate_command(argv, "configs/finetune.py", "runs/x/members/1_m_out=-7")
+  assert command.split()[2:] == [
+      "--config=experiments/configs/finetune.py:cifar10", "--config.objective.m_in", "-25",
+      "--noconfig.progress_bar", "--config.epochs=3", "--checkpoint=runs/x/members/1_m_out=-7"]
+
+
+def test_a_single_run_refuses_a_sweeps_member_and_a_damaged_record_is_named(tmp_path):
+  c = config_lib.get_config("test", "finetune")
+  (tmp_path / "sweep" / "members" / "0_seed=1").mkdir(parents=True)
+  (tmp_path / "sweep" / "sweep.json").write_text('{"format": 1, "members": [{"lab')
+  with pytest.raises(FileExistsError, match=r"0_seed=1 is a member of the sweep in .*sweep: "
+                     "continue the sweep with its --sweep flags"):
+    train.train_and_evaluate(c, str(tmp_path / "sweep" / "members" / "0_seed=1"))
+  with pytest.raises(ValueError, match=r"sweep.json, the sweep's record, is damaged "
+                     r"\(JSONDecodeError: Unterminated string"):
+    sweep_loop.read_record(str(tmp_path / "sweep"), [], c)
+  # A folder named members/ outside a sweep is any run's.
+  loop.check_not_in_sweep(str(tmp_path / "members" / "run"))
+
+
 @pytest.mark.parametrize("flags,said", [
     (["m_inn=-23,-25"], "--sweep=m_inn=-23,-25: 'm_inn' is no config field; a sweep varies seed "
                         "and the numbers the objective and optimizer read (seed, energy_weight, "

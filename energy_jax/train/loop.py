@@ -24,9 +24,24 @@ from energy_jax.train.step import (device_data, device_epoch_fn, epoch_calls, fi
                                    host_step_fn, pad_call, step_indices_spec)
 from energy_jax.train.writer import CSV, JSONL, history_rows, open_run_writer
 
-# The record a sweep keeps in its workdir (energy_jax.train.sweep_loop): a single run refuses
-# such a folder.
+# The record a sweep keeps in its workdir and the folder of its members' runs
+# (energy_jax.train.sweep_loop): a single run refuses the sweep's folder and its members'.
 SWEEP_RECORD = "sweep.json"
+SWEEP_MEMBERS = "members"
+
+
+def check_not_in_sweep(workdir) -> None:
+  """Refuses a sweep's folder or a member's (training it alone would leave the sweep's record
+  behind it); evaluate.py and ``config.pretrained`` read a member as any run."""
+  path = storage.location(workdir)
+  if (path / SWEEP_RECORD).exists():
+    raise FileExistsError(f"{workdir} holds a sweep ({SWEEP_RECORD}): continue it with the same "
+                          "--sweep flags, or give a single run a --workdir of its own")
+  sweep = path.parent.parent
+  if path.parent.name == SWEEP_MEMBERS and (sweep / SWEEP_RECORD).exists():
+    raise FileExistsError(f"{workdir} is a member of the sweep in {sweep}: continue the sweep "
+                          "with its --sweep flags, or give a single run a --workdir of its own "
+                          "(evaluate.py and --config.pretrained read a member as a run)")
 
 
 class Start(NamedTuple):
@@ -57,9 +72,7 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
   objective, mesh = check_config(config)
   log = distributed.main_process_only(log)
   workdir = storage.check_reachable(workdir)
-  if (storage.location(workdir) / SWEEP_RECORD).exists():
-    raise FileExistsError(f"{workdir} holds a sweep ({SWEEP_RECORD}): continue it with the same "
-                          "--sweep flags, or give a single run a --workdir of its own")
+  check_not_in_sweep(workdir)
   if config.pretrained:
     storage.check_reachable(config.pretrained, "config.pretrained")
   log(f"config of {workdir}:\n{config}")

@@ -46,7 +46,7 @@ from energy_jax.train.run_lock import RunInProgress, WorkdirLock
 from energy_jax.train.writer import CSV, JSONL, history_rows, open_run_writer
 
 RECORD = loop.SWEEP_RECORD
-MEMBERS = "members"
+MEMBERS = loop.SWEEP_MEMBERS
 VALIDATION_JSON, VALIDATION_CSV = "validation.json", "validation.csv"
 VALIDATION_SCORES = "validation_scores.npz"
 TRAINING, FINISHED, DIVERGED = "training", "finished", "diverged"
@@ -171,8 +171,12 @@ def read_record(workdir, team: Sequence[Member], config) -> Dict[str, Any]:
       raise FileExistsError(f"{held[0]} holds checkpoints but {path / RECORD}, the sweep's "
                             "record, is missing: restore it, or start a new --workdir")
     return {"format": 1, "version": __version__, "step": None, "members": members}
-  record = json.loads(storage.read_text(path / RECORD))
-  saved = [(r["label"], r["overrides"]) for r in record["members"]]
+  try:
+    record = json.loads(storage.read_text(path / RECORD))
+    saved = [(r["label"], r["overrides"]) for r in record["members"]]
+  except (ValueError, KeyError, TypeError) as e:      # cut short, edited, not a sweep's
+    raise ValueError(f"{path / RECORD}, the sweep's record, is damaged ({type(e).__name__}: "
+                     f"{e}): restore it, or start a new --workdir") from None
   now = [(r["label"], json.loads(json.dumps(r["overrides"]))) for r in members]
   if saved != now:
     raise ValueError(f"{path} holds a sweep of other members ({', '.join(l for l, _ in saved)}) "
