@@ -199,6 +199,16 @@ class RunCheckpoints:
     except Exception:        # an unreadable meta: left to the verification
       return None
 
+  def verify_on_main(self, step: int) -> Optional[str]:
+    """:meth:`verify` of ``step`` (``"it is missing"`` if it was never saved) as process 0 finds
+    it; the others take its answer (their disks may not hold the records)."""
+    from energy_jax import distributed
+    problem = None
+    if distributed.is_main_process():
+      problem = self.verify(step) if step in self.steps() else "it is missing"
+    damaged = int(distributed.from_main_process(np.array([problem is not None], np.int64))[0])
+    return (problem or "process 0 found it damaged (its log says why)") if damaged else None
+
   def latest_intact_step(self, move_damaged: bool = True) -> Optional[int]:
     """The newest intact step (None if there is none). Damaged checkpoints are named through
     ``log`` and, with ``move_damaged``, moved out of the way. Process 0 verifies and moves, and

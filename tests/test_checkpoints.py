@@ -67,6 +67,9 @@ def test_a_damaged_latest_checkpoint_is_named_moved_aside_and_the_one_before_use
     blob[len(blob) // 2] ^= 0xFF
     open(victim, "wb").write(bytes(blob))
     os.remove(_files_in(tmp_path / "checkpoints" / "8")[0])
+    # One step asked for (a sweep continues every member from its commit): what process 0 finds.
+    assert ckpts.verify_on_main(4) is None and ckpts.verify_on_main(5) == "it is missing"
+    assert ckpts.verify_on_main(12).startswith("file(s) changed since the save")
     assert ckpts.latest_intact_step() == 4
   assert "checkpoints/12 is damaged (file(s) changed since the save" in said[0]
   assert "checkpoints/8 is damaged (missing file(s)" in said[1]

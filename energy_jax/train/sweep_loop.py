@@ -222,8 +222,7 @@ def initial_sweep(config, team: Sequence[Member], record: Dict[str, Any],
   history, partial, finished, where = {}, {}, [], set()
   for k in live(record):
     m, source = team[k], f"{ckpts[k].directory}/{committed}"
-    problem = (ckpts[k].verify(committed) if committed in ckpts[k].steps()
-               else "it is missing")
+    problem = ckpts[k].verify_on_main(committed)
     if problem:
       raise ValueError(f"member {k} ({m.label}): {source}, where the sweep continues every "
                        f"member from, is damaged ({problem}); the sweep's members continue from "
