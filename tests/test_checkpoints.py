@@ -409,3 +409,13 @@ def test_a_failed_start_removes_only_a_folder_it_made_and_holds(tmp_path):
       theirs.mkdir()
       raise run_lock.RunInProgress("in use by a live run")
   assert theirs.exists()
+  # A sweep's folder counts its members' folders as work kept (sweep_loop): one made is kept.
+  sweep = tmp_path / "sweep"
+  for member_made in (False, True):
+    with pytest.raises(KeyboardInterrupt):
+      with loop.removed_if_start_fails(str(sweep), lambda p: loop.holds_files(p / "members")):
+        (sweep / "members").mkdir(parents=True)
+        if member_made:
+          (sweep / "members" / "0_seed=1").mkdir()
+        raise KeyboardInterrupt      # Ctrl-C while compiling
+    assert sweep.exists() == member_made

@@ -135,10 +135,11 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
 
 
 @contextlib.contextmanager
-def removed_if_start_fails(workdir: str):
+def removed_if_start_fails(workdir: str, holds_work: Optional[Callable[[Any], bool]] = None):
   """Removes ``workdir`` if this run made it and ends in an error (a damaged pretrained model, a
   wrong architecture, Ctrl-C while compiling) before it saved a checkpoint or wrote a row: a
-  failed start leaves no folder behind it did not find."""
+  failed start leaves no folder behind it did not find. ``holds_work(path)`` says what counts
+  as work kept (default: a run's rows or checkpoints; a sweep's: its members' folders)."""
   path = storage.location(workdir)
   made = distributed.is_main_process() and not path.exists()
   try:
@@ -146,11 +147,19 @@ def removed_if_start_fails(workdir: str):
   except RunInProgress:         # another run made the folder in the meantime and holds it
     raise
   except BaseException:
-    checkpoint_dir = path / "checkpoints"
-    if made and path.exists() and not history_rows(path) and not (
-        checkpoint_dir.exists() and any(checkpoint_dir.iterdir())):
+    if made and path.exists() and not (holds_work or run_holds_work)(path):
       path.rmtree()
     raise
+
+
+def run_holds_work(path) -> bool:
+  """Whether a run's folder holds rows of its history or a checkpoint."""
+  return bool(history_rows(path)) or holds_files(path / "checkpoints")
+
+
+def holds_files(folder) -> bool:
+  """Whether ``folder`` exists and holds a file or folder."""
+  return folder.exists() and any(folder.iterdir())
 
 
 def save_checkpoint(ckpts: checkpoints.RunCheckpoints, config, state: TrainState, epoch: int,

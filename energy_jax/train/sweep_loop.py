@@ -42,7 +42,7 @@ from energy_jax.ood.metrics import ood_metrics
 from energy_jax.train import loop, sweep as sweep_lib
 from energy_jax.train.preemption import PreemptionWatch
 from energy_jax.train.programs import RunPrograms
-from energy_jax.train.run_lock import RunInProgress, WorkdirLock
+from energy_jax.train.run_lock import WorkdirLock
 from energy_jax.train.writer import CSV, JSONL, history_rows, open_run_writer
 
 RECORD = loop.SWEEP_RECORD
@@ -106,7 +106,8 @@ def train_and_evaluate_sweep(config, members: Sequence[Mapping[str, Any]], workd
   steps = sampling.steps_per_epoch(len(data.train), config.batch_size, config.drop_remainder,
                                    data.train.source)
   times = {"data": time.time() - t0}
-  with removed_if_sweep_start_fails(workdir), WorkdirLock(workdir, log), \
+  kept = lambda path: loop.holds_files(path / MEMBERS)     # a member's folder: work kept
+  with loop.removed_if_start_fails(workdir, kept), WorkdirLock(workdir, log), \
       PreemptionWatch() as watch, contextlib.ExitStack() as stack:
     record = read_record(workdir, team, config)
     ckpts = []
@@ -364,24 +365,6 @@ def stop_diverged(member: Member, record: Dict[str, Any], problem: str, writer,
   entry = record["members"][member.index]
   entry.update(status=DIVERGED, diverged=problem)
   write_record(workdir, record, config)
-
-
-@contextlib.contextmanager
-def removed_if_sweep_start_fails(workdir):
-  """Removes the sweep's ``workdir`` if this call made it and ends in an error that left no
-  member's folder behind (:func:`~energy_jax.train.loop.removed_if_start_fails` removes those
-  that hold nothing)."""
-  path = storage.location(workdir)
-  made = distributed.is_main_process() and not path.exists()
-  try:
-    yield
-  except RunInProgress:
-    raise
-  except BaseException:
-    members = path / MEMBERS
-    if made and path.exists() and not (members.exists() and any(members.iterdir())):
-      path.rmtree()
-    raise
 
 
 # ----------------------------------------------------------------------------------------------
