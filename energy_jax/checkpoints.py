@@ -260,9 +260,14 @@ class RunCheckpoints:
       raise OSError(failed or f"process 0 could not write the integrity record of checkpoint "
                     f"{step}; the checkpoints before it are kept")
     for old in self.steps()[self.max_to_keep:]:           # oldest beyond max_to_keep
-      self.manager.delete(old)
-      if distributed.is_main_process():
-        (self.records / f"{old}.json").unlink(missing_ok=True)
+      self.delete(old)
+
+  def delete(self, step: int) -> None:
+    """Deletes checkpoint ``step`` and its integrity record (every process calls it)."""
+    from energy_jax import distributed
+    self.manager.delete(step)
+    if distributed.is_main_process():
+      (self.records / f"{step}.json").unlink(missing_ok=True)
 
   def _record(self, step: int) -> None:
     """Writes the SHA-256 of checkpoint ``step``'s files, atomically."""

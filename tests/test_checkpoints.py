@@ -78,6 +78,24 @@ def test_a_damaged_latest_checkpoint_is_named_moved_aside_and_the_one_before_use
 
 
 
+def test_a_members_checkpoints_past_the_sweeps_commit_are_deleted_with_their_records(tmp_path):
+  # A kill between the members' saves: member 0 saved step 8, the sweep's commit is still 4.
+  from energy_jax.train import sweep_loop
+  said = []
+  c = config_lib.get_config("test", "pretrain")
+  with checkpoints.RunCheckpoints(str(tmp_path), max_to_keep=3) as ckpts:
+    state = _state()
+    for step in (4, 8):
+      ckpts.save(step, state, checkpoints.run_meta(c, step // 4 - 1, False, {}))
+    sweep_loop.drop_after(ckpts, 4, said.append)
+    assert ckpts.steps() == [4] and ckpts.verify(4) is None
+    assert sorted(os.listdir(tmp_path / "checkpoints.sha256")) == ["4.json"]
+    assert said == [f"checkpoint {tmp_path}/checkpoints/8 is past the sweep's last commit (a kill "
+                    "between the members' saves): removed, the sweep computes it again"]
+    sweep_loop.drop_after(ckpts, None, said.append)           # nothing committed yet
+    assert ckpts.steps() == [] and not os.listdir(tmp_path / "checkpoints.sha256")
+
+
 def test_a_checkpoint_without_its_record_is_read_back_and_used_or_moved_aside(tmp_path):
   # A kill between Orbax's commit and the record, or a run copied without checkpoints.sha256/:
   # a whole, finite checkpoint is used and recorded; a non-finite one is damage.

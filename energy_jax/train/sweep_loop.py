@@ -253,9 +253,7 @@ def drop_after(ckpts: checkpoints.RunCheckpoints, committed: Optional[int],
     if committed is None or step > committed:
       log(f"checkpoint {ckpts.directory}/{step} is past the sweep's last commit (a kill between "
           "the members' saves): removed, the sweep computes it again")
-      ckpts.manager.delete(step)
-      if distributed.is_main_process():
-        (ckpts.records / f"{step}.json").unlink(missing_ok=True)
+      ckpts.delete(step)
 
 
 def train_members(config, team: Sequence[Member], record: Dict[str, Any], sweep,
