@@ -278,7 +278,7 @@ def test_the_chosen_members_evaluate_command_keeps_every_config_flag():
       "--noconfig.progress_bar", "--config.epochs=3", "--checkpoint=runs/x/members/1_m_out=-7"]
 
 
-def test_a_single_run_refuses_a_sweeps_member_and_a_damaged_record_is_named(tmp_path):
+def test_sweep_folders_refuse_single_runs_and_other_members_and_name_a_damaged_record(tmp_path):
   c = config_lib.get_config("test", "finetune")
   (tmp_path / "sweep" / "members" / "0_seed=1").mkdir(parents=True)
   (tmp_path / "sweep" / "sweep.json").write_text('{"format": 1, "members": [{"lab')
@@ -290,6 +290,18 @@ def test_a_single_run_refuses_a_sweeps_member_and_a_damaged_record_is_named(tmp_
     sweep_loop.read_record(str(tmp_path / "sweep"), [], c)
   # A folder named members/ outside a sweep is any run's.
   loop.check_not_in_sweep(str(tmp_path / "members" / "run"))
+  # The sweep's folder to a single run; the record of other members; a single run's folder.
+  with pytest.raises(FileExistsError, match=r"sweep holds a sweep \(sweep.json\): continue it"):
+    train.train_and_evaluate(c, str(tmp_path / "sweep"))
+  team = sweep_loop.sweep_members(c, [{"seed": 1}, {"seed": 2}], str(tmp_path / "sweep"))
+  (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(
+      {"format": 1, "step": None, "members": [{"label": "seed=3", "overrides": {"seed": 3}}]}))
+  with pytest.raises(ValueError, match=r"holds a sweep of other members \(seed=3\) than these "
+                     r"\(seed=1, seed=2\): give the same --sweep flags"):
+    sweep_loop.read_record(str(tmp_path / "sweep"), team, c)
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(FileExistsError, match=r"run holds a single run \(checkpoints/, "):
+    sweep_loop.read_record(str(tmp_path / "run"), team, c)
 
 
 @pytest.mark.parametrize("flags,said", [
