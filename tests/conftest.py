@@ -4,16 +4,10 @@ import os
 import sys
 
 # Appended to the caller's XLA_FLAGS, so that e.g. --xla_cpu_max_isa=SSE4_2 (another CPU's
-# instruction set) keeps the 8 devices and the optimisation level.
-_DEVICES = "--xla_force_host_platform_device_count=8"
-# The tests compile hundreds of small programs that then run for milliseconds, and LLVM's
-# optimisation is most of XLA:CPU's compile time: without it they take about 40% less time
-# (docs/setup.md, Tests). The numbers move as on another CPU; no test compares them with a run
-# made under other flags (tests/golden_run.py records under these). A caller's level is kept.
-_OPT_LEVEL = "--xla_backend_optimization_level=0"
-for _flag in (_DEVICES, _OPT_LEVEL):
-  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# instruction set) keeps the 8 devices.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -31,14 +25,6 @@ os.environ.setdefault("ENERGY_JAX_COMPILATION_CACHE",
 from energy_jax import compilation_cache  # noqa: E402
 
 compilation_cache.enable()
-
-
-def child_xla_flags(*flags: str) -> str:
-  """XLA_FLAGS for a child process: ``flags`` plus this process's ``--xla_cpu_max_isa`` (the
-  stand-in for another CPU) and optimisation level, so that a test's children compile as it does."""
-  inherited = [f for f in os.environ.get("XLA_FLAGS", "").split()
-               if f.startswith(("--xla_cpu_max_isa", "--xla_backend_optimization_level"))]
-  return " ".join([*flags, *inherited])
 
 
 def shared_pack(name: str) -> str:

@@ -124,21 +124,17 @@ def _cpuinfo() -> dict:
 
 
 def fingerprint() -> dict:
-  """What decides the bits of the run: the JAX build, the backend, the CPU's model, the
-  instruction sets XLA:CPU may use (capped by ``--xla_cpu_max_isa`` in XLA_FLAGS) and its
-  optimisation level (``--xla_backend_optimization_level``)."""
+  """What decides the bits of the run: the JAX build, the backend, the CPU's model and the
+  instruction sets XLA:CPU may use (capped by ``--xla_cpu_max_isa`` in XLA_FLAGS)."""
   import jaxlib
   info = _cpuinfo()
   flags = set((info.get("flags") or info.get("Features") or "").split())
-  xla_flags = os.environ.get("XLA_FLAGS", "")
-  max_isa = re.search(r"--xla_cpu_max_isa=(\S+)", xla_flags)
-  level = re.search(r"--xla_backend_optimization_level=(\S+)", xla_flags)
+  max_isa = re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", ""))
   return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
           "platform": jax.default_backend(), "machine": platform.machine(),
           "cpu": info.get("model name") or info.get("CPU part") or platform.processor(),
           "cpu_features": sorted(flags & XLA_CPU_FEATURES),
-          "xla_cpu_max_isa": max_isa.group(1) if max_isa else None,
-          "xla_backend_optimization_level": level.group(1) if level else None}
+          "xla_cpu_max_isa": max_isa.group(1) if max_isa else None}
 
 
 def _numbers(runs: dict, path=()):
@@ -197,6 +193,11 @@ def _run_in_subprocess(xla_flags: str) -> dict:
       return json.load(f)
 
 
+def _with_devices(flags: str) -> str:
+  # The environment of the tests (tests/conftest.py): 8 host devices.
+  return (flags + " --xla_force_host_platform_device_count=8").strip()
+
+
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -207,10 +208,9 @@ if __name__ == "__main__":
     with open(sys.argv[2], "w") as f:
       json.dump(summary, f)
     sys.exit(0)
-  import conftest  # noqa: F401  the tests' XLA_FLAGS (8 host devices, optimisation level)
-  base_flags = os.environ["XLA_FLAGS"]
-  recorded = _run_in_subprocess(base_flags)
-  variants = {isa: _run_in_subprocess(f"{base_flags} --xla_cpu_max_isa={isa}")
+  base_flags = os.environ.get("XLA_FLAGS", "")
+  recorded = _run_in_subprocess(_with_devices(base_flags))
+  variants = {isa: _run_in_subprocess(_with_devices(f"{base_flags} --xla_cpu_max_isa={isa}"))
               for isa in ISA_VARIANTS}
   measured = spread(recorded["runs"], [v["runs"] for v in variants.values()])
   for isa, v in variants.items():

@@ -12,7 +12,7 @@ import chex
 from energy_jax import config as config_lib, data, detectors, models, progress, train
 from energy_jax.data import augment, toy
 from energy_jax.ood import evaluation, metrics, report
-from conftest import REPO, child_xla_flags, shared_pack
+from conftest import REPO, shared_pack
 from test_detectors import _counted
 
 
@@ -290,7 +290,7 @@ def _evaluate(toy, ckpt, workdir, *extra):
   cmd = [sys.executable, "experiments/evaluate.py", "--config=experiments/configs/pretrain.py:test",
          f"--config.in_train={toy}", f"--config.in_test={toy}", f"--checkpoint={ckpt}",
          f"--workdir={workdir}", *extra]
-  return subprocess.run(cmd, cwd=REPO, env=dict(os.environ, XLA_FLAGS=child_xla_flags(), PYTHONPATH=REPO),
+  return subprocess.run(cmd, cwd=REPO, env=dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO),
                         capture_output=True, text=True, timeout=600)
 
 

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, child_xla_flags
-from test_train import saved_steps
+from conftest import REPO
+from test_train import child_xla_flags, saved_steps
 
 pytestmark = pytest.mark.heavy
 WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import child_xla_flags
 from energy_jax import config as config_lib, data, models, optimizers, parallel, train
 from energy_jax.data import toy
 from energy_jax.train import writer
@@ -195,6 +194,13 @@ def test_energy_finetuning_separates_energies():
     w = w - 0.05 * jax.grad(loss)(w)
   assert float(jnp.mean(scores.free_energy(x_in @ w))) < e_in0 - 1.0
   assert float(jnp.mean(scores.free_energy(x_out @ w))) > e_out0 + 0.2
+
+
+def child_xla_flags(*flags: str) -> str:
+  """XLA_FLAGS for a child process: ``flags`` plus this process's ``--xla_cpu_max_isa`` (the
+  stand-in for another CPU), so that the children of a run held to it are held to it too."""
+  isa = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_cpu_max_isa")]
+  return " ".join([*flags, *isa])
 
 
 def _run(script, preset, workdir, toy_dir, *extra):
