@@ -109,27 +109,19 @@ def train_and_evaluate(config, workdir: str, log: Callable[[str], None] = print,
         if done < steps:              # preempted: save where it stopped, write nothing else
           save_checkpoint(ckpts, config, state, epoch, done, steps, history, partial=metrics)
           return stopped_by_signal(epoch, done, steps, watch.signal_name, log)
-        row = epoch_row(config, epoch, metrics,
-                        float(state.learning_rate((epoch + 1) * steps - 1)),
-                        time.time() - t_epoch)
-        finished = epoch + 1 == config.epochs
-        if finished or (epoch + 1) % config.eval_every_epochs == 0:
-          row.update(test_metrics(config, state, data.test, mesh))
-        row.update(time_s=time.time() - t_epoch, eval_s=time.time() - t_epoch - row["train_s"])
+        row = completed_epoch_row(config, state, epoch, metrics, steps, time.time() - t_epoch,
+                                  t_epoch, data.test, mesh)
+        times.setdefault("first_epoch", row["train_s"])
         # The row first, then the checkpoint, which holds every row so far: a kill between the
         # two resumes from the checkpoint before, which drops the row and writes it again; a
         # kill after the checkpoint resumes with the row, whatever the files hold.
         writer.write(row)
         if history is not None:
           history.append(row)
-        saved = finished or (epoch + 1) % config.checkpoint_every_epochs == 0
-        if saved:
-          save_checkpoint(ckpts, config, state, epoch, steps, steps, history, row, finished)
-        times.setdefault("first_epoch", row["train_s"])
-        if not finished and watch.requested():   # asked during the epoch's last call or after
-          if not saved:
-            save_checkpoint(ckpts, config, state, epoch, steps, steps, history, row)
-          return stopped_by_signal(epoch, steps, steps, watch.signal_name, log)
+        stopped = save_after_epoch(config, epoch, steps, watch, lambda finished: save_checkpoint(
+            ckpts, config, state, epoch, steps, steps, history, row, finished), log)
+        if stopped:
+          return stopped
   log(timing_summary(times, t0))
   return row
 
@@ -201,6 +193,35 @@ def epoch_row(config, epoch: int, metrics: Dict[str, np.ndarray], learning_rate:
   return {"epoch": epoch + 1, "train_loss": reference_average(metrics["loss"]),
           **{f"mean_{k}": float(np.mean(v)) for k, v in metrics.items()},
           "learning_rate": learning_rate, "train_s": seconds}
+
+
+def completed_epoch_row(config, state: TrainState, epoch: int, metrics: Dict[str, np.ndarray],
+                        steps: int, train_s: float, t_epoch: float, test, mesh) -> Dict[str, Any]:
+  """The row of a completed epoch (:func:`epoch_row`), with the test set's loss and error where
+  the run ends or ``config.eval_every_epochs`` says so, and the epoch's times."""
+  row = epoch_row(config, epoch, metrics, float(state.learning_rate((epoch + 1) * steps - 1)),
+                  train_s)
+  if epoch + 1 == config.epochs or (epoch + 1) % config.eval_every_epochs == 0:
+    row.update(test_metrics(config, state, test, mesh))
+  row.update(time_s=time.time() - t_epoch, eval_s=time.time() - t_epoch - train_s)
+  return row
+
+
+def save_after_epoch(config, epoch: int, steps: int, watch: PreemptionWatch,
+                     save: Callable[[bool], None], log: Callable[[str], None]):
+  """After a completed epoch's rows are written: ``save(finished)`` where the run ends or
+  ``config.checkpoint_every_epochs`` says so, and where a stop was asked for during the epoch's
+  last call or its evaluation, which then ends the run (:func:`stopped_by_signal`'s value is
+  returned; None where the run goes on)."""
+  finished = epoch + 1 == config.epochs
+  saved = finished or (epoch + 1) % config.checkpoint_every_epochs == 0
+  if saved:
+    save(finished)
+  if not finished and watch.requested():
+    if not saved:
+      save(False)
+    return stopped_by_signal(epoch, steps, steps, watch.signal_name, log)
+  return None
 
 
 def with_steps_before(before: Optional[Dict[str, List[float]]], metrics: Dict[str, np.ndarray]):

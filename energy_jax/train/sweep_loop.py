@@ -303,26 +303,17 @@ def train_members(config, team: Sequence[Member], record: Dict[str, Any], sweep,
       if done < steps:                # preempted: saved where it stopped, nothing else written
         save(epoch, done, partials=per_member)
         return sweep, loop.stopped_by_signal(epoch, done, steps, watch.signal_name, log)
-      finished = epoch + 1 == config.epochs
-      evaluate = finished or (epoch + 1) % config.eval_every_epochs == 0
       rows = {}
       for k in live(record):
-        state = sweep_lib.member_state(sweep, k)
-        row = loop.epoch_row(team[k].config, epoch, per_member[k],
-                             float(state.learning_rate((epoch + 1) * steps - 1)), train_s)
-        if evaluate:
-          row.update(loop.test_metrics(team[k].config, state, data.test, mesh))
-        row.update(time_s=time.time() - t_epoch, eval_s=time.time() - t_epoch - train_s)
-        writers[k].write(row)      # the rows, then the checkpoints, then the commit
-        history[k].append(row)
-        rows[k] = row
-      saved = finished or (epoch + 1) % config.checkpoint_every_epochs == 0
-      if saved:
-        save(epoch, steps, rows, finished)
-      if not finished and watch.requested():
-        if not saved:
-          save(epoch, steps, rows)
-        return sweep, loop.stopped_by_signal(epoch, steps, steps, watch.signal_name, log)
+        rows[k] = loop.completed_epoch_row(team[k].config, sweep_lib.member_state(sweep, k),
+                                           epoch, per_member[k], steps, train_s, t_epoch,
+                                           data.test, mesh)
+        writers[k].write(rows[k])      # the rows, then the checkpoints, then the commit
+        history[k].append(rows[k])
+      stopped = loop.save_after_epoch(config, epoch, steps, watch, lambda finished: save(
+          epoch, steps, rows, finished), log)
+      if stopped:
+        return sweep, stopped
     for k in live(record):
       record["members"][k]["status"] = FINISHED
     write_record(workdir, record, config)
