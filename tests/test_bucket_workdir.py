@@ -27,7 +27,8 @@ def toy_id(tmp_path_factory):
 def _config(toy_id):
   c = config_lib.get_config("test", "pretrain")
   c.in_train = c.in_test = toy_id
-  c.num_devices, c.epochs, c.steps_per_call, c.keep_checkpoints = 1, 2, 1, 1
+  # Two steps a call, as tests/test_checkpoints.py's runs (a stop can fall inside an epoch).
+  c.num_devices, c.epochs, c.steps_per_call, c.keep_checkpoints = 1, 2, 2, 1
   c.tensorboard = False         # TensorFlow's event writer reaches gs:// itself, not faked here
   return c
 
@@ -48,12 +49,12 @@ def test_a_preempted_run_in_a_bucket_resumes_to_the_run_on_disk(toy_id, tmp_path
   c = _config(toy_id)
   full = train.train_and_evaluate(c, str(tmp_path / "disk"), log=lambda s: None)
   said = []
-  assert _run_stopped(c, "gs://bucket/run", monkeypatch, 5, said.append)["preempted"]  # 2, 2/4
+  assert _run_stopped(c, "gs://bucket/run", monkeypatch, 2, said.append)["preempted"]  # 2, 2/4
   assert any("is in a bucket, which has no file locks" in s for s in said)
   resumed = train.train_and_evaluate(c, "gs://bucket/run", log=said.append)
   assert any("resuming gs://bucket/run at epoch 2, step 2 of 4" in s for s in said)
-  # Bit for bit, here and below: both runs call the same compiled steps (one device, one step a
-  # call) on the same inputs in this process; where the files are kept changes no number.
+  # Bit for bit, here and below: both runs call the same compiled steps (one device, two steps
+  # a call) on the same inputs in this process; where the files are kept changes no number.
   assert resumed["train_loss"] == full["train_loss"]
   bucket = fake_gcs / "bucket" / "run"
   # The same files as on the disk (where the lock's holder file goes with the run).
