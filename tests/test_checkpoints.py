@@ -25,8 +25,8 @@ def toy_id(tmp_path_factory):
 def _config(toy_id, **kw):
   c = config_lib.get_config("test", "pretrain")
   c.in_train = c.in_test = toy_id
-  # Two steps a call (a stop can fall inside an epoch of 4): XLA:CPU runs a one-step program's
-  # weight gradients ~4x slower per step (docs/performance.md).
+  # Two steps a call (a stop can fall inside an epoch of 4): XLA:CPU runs a one-step program
+  # several times slower per step (docs/performance.md, CPU).
   c.num_devices, c.epochs, c.steps_per_call = 1, 2, 2
   for k, v in kw.items():
     setattr(c, k, v)
