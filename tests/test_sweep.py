@@ -288,6 +288,9 @@ def test_sweep_folders_refuse_single_runs_and_other_members_and_name_a_damaged_r
   with pytest.raises(ValueError, match=r"sweep.json, the sweep's record, is damaged "
                      r"\(JSONDecodeError: Unterminated string"):
     sweep_loop.read_record(str(tmp_path / "sweep"), [], c)
+  (tmp_path / "sweep" / "sweep.json").write_text('{"format": 1}')     # whole JSON, not a record
+  with pytest.raises(ValueError, match=r"the sweep's record, is damaged \(KeyError: 'members'\)"):
+    sweep_loop.read_record(str(tmp_path / "sweep"), [], c)
   # A folder named members/ outside a sweep is any run's.
   loop.check_not_in_sweep(str(tmp_path / "members" / "run"))
   # The sweep's folder to a single run; the record of other members; a single run's folder.
