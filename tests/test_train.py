@@ -1,5 +1,7 @@
+import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,6 +174,29 @@ def test_shorter_calls_run_in_the_longest_calls_program_with_skipped_rows(toy_di
   assert not np.array_equal(whole.params["fc"]["kernel"], state0.params["fc"]["kernel"])
   with pytest.raises(ValueError, match="a call of 5 steps does not fit a program of 4"):
     step_lib.pad_call(in_idx[:5], out_idx[:5], 4)
+
+
+def test_a_one_step_call_runs_every_convolution_in_xla_cpus_fast_layout(toy_dir):
+  """XLA:CPU's Eigen convolution takes NHWC inputs and HWIO kernels (``b01f_01io->b01f``); it
+  gives convolutions that layout only outside loops, so a one-step call must not be a loop of one
+  trip (its gradient convolutions would run in the generic kernel, ~16x slower)."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("a property of XLA:CPU's compiler")
+  from energy_jax.train import step as step_lib
+  c = tiny_config("finetune", in_train=f"{toy_dir}/toy_id.zip", num_devices=1)
+  mesh = parallel.make_mesh(1)
+  state = parallel.put_replicated(train.create_train_state(c, jax.random.PRNGKey(0), 20), mesh)
+  pools = parallel.put_replicated(step_lib.device_data(
+      np.zeros((64, 32, 32, 3), np.uint8), np.zeros(64, np.int32),
+      np.zeros((64, 32, 32, 3), np.uint8)), mesh)
+  idx = (np.zeros((1, c.batch_size), np.int32), np.zeros((1, c.outlier_batch_size), np.int32))
+  idx = parallel.put_global(idx, mesh, step_lib.step_indices_spec())
+  fn = train.device_epoch_fn(c, mesh)
+  hlo = fn.lower(state, pools, *idx).compile().as_text()
+  labels = re.findall(r"dim_labels=([^,}\s]+)", hlo)
+  assert labels and set(labels) == {"b01f_01io->b01f"}, collections.Counter(labels)
+  _, metrics = fn(state, pools, *idx)
+  assert metrics["loss"].shape == (1,) and np.isfinite(float(metrics["loss"][0]))
 
 
 def test_energy_finetuning_separates_energies():

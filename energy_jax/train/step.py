@@ -186,6 +186,13 @@ def run_call_steps(body: Callable, carry, in_idx: Array, out_idx: Array, config)
   device holds a column of every row, so each counts the same); the metrics of rows not run
   are 0."""
   if not fixed_length_calls(config):
+    if in_idx.shape[0] == 1:
+      # A scan of one step is a while loop of one trip. XLA:CPU gives convolutions the layouts of
+      # its fast (Eigen) kernels only in the entry computation, before it removes such a loop: in
+      # the loop they stay in its generic kernel, ~16x slower (docs/performance.md). One step is
+      # one call of the body.
+      carry, metrics = body(carry, (in_idx[0], out_idx[0]))
+      return carry, jax.tree_util.tree_map(lambda v: v[None], metrics)
     return lax.scan(body, carry, (in_idx, out_idx), unroll=_scan_unroll(config))
   num_steps = jnp.sum(in_idx[:, 0] != SKIP_STEP)
   shapes = jax.eval_shape(body, carry, (in_idx[0], out_idx[0]))[1]
