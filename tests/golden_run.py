@@ -40,7 +40,11 @@ def _sums(tree):
   return [float(np.sum(np.asarray(l, np.float64))) for l in jax.tree_util.tree_leaves(tree)]
 
 
-def golden_run(workdir: str) -> dict:
+PIPELINES = ("device", "tfdata")
+
+
+def golden_run(workdir: str, pipelines=PIPELINES) -> dict:
+  """The summary of the runs on ``pipelines`` (keys ``"<pipeline>/<run>"``)."""
   from energy_jax import checkpoints, config as config_lib, data, detectors, train
   from energy_jax.data import synthetic, toy
   from energy_jax.ood import evaluation
@@ -66,7 +70,7 @@ def golden_run(workdir: str) -> dict:
   chosen = [detectors.create("msp"), detectors.create("energy", temperature=1.0),
             detectors.create("odin", temperature=10.0, epsilon=0.002),
             detectors.create("mahalanobis", epsilon=0.001)]
-  for pipeline in ("device", "tfdata"):
+  for pipeline in pipelines:
     runs = {"pretrain": config("pretrain", pipeline, epochs=2),
             "energy": config("finetune", pipeline, epochs=2),
             "oe": config("finetune", pipeline, epochs=1, **{"objective.name": "oe"})}

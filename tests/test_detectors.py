@@ -278,8 +278,9 @@ def tiny():
 
 
 def _per_example_step(x, loss, eps):
-  """``x - eps * sign(grad loss) / std`` with each example's own gradient, one at a time."""
-  grads = np.stack([np.asarray(jax.grad(loss)(jnp.asarray(xi))) for xi in x])
+  """``x - eps * sign(grad loss) / std`` with each example's own gradient (``vmap`` of the
+  gradient of one example's loss)."""
+  grads = np.asarray(jax.vmap(jax.grad(loss))(jnp.asarray(x)))
   return x - eps * np.where(grads >= 0, 1.0, -1.0) / np.asarray(STD)
 
 
