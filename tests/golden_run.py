@@ -57,7 +57,7 @@ def golden_run(workdir: str, pipelines=PIPELINES) -> dict:
     c.outliers = toy_out
     c.num_devices = 1
     c.input_pipeline = pipeline
-    c.steps_per_call = 4
+    c.steps_per_call = 1
     c.model.dropout_rate = 0.3
     c.seed = 5
     c.update_from_flattened_dict(kw)

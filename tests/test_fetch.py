@@ -480,7 +480,7 @@ def test_the_cifar10_preset_fine_tunes_and_evaluates_on_what_it_fetches_by_name(
   c.in_train = c.in_test = toy_id
   c.pretrained = "energy_ood:cifar10_pretrained"
   c.epochs, c.num_devices, c.progress_bar, c.tensorboard = 1, 1, False, False
-  c.batch_size, c.outlier_batch_size, c.steps_per_call, c.eval_batch_size = 8, 16, 4, 16
+  c.batch_size, c.outlier_batch_size, c.steps_per_call, c.eval_batch_size = 8, 16, 1, 16
   c.model.depth, c.model.widen_factor, c.model.dropout_rate = 10, 1, 0.0
   row = train.train_and_evaluate(c, str(tmp_path / "run"), log=lambda s: None)
   assert np.isfinite(row["train_loss"])
