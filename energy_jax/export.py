@@ -74,8 +74,8 @@ def _model_mismatch(config, variables) -> Optional[str]:
   initialises, else what differs, the class count first."""
   model = models.from_config(config)
   size = int(config.image_size)
-  want = jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0),
-                                                      (size, size, 3)))
+  want = jax.eval_shape(lambda: models.lazy_init_variables(model, jax.random.PRNGKey(0),
+                                                           (size, size, 3)))
   shapes = lambda tree: {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(np.shape(x))
                          for k, x in jax.tree_util.tree_leaves_with_path(tree)}
   want, have = shapes(want), shapes(variables)

@@ -6,12 +6,13 @@ Registered here: ``"wrn"`` (:mod:`energy_jax.models.wrn`, the reference's WideRe
 
 from energy_jax.models.base import (DTYPES, MODELS, ModelEntry, ModelOutput, architecture,
                                     check_architecture, count_params, default_spec, fields,
-                                    from_config, get, head, inference_fn, init_variables, names,
+                                    from_config, get, head, inference_fn, init_compiler_options,
+                                    init_variables, jit_for_init, lazy_init_variables, names,
                                     register, spec_fields, spec_of)
 from energy_jax.models import wrn  # noqa: F401  registers "wrn"
 from energy_jax.models.wrn import BatchNorm, WideResNet
 
 __all__ = ["DTYPES", "MODELS", "ModelEntry", "ModelOutput", "architecture", "check_architecture",
            "count_params", "default_spec", "fields", "from_config", "get", "head", "inference_fn",
-           "init_variables", "names", "register", "spec_fields", "spec_of", "BatchNorm",
-           "WideResNet"]
+           "init_compiler_options", "init_variables", "jit_for_init", "lazy_init_variables",
+           "names", "register", "spec_fields", "spec_of", "BatchNorm", "WideResNet"]

@@ -45,8 +45,8 @@ def _image_shape(config):
 
 def variable_shapes(config):
   """The model's ``{'params', 'batch_stats'}`` as ``jax.ShapeDtypeStruct`` (nothing computed)."""
-  return jax.eval_shape(lambda: models.init_variables(models.from_config(config),
-                                                      jax.random.PRNGKey(0), _image_shape(config)))
+  return jax.eval_shape(lambda: models.lazy_init_variables(
+      models.from_config(config), jax.random.PRNGKey(0), _image_shape(config)))
 
 
 def lower_create_state(config, total_steps: int):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping, Optional
 
 import flax.struct
@@ -47,17 +46,21 @@ def create_train_state(config, rng: Array, total_steps: int,
   op it would compile ~20 small ones)."""
   if variables is not None:
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  return _create_train_state(hashable_config(config), optimizers.from_config(config, total_steps),
-                             rng, variables)
+  return _create_train_state_fn()(hashable_config(config),
+                                  optimizers.from_config(config, total_steps), rng, variables)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+def _create_train_state_fn():
+  # Compiled as an initialisation (models.init_compiler_options): its random numbers dominate.
+  return models.jit_for_init(_create_train_state, static_argnums=(0, 1))
+
+
 def _create_train_state(config, optimizer: optimizers.Optimizer, rng: Array,
                         variables) -> TrainState:
   init_rng, state_rng = jax.random.split(rng)
   if variables is None:
-    variables = models.init_variables(models.from_config(config), init_rng,
-                                      (config.image_size, config.image_size, 3))
+    variables = models.lazy_init_variables(models.from_config(config), init_rng,
+                                           (config.image_size, config.image_size, 3))
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                     batch_stats=variables["batch_stats"],
                     opt_state=optimizer.tx.init(variables["params"]), rng=state_rng,
@@ -68,5 +71,5 @@ def lower_create_train_state(config, rng, total_steps: int, variables=None):
   """The lowered program of :func:`create_train_state` (``rng`` and ``variables`` may be
   ``jax.ShapeDtypeStruct``): ``.compile()`` it ahead of the run, whose call then reuses it;
   ``.out_info`` holds the state's shapes."""
-  return _create_train_state.lower(hashable_config(config),
+  return _create_train_state_fn().lower(hashable_config(config),
                                    optimizers.from_config(config, total_steps), rng, variables)
