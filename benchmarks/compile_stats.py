@@ -25,8 +25,8 @@ sys.path.insert(0, REPO)
 import jax  # noqa: E402
 
 from energy_jax import config as config_lib  # noqa: E402
-from energy_jax import train  # noqa: E402
-from energy_jax.train import programs  # noqa: E402
+from energy_jax import models, optimizers, train  # noqa: E402
+from energy_jax.train import programs, state as state_lib  # noqa: E402
 
 # An op line of StableHLO text: "%x = stablehlo.add ...", "stablehlo.return ...", "func.call".
 _MLIR_OP = re.compile(r'^\s*(?:%[^=]+= )?"?(?:stablehlo|func|chlo|mhlo|sdy|shardy)\.[a-z_]+')
@@ -105,6 +105,17 @@ def main():
           f"calls of {length} steps: {stablehlo_ops(lowered)} StableHLO ops, "
           f"{hlo_instructions(compiled)} optimised HLO instructions; lowered in {t_lower:.1f} s, "
           f"compiled in {t_compile:.1f} s", flush=True)
+    state = train.lower_create_train_state(c, jax.random.PRNGKey(0), 100)
+    t0 = time.time()
+    state.compile()
+    t_state = time.time() - t0
+    plain = jax.jit(state_lib._create_train_state, static_argnums=(0, 1)).lower(
+        state_lib.hashable_config(c), optimizers.from_config(c, 100), jax.random.PRNGKey(0), None)
+    t0 = time.time()
+    plain.compile()                       # XLA's default options
+    print(f"  training state: compiled in {t_state:.1f} s with models.init_compiler_options() "
+          f"{models.init_compiler_options()}, {time.time() - t0:.1f} s with XLA's defaults",
+          flush=True)
     if args.breakdown:
       for part, n in sorted(breakdown(compiled).items(), key=lambda kv: -kv[1]):
         print(f"  {n:7d}  {part}", flush=True)

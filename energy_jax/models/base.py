@@ -211,9 +211,9 @@ def init_compiler_options() -> Optional[Dict[str, Any]]:
   """XLA options for programs that initialise parameters: on XLA:CPU, LLVM's ``-O1``.
 
   At the default ``-O2`` most of such a program's compile time goes to the initialisers' random
-  numbers (threefry), about a second per parameter tensor: a WRN-10-1's training state compiled in
-  16.4 s, at ``-O1`` in 4.7 s, to the same values (docs/performance.md). The program runs once
-  per run, so its speed does not matter. Other backends: their defaults."""
+  numbers (threefry), up to a second per parameter tensor: a WRN-40-2's training state compiled
+  in 11.2 s, at ``-O1`` in 5.2 s, to the same values (docs/performance.md). The program runs
+  once per run, so its speed does not matter. Other backends: their defaults."""
   return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else None
 
 
