@@ -143,7 +143,16 @@ def test_table_equals_metrics_on_the_same_scores():
          "b": _set(rng.integers(100, 256, (14, 32, 32, 3), dtype=np.uint8))}
   scorer = evaluation.Scorer(model, variables, batch_size=16)
   specs = [detectors.create("msp"), detectors.create("energy", temperature=2.0)]
+  scored, score = [], scorer.score
+  scorer.score = lambda det, images: scored.append(len(images)) or score(det, images)
   res = evaluation.evaluate(scorer, test, ood, specs, num_to_avg=3, seed=7, log=lambda s: None)
+  # Only the OOD images some draw takes are scored (the 3 draws of 10 of "a" take 23 of its 30;
+  # those of "b" all 14, scored whole).
+  drawn = []
+  for i, o in enumerate(ood.values()):
+    r = np.random.default_rng(7 + i)
+    drawn.append(len(set(np.concatenate([r.permutation(len(o.images))[:10] for _ in range(3)]))))
+  assert drawn[0] < 30 and scored == [50, *drawn] * 2, (scored, drawn)
   # Independent recomputation: logits straight from the model, scores with numpy, the same draws.
   def logits_of(images):
     return np.asarray(model.apply(variables, augment.normalize(images)).logits, np.float64)

@@ -12,7 +12,7 @@ from typing import Any, Dict, Mapping, Tuple
 import numpy as np
 from flax import traverse_util
 
-from energy_jax.models.base import init_variables
+from energy_jax.models.base import lazy_init_variables
 
 _BLOCK_RE = re.compile(r"^block(\d+)\.layer\.(\d+)\.(.+)$")
 _RUNNING = {"running_mean": "mean", "running_var": "var"}
@@ -50,8 +50,9 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], model) -> Dict[str, A
   """
   import jax  # local: keeps the module importable for docs without a backend
 
-  template = init_variables(model, jax.random.PRNGKey(0))
-  expected = traverse_util.flatten_dict(jax.tree_util.tree_map(np.shape, template))
+  template = jax.eval_shape(lambda: lazy_init_variables(model, jax.random.PRNGKey(0), (32, 32, 3)))
+  expected = traverse_util.flatten_dict(jax.tree_util.tree_map(lambda x: tuple(x.shape),
+                                                               template))
   arch = (f"WRN-{model.depth}-{model.widen_factor} with {model.num_classes} classes")
 
   state_dict = {(k[len("module."):] if k.startswith("module.") else k): v

@@ -123,20 +123,38 @@ class Scorer:
                        num=len(images)).astype(np.float64)
 
 
+def draws(num_images: int, num_draw: int, num_to_avg: int, seed: int) -> List[np.ndarray]:
+  """The indices of the ``num_to_avg`` seeded draws of ``num_draw`` of ``num_images`` OOD images
+  (all of them when there are fewer) that :func:`draw_metrics` reads."""
+  rng = np.random.default_rng(seed)
+  return [rng.permutation(num_images)[:num_draw] for _ in range(num_to_avg)]
+
+
+def score_drawn(scorer: "Scorer", detector: Detector, images: np.ndarray, num_draw: int,
+                num_to_avg: int, seed: int) -> np.ndarray:
+  """``[len(images)]`` scores of the images the draws of :func:`draws` take, NaN for the others
+  (no metric reads them, and one that did would refuse NaN): an OOD set larger than its draws
+  is scored only where it is read."""
+  needed = np.unique(np.concatenate(draws(len(images), num_draw, num_to_avg, seed)))
+  if len(needed) == len(images):
+    return np.asarray(scorer.score(detector, images))
+  part = np.asarray(scorer.score(detector, images[needed]))
+  out = np.full((len(images),), np.nan, np.result_type(part.dtype, np.float32))
+  out[needed] = part
+  return out
+
+
 def draw_metrics(scores_in: np.ndarray, scores_out: np.ndarray, num_draw: int, num_to_avg: int,
                  seed: int, log: Callable[[str], None] = print, name: str = "",
                  ood_positive: bool = False, bar=None) -> Dict[str, float]:
   """Mean and std over ``num_to_avg`` seeded draws of ``num_draw`` OOD scores (``bar``: a
   :func:`progress.bar` advanced once per draw)."""
-  rng = np.random.default_rng(seed)
   if len(scores_out) < num_draw:
     log(f"note: OOD set {name} has {len(scores_out)} images, fewer than {num_draw}: using all")
     num_draw = len(scores_out)
   runs = []
-  for _ in range(num_to_avg):
-    runs.append(metrics.ood_metrics(
-        scores_in, scores_out[rng.permutation(len(scores_out))[:num_draw]],
-        ood_positive=ood_positive))
+  for drawn in draws(len(scores_out), num_draw, num_to_avg, seed):
+    runs.append(metrics.ood_metrics(scores_in, scores_out[drawn], ood_positive=ood_positive))
     if bar is not None:
       bar.update()
   out = {}
@@ -167,7 +185,8 @@ def evaluate(scorer: Scorer, test: ImageSet, ood_sets: Mapping[str, ImageSet],
              log: Callable[[str], None] = print, ood_positive: bool = False,
              progress_bar: bool = False) -> Dict[str, Dict[str, Dict[str, float]]]:
   """``results[detector.label][ood_name] = metrics`` plus ``results[label]["mean"]``
-  (``ood_positive``: the FPR95 with OOD as the positive class, see :func:`metrics.ood_metrics`)."""
+  (``ood_positive``: the FPR95 with OOD as the positive class, see :func:`metrics.ood_metrics`).
+  An OOD set is scored only where its draws read it (:func:`score_drawn`)."""
   if not ood_sets:
     raise ValueError("no OOD sets to evaluate")
   protocol.check_ood_names(ood_sets)
@@ -181,8 +200,8 @@ def evaluate(scorer: Scorer, test: ImageSet, ood_sets: Mapping[str, ImageSet],
     s_in = scorer.score(det, test.images)
     bar.update()
     s_out = {}
-    for name, ood in ood_sets.items():
-      s_out[name] = scorer.score(det, ood.images)
+    for i, (name, ood) in enumerate(ood_sets.items()):
+      s_out[name] = score_drawn(scorer, det, ood.images, num_draw, num_to_avg, seed + i)
       bar.update()
     scored.append((det.label, s_in, s_out))
   bar.close()
