@@ -264,8 +264,9 @@ def test_scripts_pretrain_finetune_and_resume_after_kill_sigint_and_sigterm(toy_
   out = _output(p, timeout=300)
   assert p.returncode != 0 and "holds a finished run" in out
 
-  # Uninterrupted fine-tuning (3 epochs of 4 calls, so that a stop comes within an epoch) ...
-  common = (f"--config.pretrained={pre}", "--config.epochs=3", "--config.steps_per_call=4")
+  # Uninterrupted fine-tuning (3 epochs of one-step calls, the test preset's, so that a stop
+  # comes within an epoch) ...
+  common = (f"--config.pretrained={pre}", "--config.epochs=3")
   full = tmp_path / "full"
   p = _run("finetune", "test", full, toy_dir, *common)
   out = _output(p, timeout=300)
