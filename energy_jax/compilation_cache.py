@@ -12,7 +12,9 @@ JAX keys each entry by the program, the devices, the compile options, ``XLA_FLAG
 jax/jaxlib versions, so a cached program is the one a fresh compile would give. It caches programs
 that took at least ``jax_persistent_cache_min_compile_time_secs`` (1 s by default) to compile;
 entries are compressed, and one cut short (a killed writer) fails its check when read and is
-compiled again. In a multi-process run, process 0 writes and every process reads.
+compiled again. In a multi-process run, process 0 writes and every process reads; on XLA:CPU
+the other processes' keys differ (they hash each process's own device topology), so only process
+0 loads its programs from the cache (docs/performance.md).
 """
 
 from __future__ import annotations
