@@ -218,14 +218,14 @@ def init_compiler_options() -> Optional[Dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_for_init(fn: Callable, static_argnums: Tuple[int, ...], backend: str) -> Callable:
+def _jit_for_init(fn: Callable, static_argnums: Tuple[int, ...]) -> Callable:
   return jax.jit(fn, static_argnums=static_argnums, compiler_options=init_compiler_options())
 
 
 def jit_for_init(fn: Callable, static_argnums: Tuple[int, ...] = ()) -> Callable:
   """``jax.jit(fn, static_argnums)`` compiled with :func:`init_compiler_options` (one jitted
-  function per ``fn`` and backend)."""
-  return _jit_for_init(fn, tuple(static_argnums), jax.default_backend())
+  function per ``fn``, so that its compiled programs are kept)."""
+  return _jit_for_init(fn, tuple(static_argnums))
 
 
 @functools.lru_cache(maxsize=None)
