@@ -29,7 +29,7 @@ def main():
                          timeout_s=120)
   import jax
   import numpy as np
-  from energy_jax import checkpoints, config as config_lib, train
+  from energy_jax import checkpoints, config as config_lib, parallel, train
   c = config_lib.get_config("test", "pretrain")
   c.in_train = c.in_test = os.path.join(args.data, "toy_id.zip")
   c.model.dropout_rate = 0.3
@@ -46,6 +46,11 @@ def main():
   print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices: "
         f"train_loss {row['train_loss']!r}", flush=True)
   variables = checkpoints.load_variables(args.workdir, c)    # every process: Orbax syncs them
+  if jax.process_count() > 1:
+    try:        # values that differ between processes are refused, on every process
+      parallel.put_replicated({"rank": np.array([jax.process_index()])}, parallel.make_mesh())
+    except AssertionError as e:
+      print(f"put_replicated refused: {e}", flush=True)
   if jax.process_index() == 0:
     leaves = jax.tree_util.tree_leaves_with_path(variables)
     np.savez(args.workdir + ".npz", **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})

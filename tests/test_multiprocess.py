@@ -98,6 +98,10 @@ def test_two_processes_of_two_devices_compute_what_one_of_four_computes(toy, tmp
   rows = (tmp_path / "two" / "training_results.csv").read_text().splitlines()
   assert [r.split(",")[0] for r in rows[1:]] == ["001", "002"]
   assert "Epoch   1" in two[0] and "Epoch   1" not in two[1]
+  # Values to replicate that differ between the processes (each passes its rank) are refused on
+  # both, naming what differs.
+  for out in two:
+    assert "put_replicated refused: put_replicated: the 1 values to replicate differ" in out, out
 
 
 def test_both_processes_killed_then_one_sent_sigterm_resume_to_the_uninterrupted_run(toy,
