@@ -1,13 +1,18 @@
-"""Members per second of a sweep (energy_jax.train.sweep) against one run, on one device.
+"""Members per second of a sweep (energy_jax.train.sweep) against one run.
 
 Each row times the device-resident fused steps (``steps`` per call, after a first call that
 compiles): the single run's ``device_epoch_fn``, then sweeps of N members (seeds 1..N, and a
 learning rate or m_in that differs per member, so that the hyper-parameters are traced arrays).
 ``x one run`` is the time of a sweep step over that of a single run's step; ``member-steps/s``
-is N sweep steps a second, the rate at which the sweep trains runs.
+is N sweep steps a second, the rate at which the sweep trains runs. With ``--devices D`` every
+row runs on a mesh of D devices: the single run data-parallel, each sweep once per
+``--member-groups`` G that divides D and N (G = 1: every device steps every member on its
+share of the batch; G > 1: config.member_groups, each group of D/G devices steps N/G members).
 
   python benchmarks/sweep.py                          # WRN-10-1, toy preset batches (CPU)
   python benchmarks/sweep.py --preset cifar10 --depth 40 --widen 2 --members 1,4,8   # a GPU
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/sweep.py --devices 2 \
+      --members 2 --member-groups 1,2        # 2 of XLA's virtual CPU devices
 """
 
 import argparse
@@ -42,8 +47,9 @@ def inputs(config, steps: int, mesh):
       rng.integers(0, 256, (POOL, 32, 32, 3), dtype=np.uint8),
       rng.integers(0, config.num_classes, POOL).astype(np.int32),
       rng.integers(0, 256, (POOL, 32, 32, 3), dtype=np.uint8)), mesh)
+  n_out = max(n_out, mesh.shape[parallel.AXIS])       # pretraining reads no outlier index
   idx = (rng.integers(0, POOL, (steps, config.batch_size)).astype(np.int32),
-         rng.integers(0, POOL, (steps, max(n_out, 1))).astype(np.int32))
+         rng.integers(0, POOL, (steps, n_out)).astype(np.int32))
   return data, parallel.put_global(idx, mesh, step_lib.step_indices_spec())
 
 
@@ -74,11 +80,15 @@ def main():
   parser.add_argument("--vectorize", default="auto", choices=("auto", "yes", "no"),
                       help="members as one vmap-ed step (yes), one after another in the program "
                            "(no), or the default of the device (auto: no on a CPU)")
+  parser.add_argument("--devices", type=int, default=1, help="devices of the mesh")
+  parser.add_argument("--member-groups", default="1",
+                      help="config.member_groups values to time each sweep with (those that "
+                           "divide --devices and the member count)")
   args = parser.parse_args()
-  mesh = parallel.make_mesh(1)
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}"
-        f"; WRN-{args.depth}-{args.widen}, preset {args.preset}, {args.steps} fused steps per "
-        f"call, best of {args.repeats} calls, vectorize {args.vectorize}")
+  mesh = parallel.make_mesh(args.devices)
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}) x{args.devices}, jax "
+        f"{jax.__version__}; WRN-{args.depth}-{args.widen}, preset {args.preset}, {args.steps} "
+        f"fused steps per call, best of {args.repeats} calls, vectorize {args.vectorize}")
   rows = []
   for stage in args.stages.split(","):
     c = config_lib.get_config(args.preset, stage)
@@ -93,15 +103,21 @@ def main():
     print(f"  {stage} one run: {args.steps / one:.2f} steps/s (first call {first:.1f} s)",
           flush=True)
     for n in map(int, args.members.split(",")):
-      sweep = parallel.put_replicated(
-          sweep_lib.create_sweep_state(c, members_of(stage, n), SCHEDULE_STEPS,
-                                       vectorize={"auto": None, "yes": True,
-                                                  "no": False}[args.vectorize]), mesh)
-      dt, first = timed(sweep_lib.sweep_epoch_fn(mesh), sweep, data, idx, args.repeats)
-      rows.append((stage, f"sweep of {n}", batch, args.steps / dt, n * args.steps / dt,
-                   dt / one, first))
-      print(f"  {stage} sweep of {n}: {args.steps / dt:.2f} steps/s (first call {first:.1f} s)",
-            flush=True)
+      for groups in map(int, args.member_groups.split(",")):
+        if n % groups or args.devices % groups:
+          continue
+        c.member_groups = groups
+        grouped = sweep_lib.sweep_mesh(c, n, mesh)
+        sweep = sweep_lib.put_sweep(
+            sweep_lib.create_sweep_state(c, members_of(stage, n), SCHEDULE_STEPS,
+                                         vectorize={"auto": None, "yes": True,
+                                                    "no": False}[args.vectorize]), grouped)
+        dt, first = timed(sweep_lib.sweep_epoch_fn(grouped), sweep,
+                          *inputs(c, args.steps, grouped), args.repeats)
+        what = f"sweep of {n}" + (f", {groups} member groups" if groups > 1 else "")
+        rows.append((stage, what, batch, args.steps / dt, n * args.steps / dt, dt / one, first))
+        print(f"  {stage} {what}: {args.steps / dt:.2f} steps/s (first call {first:.1f} s)",
+              flush=True)
   print()
   print("| stage | run | images/step | steps/s | member-steps/s | x one run (time/step) "
         "| first call (s) |")

@@ -19,6 +19,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "batch"
+# A sweep's second mesh axis (energy_jax.train.sweep): each index along it is a group of devices
+# that trains its share of the members, data-parallel over the group's AXIS.
+MEMBERS = "members"
 
 
 def make_mesh(num_devices: Optional[int] = None,
@@ -36,6 +39,23 @@ def make_mesh(num_devices: Optional[int] = None,
   return Mesh(np.asarray(devices), (AXIS,))
 
 
+def member_mesh(mesh: Mesh, groups: int) -> Mesh:
+  """The devices of the 1-D ``mesh`` as a 2-D mesh ``(MEMBERS, AXIS)`` of ``groups`` groups of
+  consecutive devices (``mesh`` itself for one group). One process only: the processes of a run
+  hold contiguous slices of the batch axis (:func:`process_rows`), which a member axis would
+  cut."""
+  if groups == 1:
+    return mesh
+  n = mesh.devices.size
+  if n % groups:
+    raise ValueError(f"config.member_groups = {groups} does not divide the {n} devices of the "
+                     "mesh: give a divisor of the device count")
+  if jax.process_count() > 1:
+    raise ValueError(f"config.member_groups = {groups}: a member axis runs in one process; this "
+                     f"run has {jax.process_count()} (set it to 1)")
+  return Mesh(mesh.devices.reshape(groups, n // groups), (MEMBERS, AXIS))
+
+
 def process_rows(global_rows: int, mesh: Mesh) -> slice:
   """The rows of a global batch (split over ``mesh`` along its first axis) that this process
   supplies: those of its devices, which are contiguous in the mesh."""
@@ -46,10 +66,12 @@ def process_rows(global_rows: int, mesh: Mesh) -> slice:
 
 
 def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> int:
-  """The per-device batch; raises if ``global_batch`` does not split evenly over the mesh."""
-  n = mesh.devices.size
+  """The per-device batch; raises if ``global_batch`` does not split evenly over the mesh's
+  batch axis (all its devices, or a member group's: :func:`member_mesh`)."""
+  n = mesh.shape[AXIS]
   if global_batch % n:
-    raise ValueError(f"{what} {global_batch} is not divisible by the {n} devices of the mesh")
+    where = "devices of the mesh" if n == mesh.devices.size else "devices of a member group"
+    raise ValueError(f"{what} {global_batch} is not divisible by the {n} {where}")
   return global_batch // n
 
 

@@ -120,6 +120,9 @@ TOP_FIELDS: Tuple[Field, ...] = (
     Field("seed", 1, "seed of initialisation, data order, augmentation and dropout",
           integer(0, SEED_LIMIT, why=SEED_WHY)),
     Field("num_devices", 0, "devices of the data-parallel mesh (0 = all)", integer(0)),
+    Field("member_groups", 1, "a sweep's members split over this many groups of the devices (a "
+          "second mesh axis; each group trains its share of the members data-parallel); 1 = "
+          "every device steps every member", integer(1)),
     Field("input_pipeline", "device", "device (data held on the accelerator) | tfdata (host "
           "stream)", choice(lambda: INPUT_PIPELINES)),
     Field("steps_per_call", 100, "steps fused into one compiled loop (device input)", positive),

@@ -19,8 +19,8 @@ from energy_jax import config as config_lib
 
 # How a run is watched, evaluated and laid out on the hardware: free to change on resume.
 MAY_CHANGE = ("progress_bar", "tensorboard", "eval_every_epochs", "eval_batch_size",
-              "checkpoint_every_epochs", "keep_checkpoints", "num_devices", "steps_per_call",
-              "scan_unroll", "data_dir", "resume_override")
+              "checkpoint_every_epochs", "keep_checkpoints", "num_devices", "member_groups",
+              "steps_per_call", "scan_unroll", "data_dir", "resume_override")
 
 
 def _flat(config: ml_collections.ConfigDict) -> Dict[str, Any]:

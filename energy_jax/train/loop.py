@@ -178,11 +178,13 @@ def stopped_by_signal(epoch: int, done: int, steps: int, signal_name: str,
 
 
 def run_summary(config, data: RunData, steps: int, mesh, times: Dict[str, float]) -> str:
-  devices = mesh.devices.size
+  devices, groups = mesh.devices.size, mesh.shape.get(parallel.MEMBERS, 1)
   return (f"{config.objective.name} training: {len(data.train)} train / {len(data.test)} test "
           f"images"
           f"{f', {len(data.outliers)} outliers' if data.outliers is not None else ''}; {steps} "
-          f"steps/epoch, {devices} device(s) x {config.batch_size // devices}, input "
+          f"steps/epoch, {devices} device(s)"
+          f"{f' in {groups} member groups' if groups > 1 else ''} x "
+          f"{config.batch_size // mesh.shape[parallel.AXIS]}, input "
           f"{config.input_pipeline}; data loaded in {times['data']:.1f} s")
 
 
@@ -232,14 +234,20 @@ def with_steps_before(before: Optional[Dict[str, List[float]]], metrics: Dict[st
           for k, v in metrics.items()}
 
 
-def check_config(config):
-  """``(objective, mesh)`` of ``config``, after checking what must hold before any work."""
+def check_config(config, sweep: bool = False):
+  """``(objective, mesh)`` of ``config``, after checking what must hold before any work (a
+  ``sweep``'s member groups and batches: :func:`energy_jax.train.sweep.sweep_mesh`)."""
   config_lib.validate(config)
+  if not sweep and config.member_groups != 1:
+    raise ValueError(f"config.member_groups = {config.member_groups} splits the members of a "
+                     "sweep (--sweep) over groups of devices; a single run has one member: set "
+                     "it to 1")
   objective = objectives.get(config.objective.name)
   mesh = parallel.make_mesh(config.num_devices or None)
-  parallel.check_divisible(config.batch_size, mesh)
-  if objective.uses_outliers:
-    parallel.check_divisible(config.outlier_batch_size, mesh, "outlier batch size")
+  if not sweep:           # a sweep's batches split over a member group's devices
+    parallel.check_divisible(config.batch_size, mesh)
+    if objective.uses_outliers:
+      parallel.check_divisible(config.outlier_batch_size, mesh, "outlier batch size")
   return objective, mesh
 
 

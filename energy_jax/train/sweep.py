@@ -409,12 +409,14 @@ def _member_step(state: TrainState, hparams: Mapping[str, Array], batch, *, conf
 
 
 def _each_member(fn, sweep: SweepState):
-  """``fn(state, hparams) -> (state, metrics)`` of every member, stacked: ``vmap``-ed, or (not
-  ``sweep.vectorize``) once per member, unrolled in the program."""
+  """``fn(state, hparams) -> (state, metrics)`` of every member this device holds (all of them,
+  or its group's share: :func:`sweep_mesh`), stacked: ``vmap``-ed, or (not ``sweep.vectorize``)
+  once per member, unrolled in the program."""
   if sweep.vectorize:
     return jax.vmap(fn)(sweep.members, sweep.hparams)
+  held = jax.tree_util.tree_leaves(sweep.members)[0].shape[0]
   outs = [fn(*jax.tree_util.tree_map(lambda x, k=k: x[k], (sweep.members, sweep.hparams)))
-          for k in range(sweep.size)]
+          for k in range(held)]
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
 
@@ -457,22 +459,57 @@ def sweep_device_steps(sweep: SweepState, data: Mapping[str, Array], in_idx: Arr
   return step_lib.run_call_steps(body, sweep, in_idx, out_idx, config)
 
 
+# ----------------------------------------------------------------------------------------------
+# The mesh: every device steps every member, or (``config.member_groups`` > 1) each group of
+# devices steps its share of the members, data-parallel over the group.
+
+def sweep_mesh(config, size: int, mesh):
+  """The mesh a sweep of ``size`` members trains on: ``mesh`` (1-D, every device steps every
+  member), or for ``config.member_groups`` G > 1 its devices as G groups
+  (:func:`energy_jax.parallel.member_mesh`), group g holding members ``g*size/G ...``; raises
+  unless G divides the members and each group's devices divide the batches."""
+  groups = config.member_groups
+  if size % groups:
+    raise ValueError(f"config.member_groups = {groups} does not divide the sweep's {size} "
+                     "members: give a divisor of the member count")
+  mesh = parallel.member_mesh(mesh, groups)
+  parallel.check_divisible(config.batch_size, mesh)
+  if objectives.get(config.objective.name).uses_outliers:
+    parallel.check_divisible(config.outlier_batch_size, mesh, "outlier batch size")
+  return mesh
+
+
+def _members_spec(mesh) -> P:
+  """Where the member axis of the sweep's arrays lies on ``mesh``."""
+  return P(parallel.MEMBERS) if parallel.MEMBERS in mesh.axis_names else P()
+
+
+def put_sweep(sweep: SweepState, mesh) -> SweepState:
+  """``sweep`` on ``mesh``: on every device, or split along the member axis (:func:`sweep_mesh`)."""
+  if parallel.MEMBERS not in mesh.axis_names:
+    return parallel.put_replicated(sweep, mesh)
+  return jax.device_put(sweep, jax.sharding.NamedSharding(mesh, _members_spec(mesh)))
+
+
 @functools.lru_cache(maxsize=None)
 def sweep_step_fn(mesh):
   """``fn(sweep, batch) -> (sweep, metrics [N])`` over ``mesh``: the batch split over its devices
   (data-parallel, as a single run's :func:`~energy_jax.train.step.host_step_fn`), the sweep on
-  every device."""
+  every device or split over the member groups of :func:`sweep_mesh`."""
   step = functools.partial(sweep_train_step, axis_name=parallel.AXIS)
-  return parallel.data_parallel(step, mesh, in_specs=(P(), P(parallel.AXIS)),
-                                out_specs=(P(), P()), donate_argnums=(0,))
+  members = _members_spec(mesh)
+  return parallel.data_parallel(step, mesh, in_specs=(members, P(parallel.AXIS)),
+                                out_specs=(members, members), donate_argnums=(0,))
 
 
 @functools.lru_cache(maxsize=None)
 def sweep_epoch_fn(mesh, padded: bool = False):
   """``fn(sweep, data, in_idx [S, B], out_idx [S, B_out]) -> (sweep, metrics [S, N])``: ``S``
   fused steps of :func:`sweep_device_steps` over ``mesh`` (the index arrays split over its
-  devices along their batch axis, as :func:`~energy_jax.train.step.device_epoch_fn`'s)."""
+  batch axis, as :func:`~energy_jax.train.step.device_epoch_fn`'s; the sweep on every device or
+  split over the member groups of :func:`sweep_mesh`)."""
   steps = functools.partial(sweep_device_steps, padded=padded, axis_name=parallel.AXIS)
   spec_idx = step_lib.step_indices_spec()
-  return parallel.data_parallel(steps, mesh, in_specs=(P(), P(), spec_idx, spec_idx),
-                                out_specs=(P(), P()), donate_argnums=(0,))
+  members = _members_spec(mesh)
+  return parallel.data_parallel(steps, mesh, in_specs=(members, P(), spec_idx, spec_idx),
+                                out_specs=(members, P(None, *members)), donate_argnums=(0,))

@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 import numpy as np
 
-from energy_jax import __version__, checkpoints, detectors, distributed, parallel, storage
+from energy_jax import __version__, checkpoints, detectors, distributed, storage
 from energy_jax.config import resume
 from energy_jax.data import load_run_data, sampling
 from energy_jax.ood import evaluation, protocol
@@ -93,7 +93,8 @@ def train_and_evaluate_sweep(config, members: Sequence[Mapping[str, Any]], workd
   ``members``, their workdirs and status, nothing evaluated). Raises ``FloatingPointError``
   when every member diverged. The data are read once, with the sweep's config."""
   sweep_lib.check_sweep_config(config)
-  objective, mesh = loop.check_config(config)
+  objective, mesh = loop.check_config(config, sweep=True)
+  train_mesh = sweep_lib.sweep_mesh(config, len(members), mesh)    # mesh: evaluation's
   log = distributed.main_process_only(log)
   workdir = storage.check_reachable(workdir)
   if config.pretrained:
@@ -119,16 +120,16 @@ def train_and_evaluate_sweep(config, members: Sequence[Mapping[str, Any]], workd
       ckpts.append(stack.enter_context(checkpoints.RunCheckpoints(
           m.workdir, max(config.keep_checkpoints, 2), member_log(log, m))))
     sweep, start = initial_sweep(config, team, record, ckpts, steps, log)
-    sweep = parallel.put_replicated(sweep, mesh)
+    sweep = sweep_lib.put_sweep(sweep, train_mesh)
     times["setup"] = time.time() - t0 - times["data"]
-    log(loop.run_summary(config, data, steps, mesh, times))
+    log(loop.run_summary(config, data, steps, train_mesh, times))
     if start.finished:
       for k in live(record):
         record["members"][k]["status"] = FINISHED
       write_record(workdir, record, config)
     else:
-      sweep, stopped = train_members(config, team, record, sweep, start, ckpts, data, mesh,
-                                     steps, watch, workdir, log, times)
+      sweep, stopped = train_members(config, team, record, sweep, start, ckpts, data,
+                                     train_mesh, mesh, steps, watch, workdir, log, times)
       if stopped is not None:
         return stopped
     if choose:
@@ -257,13 +258,16 @@ def drop_after(ckpts: checkpoints.RunCheckpoints, committed: Optional[int],
 
 
 def train_members(config, team: Sequence[Member], record: Dict[str, Any], sweep,
-                  start: SweepStart, ckpts, data, mesh, steps: int, watch: PreemptionWatch,
-                  workdir, log: Callable[[str], None], times: Dict[str, float]):
+                  start: SweepStart, ckpts, data, train_mesh, mesh, steps: int,
+                  watch: PreemptionWatch, workdir, log: Callable[[str], None],
+                  times: Dict[str, float]):
   """The epochs from ``start``, as :func:`~energy_jax.train.train_and_evaluate` runs them, for
-  every member still training: ``(sweep, None)`` at the end, ``(sweep, stopped)`` where a signal
-  stopped it (saved, committed)."""
-  run_epoch = loop.epoch_runner(config, data, mesh, steps, watch, RunPrograms(None, {}, None),
-                                epoch_fn=lambda padded: sweep_lib.sweep_epoch_fn(mesh, padded))
+  every member still training (on ``train_mesh``, :func:`~energy_jax.train.sweep.sweep_mesh`;
+  each member's test set evaluated on ``mesh``): ``(sweep, None)`` at the end, ``(sweep,
+  stopped)`` where a signal stopped it (saved, committed)."""
+  run_epoch = loop.epoch_runner(
+      config, data, train_mesh, steps, watch, RunPrograms(None, {}, None),
+      epoch_fn=lambda padded: sweep_lib.sweep_epoch_fn(train_mesh, padded))
   history, partial = dict(start.history), dict(start.partial)
   with contextlib.ExitStack() as stack:
     writers = {k: stack.enter_context(open_run_writer(
