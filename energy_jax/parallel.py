@@ -6,7 +6,9 @@ batch, reduces gradients and metrics with ``lax.psum`` over ``AXIS``, and BatchN
 its moments over the same axis. It is compiled once with ``jax.jit(jax.shard_map(...))`` over a
 1-D mesh of all devices (``jax.pmap`` is in maintenance mode). With several processes
 (:mod:`energy_jax.distributed`), each process holds the devices of one contiguous slice of the
-mesh, and with them one contiguous slice of every global batch (:func:`process_rows`).
+mesh, and with them one contiguous slice of every global batch (:func:`process_rows`). A sweep
+may lay the same devices out as a 2-D mesh whose second axis, ``MEMBERS``, splits its members
+(:func:`member_mesh`); its steps still reduce over ``AXIS`` only.
 """
 
 from __future__ import annotations
@@ -41,18 +43,11 @@ def make_mesh(num_devices: Optional[int] = None,
 
 def member_mesh(mesh: Mesh, groups: int) -> Mesh:
   """The devices of the 1-D ``mesh`` as a 2-D mesh ``(MEMBERS, AXIS)`` of ``groups`` groups of
-  consecutive devices (``mesh`` itself for one group). One process only: the processes of a run
-  hold contiguous slices of the batch axis (:func:`process_rows`), which a member axis would
-  cut."""
+  consecutive devices (``mesh`` itself for one group); ``groups`` divides the device count."""
   if groups == 1:
     return mesh
   n = mesh.devices.size
-  if n % groups:
-    raise ValueError(f"config.member_groups = {groups} does not divide the {n} devices of the "
-                     "mesh: give a divisor of the device count")
-  if jax.process_count() > 1:
-    raise ValueError(f"config.member_groups = {groups}: a member axis runs in one process; this "
-                     f"run has {jax.process_count()} (set it to 1)")
+  assert n % groups == 0, (n, groups)
   return Mesh(mesh.devices.reshape(groups, n // groups), (MEMBERS, AXIS))
 
 
@@ -67,17 +62,21 @@ def process_rows(global_rows: int, mesh: Mesh) -> slice:
 
 def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch size") -> int:
   """The per-device batch; raises if ``global_batch`` does not split evenly over the mesh's
-  batch axis (all its devices, or a member group's: :func:`member_mesh`)."""
+  batch axis (all its devices, or each member group's: :func:`member_mesh`)."""
   n = mesh.shape[AXIS]
   if global_batch % n:
-    where = "devices of the mesh" if n == mesh.devices.size else "devices of a member group"
+    where = "devices of the mesh"
+    if MEMBERS in mesh.axis_names:
+      where = (f"devices of each of the config.member_groups = {mesh.shape[MEMBERS]} groups "
+               f"({mesh.devices.size} devices)")
     raise ValueError(f"{what} {global_batch} is not divisible by the {n} {where}")
   return global_batch // n
 
 
 def data_parallel(per_device_fn: Callable, mesh: Mesh, in_specs, out_specs,
                   donate_argnums=()) -> Callable:
-  """``jax.jit(jax.shard_map(per_device_fn))``: specs use ``P()`` (replicated) or ``P(AXIS)``.
+  """``jax.jit(jax.shard_map(per_device_fn))``: specs use ``P()`` (replicated), ``P(AXIS)``
+  or, on a :func:`member_mesh`, ``P(MEMBERS)``.
 
   ``check_vma=False`` gives the step ``pmap`` semantics: ``jax.grad`` returns this
   device's gradient and the step averages it with ``lax.pmean``. (With varying-axis

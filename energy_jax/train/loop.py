@@ -245,10 +245,16 @@ def check_config(config, sweep: bool = False):
   objective = objectives.get(config.objective.name)
   mesh = parallel.make_mesh(config.num_devices or None)
   if not sweep:           # a sweep's batches split over a member group's devices
-    parallel.check_divisible(config.batch_size, mesh)
-    if objective.uses_outliers:
-      parallel.check_divisible(config.outlier_batch_size, mesh, "outlier batch size")
+    check_batches(config, mesh)
   return objective, mesh
+
+
+def check_batches(config, mesh) -> None:
+  """Raises unless the ID and (where the objective reads them) outlier batches split evenly over
+  the batch axis of ``mesh``."""
+  parallel.check_divisible(config.batch_size, mesh)
+  if objectives.get(config.objective.name).uses_outliers:
+    parallel.check_divisible(config.outlier_batch_size, mesh, "outlier batch size")
 
 
 def initial_state(config, workdir: str, ckpts: checkpoints.RunCheckpoints, steps: int,

@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from energy_jax import config as config_lib, models, objectives, optimizers, parallel
 from energy_jax.fields import is_int
-from energy_jax.train import step as step_lib
+from energy_jax.train import loop, step as step_lib
 from energy_jax.train.state import TrainState, create_train_state, hashable_config
 
 Array = jax.Array
@@ -467,15 +467,21 @@ def sweep_mesh(config, size: int, mesh):
   """The mesh a sweep of ``size`` members trains on: ``mesh`` (1-D, every device steps every
   member), or for ``config.member_groups`` G > 1 its devices as G groups
   (:func:`energy_jax.parallel.member_mesh`), group g holding members ``g*size/G ...``; raises
-  unless G divides the members and each group's devices divide the batches."""
-  groups = config.member_groups
+  unless G divides the devices and the members and each group's devices divide the batches.
+  One process only: the processes of a run hold contiguous slices of the batch axis
+  (:func:`energy_jax.parallel.process_rows`), which a member axis would cut."""
+  groups, devices = config.member_groups, mesh.devices.size
+  if devices % groups:
+    raise ValueError(f"config.member_groups = {groups} does not divide the {devices} devices of "
+                     "the mesh: give a divisor of the device count")
   if size % groups:
     raise ValueError(f"config.member_groups = {groups} does not divide the sweep's {size} "
                      "members: give a divisor of the member count")
+  if groups > 1 and jax.process_count() > 1:
+    raise ValueError(f"config.member_groups = {groups}: member groups run in one process; this "
+                     f"run has {jax.process_count()} (set it to 1)")
   mesh = parallel.member_mesh(mesh, groups)
-  parallel.check_divisible(config.batch_size, mesh)
-  if objectives.get(config.objective.name).uses_outliers:
-    parallel.check_divisible(config.outlier_batch_size, mesh, "outlier batch size")
+  loop.check_batches(config, mesh)
   return mesh
 
 
@@ -489,6 +495,18 @@ def put_sweep(sweep: SweepState, mesh) -> SweepState:
   if parallel.MEMBERS not in mesh.axis_names:
     return parallel.put_replicated(sweep, mesh)
   return jax.device_put(sweep, jax.sharding.NamedSharding(mesh, _members_spec(mesh)))
+
+
+def gathered(sweep: SweepState) -> SweepState:
+  """``sweep`` with every member on every device: where the members are split over member
+  groups (:func:`sweep_mesh`), one all-gather, from which :func:`member_state` then takes each
+  member without another (indexing the split arrays would gather all of them once per member);
+  ``sweep`` itself otherwise."""
+  sharding = getattr(jax.tree_util.tree_leaves(sweep.members)[0], "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or parallel.MEMBERS not in mesh.axis_names:
+    return sweep
+  return jax.device_put(sweep, jax.sharding.NamedSharding(mesh, P()))
 
 
 @functools.lru_cache(maxsize=None)

@@ -133,7 +133,8 @@ def train_and_evaluate_sweep(config, members: Sequence[Mapping[str, Any]], workd
       if stopped is not None:
         return stopped
     if choose:
-      summary = choose_member(team, record, sweep, data.test, mesh, workdir, log)
+      summary = choose_member(team, record, sweep_lib.gathered(sweep), data.test, mesh,
+                              workdir, log)
     else:
       summary = {"members": [dict(r, workdir=str(storage.location(workdir) / r["workdir"]))
                              for r in record["members"]]}
@@ -274,9 +275,9 @@ def train_members(config, team: Sequence[Member], record: Dict[str, Any], sweep,
         team[k].config, team[k].workdir, start.epoch, member_log(log, team[k]), history[k]))
         for k in live(record)}
 
-    def save(epoch, done, rows=None, finished=False, partials=None):
+    def save(held, epoch, done, rows=None, finished=False, partials=None):
       for k in live(record):
-        state = sweep_lib.member_state(sweep, k)
+        state = sweep_lib.member_state(held, k)
         loop.save_checkpoint(ckpts[k], team[k].config, state, epoch, done, steps, history[k],
                              (rows or {}).get(k), finished,
                              None if partials is None else partials[k])
@@ -294,8 +295,9 @@ def train_members(config, team: Sequence[Member], record: Dict[str, Any], sweep,
                                               {n: v[:, k] for n, v in metrics.items()})
                     for k in live(record)}
       finite = np.asarray(sweep_lib.finite_members(sweep.members))
+      held = sweep_lib.gathered(sweep)          # what the members' rows and saves read
       for k in live(record):
-        state = sweep_lib.member_state(sweep, k)
+        state = sweep_lib.member_state(held, k)
         problem = divergence(state, finite[k], per_member[k]["loss"], epoch, done, ckpts[k])
         if problem:
           rate = float(state.learning_rate((epoch + 1) * steps - 1))
@@ -305,17 +307,17 @@ def train_members(config, team: Sequence[Member], record: Dict[str, Any], sweep,
         raise FloatingPointError(f"every member of the sweep diverged (see {RECORD}); nothing "
                                  "to choose from")
       if done < steps:                # preempted: saved where it stopped, nothing else written
-        save(epoch, done, partials=per_member)
+        save(held, epoch, done, partials=per_member)
         return sweep, loop.stopped_by_signal(epoch, done, steps, watch.signal_name, log)
       rows = {}
       for k in live(record):
-        rows[k] = loop.completed_epoch_row(team[k].config, sweep_lib.member_state(sweep, k),
+        rows[k] = loop.completed_epoch_row(team[k].config, sweep_lib.member_state(held, k),
                                            epoch, per_member[k], steps, train_s, t_epoch,
                                            data.test, mesh)
         writers[k].write(rows[k])      # the rows, then the checkpoints, then the commit
         history[k].append(rows[k])
       stopped = loop.save_after_epoch(config, epoch, steps, watch, lambda finished: save(
-          epoch, steps, rows, finished), log)
+          held, epoch, steps, rows, finished), log)
       if stopped:
         return sweep, stopped
     for k in live(record):
