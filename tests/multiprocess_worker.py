@@ -21,7 +21,7 @@ def main():
   p.add_argument("--data", required=True)
   p.add_argument("--pipeline", default="device")
   p.add_argument("--epochs", type=int, default=2)
-  p.add_argument("--steps_per_call", type=int, default=3)
+  p.add_argument("--steps_per_call", type=int, default=1)
   args = p.parse_args()
   from energy_jax import compilation_cache, distributed
   compilation_cache.enable()           # as the scripts do: the tests' shared cache
