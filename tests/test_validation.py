@@ -57,6 +57,7 @@ BAD_VALUES = [
     ("eval_every_epochs", 0, ">= 1"),
     ("checkpoint_every_epochs", -1, ">= 1"),
     ("num_devices", -1, ">= 0"),
+    ("member_groups", 0, ">= 1"),
     ("scan_unroll", -2, ">= 0"),
     ("num_classes", 1, ">= 2 (a softmax over one class is constant)"),
     ("seed", -1, SEED_RANGE),
