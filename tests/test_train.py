@@ -134,8 +134,8 @@ def test_tiny_wrn_loss_falls(toy_dir, tmp_path, monkeypatch):
 
 
 def test_shorter_calls_run_in_the_longest_calls_program_with_skipped_rows(toy_dir):
-  """Steps in a loop (``scan_unroll = 1``, the accelerators' way): 4 steps as one call, and as two
-  calls of 2 each padded with 2 rows of SKIP_STEP, run the same compiled program and end bit for
+  """Steps in a loop (``scan_unroll = 1``, the accelerators' way): 2 steps as one call, and as two
+  calls of 1 each padded with a row of SKIP_STEP, run the same compiled program and end bit for
   bit alike (one executable, the same steps on the same inputs); the skipped rows advance
   nothing and their metrics are 0."""
   from energy_jax.data import sampling
@@ -153,27 +153,27 @@ def test_shorter_calls_run_in_the_longest_calls_program_with_skipped_rows(toy_di
   fn = train.device_epoch_fn(c, mesh)
   state0 = jax.device_get(train.create_train_state(c, jax.random.PRNGKey(0), 20))
 
-  def call(state, rows, length=4):
+  def call(state, rows, length=2):
     idx = step_lib.pad_call(in_idx[rows], out_idx[rows], length)
     return fn(parallel.put_replicated(state, mesh), pools,
               *parallel.put_global(idx, mesh, step_lib.step_indices_spec()))
 
-  whole, m_whole = jax.device_get(call(state0, slice(0, 4)))
-  half, m_first = jax.device_get(call(state0, slice(0, 2)))
-  assert int(half.step) == 2
-  half, m_second = jax.device_get(call(half, slice(2, 4)))
-  assert int(half.step) == int(whole.step) == 4
+  whole, m_whole = jax.device_get(call(state0, slice(0, 2)))
+  half, m_first = jax.device_get(call(state0, slice(0, 1)))
+  assert int(half.step) == 1
+  half, m_second = jax.device_get(call(half, slice(1, 2)))
+  assert int(half.step) == int(whole.step) == 2
   assert fn._cache_size() == 1                   # one program for both lengths
   for m in (m_first, m_second):
-    assert np.all(m["loss"][2:] == 0) and np.all(np.isfinite(m["loss"][:2]))
-  np.testing.assert_array_equal(np.concatenate([m_first["loss"][:2], m_second["loss"][:2]]),
+    assert np.all(m["loss"][1:] == 0) and np.all(np.isfinite(m["loss"][:1]))
+  np.testing.assert_array_equal(np.concatenate([m_first["loss"][:1], m_second["loss"][:1]]),
                                 m_whole["loss"])
   chex.assert_trees_all_equal(half.params, whole.params)
   chex.assert_trees_all_equal(half.batch_stats, whole.batch_stats)
-  # The steps did something: 4 steps moved the weights.
+  # The steps did something: 2 steps moved the weights.
   assert not np.array_equal(whole.params["fc"]["kernel"], state0.params["fc"]["kernel"])
-  with pytest.raises(ValueError, match="a call of 5 steps does not fit a program of 4"):
-    step_lib.pad_call(in_idx[:5], out_idx[:5], 4)
+  with pytest.raises(ValueError, match="a call of 3 steps does not fit a program of 2"):
+    step_lib.pad_call(in_idx[:3], out_idx[:3], 2)
 
 
 def test_a_one_step_call_runs_every_convolution_in_xla_cpus_fast_layout(toy_dir):
