@@ -275,10 +275,9 @@ def train_members(config, team: Sequence[Member], record: Dict[str, Any], sweep,
         team[k].config, team[k].workdir, start.epoch, member_log(log, team[k]), history[k]))
         for k in live(record)}
 
-    def save(held, epoch, done, rows=None, finished=False, partials=None):
+    def save(states, epoch, done, rows=None, finished=False, partials=None):
       for k in live(record):
-        state = sweep_lib.member_state(held, k)
-        loop.save_checkpoint(ckpts[k], team[k].config, state, epoch, done, steps, history[k],
+        loop.save_checkpoint(ckpts[k], team[k].config, states[k], epoch, done, steps, history[k],
                              (rows or {}).get(k), finished,
                              None if partials is None else partials[k])
       record["step"] = epoch * steps + done
@@ -295,9 +294,10 @@ def train_members(config, team: Sequence[Member], record: Dict[str, Any], sweep,
                                               {n: v[:, k] for n, v in metrics.items()})
                     for k in live(record)}
       finite = np.asarray(sweep_lib.finite_members(sweep.members))
-      held = sweep_lib.gathered(sweep)          # what the members' rows and saves read
+      held = sweep_lib.gathered(sweep)
+      states = {k: sweep_lib.member_state(held, k) for k in live(record)}    # checked, saved
       for k in live(record):
-        state = sweep_lib.member_state(held, k)
+        state = states[k]
         problem = divergence(state, finite[k], per_member[k]["loss"], epoch, done, ckpts[k])
         if problem:
           rate = float(state.learning_rate((epoch + 1) * steps - 1))
@@ -307,17 +307,17 @@ def train_members(config, team: Sequence[Member], record: Dict[str, Any], sweep,
         raise FloatingPointError(f"every member of the sweep diverged (see {RECORD}); nothing "
                                  "to choose from")
       if done < steps:                # preempted: saved where it stopped, nothing else written
-        save(held, epoch, done, partials=per_member)
+        save(states, epoch, done, partials=per_member)
         return sweep, loop.stopped_by_signal(epoch, done, steps, watch.signal_name, log)
       rows = {}
       for k in live(record):
-        rows[k] = loop.completed_epoch_row(team[k].config, sweep_lib.member_state(held, k),
+        rows[k] = loop.completed_epoch_row(team[k].config, states[k],
                                            epoch, per_member[k], steps, train_s, t_epoch,
                                            data.test, mesh)
         writers[k].write(rows[k])      # the rows, then the checkpoints, then the commit
         history[k].append(rows[k])
       stopped = loop.save_after_epoch(config, epoch, steps, watch, lambda finished: save(
-          held, epoch, steps, rows, finished), log)
+          states, epoch, steps, rows, finished), log)
       if stopped:
         return sweep, stopped
     for k in live(record):
