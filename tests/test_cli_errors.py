@@ -1,7 +1,9 @@
 """A mistake at the scripts' command line ends in a few lines that name it and the fix: no
 traceback, no help dump, exit status 1, before any data is read or anything compiled."""
 
+import json
 import os
+import select
 import subprocess
 import sys
 
@@ -116,19 +118,60 @@ def tmp(tmp_path_factory):
   return str(d)
 
 
+ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
 def run_script(script, args):
-  """``(exit status, stdout + stderr)`` of ``experiments/SCRIPT.py ARGS``."""
+  """``(exit status, stdout + stderr)`` of ``python experiments/SCRIPT.py ARGS``."""
   out = subprocess.run([sys.executable, f"experiments/{script}.py", *args], cwd=REPO,
-                       capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+                       capture_output=True, text=True, timeout=120, env=ENV)
   return out.returncode, out.stdout + out.stderr
+
+
+class ScriptServer:
+  """The command lines of this module's tests, each in a fork of one process that imported JAX
+  once (tests/script_server.py): what ``run_script`` gives, a few seconds faster a case."""
+
+  def __init__(self):
+    self.process = subprocess.Popen([sys.executable, "tests/script_server.py"], cwd=REPO,
+                                    env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True)
+
+  def run(self, script, args, timeout=120):
+    self.process.stdin.write(json.dumps({"script": f"experiments/{script}.py",
+                                         "args": args}) + "\n")
+    self.process.stdin.flush()
+    if not select.select([self.process.stdout], [], [], timeout)[0]:
+      self.process.kill()
+      raise TimeoutError(f"experiments/{script}.py {args} ran over {timeout} s")
+    reply = json.loads(self.process.stdout.readline())
+    return reply["status"], reply["stdout"] + reply["stderr"]
+
+  def close(self):
+    self.process.stdin.close()
+    self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server():
+  s = ScriptServer()
+  yield s
+  s.close()
 
 
 @pytest.mark.parametrize("script,args,said", MISTAKES,
                          ids=[f"{s}:{' '.join(a)}" for s, a, _ in MISTAKES])
-def test_a_mistake_ends_in_a_short_message_naming_it(tmp, script, args, said):
-  status, out = run_script(script, [a.format(tmp=tmp) for a in args])
+def test_a_mistake_ends_in_a_short_message_naming_it(tmp, server, script, args, said):
+  status, out = server.run(script, [a.format(tmp=tmp) for a in args])
   assert_short_error(script, status, out, [text.format(tmp=tmp) for text in said])
+
+
+def test_the_server_gives_what_a_new_interpreter_gives(tmp, server):
+  """The forked command lines above against the same lines in new interpreters (two of them:
+  an unknown config field, and a mistake found once the run's folder is checked)."""
+  for script, args, _ in (MISTAKES[0], MISTAKES[-1]):
+    args = [a.format(tmp=tmp) for a in args]
+    assert server.run(script, args) == run_script(script, args)
 
 
 def test_evaluate_results_folder_not_writable(tmp):
