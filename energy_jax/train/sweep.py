@@ -159,7 +159,7 @@ def _get(config, name: str) -> Any:
 def member_configs(config, members: Sequence[Mapping[str, Any]]) -> List[ml_collections.ConfigDict]:
   """Each member's config: ``config`` with the member's overrides (``{"seed": 1,
   "objective.m_in": -23, ...}``), each checked as the field it sets and the whole as a run's
-  config (:func:`energy_jax.config.validate`: ``m_in < m_out``, ...)."""
+  config (:func:`energy_jax.config.validate`: ``m_in < m_out``, ...), ``member_groups`` 1."""
   if isinstance(members, Mapping) or not members:
     raise ValueError(f"a sweep's members are a non-empty list of dicts of overrides such as "
                      f"[{{'seed': 1}}, {{'seed': 2}}], got {members!r}")
@@ -170,6 +170,8 @@ def member_configs(config, members: Sequence[Mapping[str, Any]]) -> List[ml_coll
       raise ValueError(f"sweep member {k} must be a dict of overrides such as "
                        f"{{'seed': 1, 'objective.m_in': -23}}, got {overrides!r}")
     c = copy.deepcopy(ml_collections.ConfigDict(config))
+    # A member's config is a single run's: how the sweep lays members out on devices is not.
+    c.member_groups = 1
     for name, value in overrides.items():
       check_member_field(c, name, value, k)
       _set(c, name, value)
