@@ -3,6 +3,8 @@
   python benchmarks/compile_stats.py                    # cifar10 preset (WRN-40-2), 1-step calls
   python benchmarks/compile_stats.py --steps-per-call 8 # 8 steps unrolled (on CPU) per call
   python benchmarks/compile_stats.py --preset test --steps-per-call 4
+  python benchmarks/compile_stats.py --unroll 1 --dtype bfloat16 \
+      --compiler-option xla_gpu_autotune_level=0 --busy   # on a GPU: what autotuning costs
 
 For each stage (pretraining, energy fine-tuning) the device-resident epoch program of the
 epoch's longest call (``--steps-per-call`` or a divisor of the epoch near it) is lowered for
@@ -11,18 +13,27 @@ persistent compilation cache off; it prints the
 StableHLO ops of the lowered module (each function once), the HLO instructions XLA's optimised
 module holds (everything inlined, the unrolled steps each counted), and the seconds of lowering
 and of compiling. On CPU the fused steps are unrolled, so both counts grow with the steps.
+
+The parts a program's growth is suspected of, each switched off alone: ``--dropout-rate 0``
+(no per-example dropout randomness), ``--num-train 49920`` (390 full batches: no padded last
+batch, so no mask), ``--compiler-option xla_gpu_autotune_level=0`` (XLA:GPU's DebugOptions for
+this compile only: no convolution autotuning), ``--busy`` (the device runs matrix products in a
+thread during the compile, as pretraining does while ``--overlap-compile`` compiles fine-tuning).
 """
 
 import argparse
+import contextlib
 import os
 import re
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from energy_jax import config as config_lib  # noqa: E402
 from energy_jax import models, optimizers, train  # noqa: E402
@@ -68,6 +79,40 @@ def breakdown(compiled) -> dict:
   return counts
 
 
+def option(text: str):
+  """``NAME=VALUE`` of ``--compiler-option``: an int, a bool or a string value."""
+  name, sep, value = text.partition("=")
+  if not sep or not name:
+    raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+  if value.lower() in ("true", "false"):
+    return name, value.lower() == "true"
+  try:
+    return name, int(value)
+  except ValueError:
+    return name, value
+
+
+class Busy:
+  """Keeps the default device computing (chained matrix products) until the block ends."""
+
+  def __enter__(self):
+    self.stop = threading.Event()
+    matmul = jax.jit(lambda a: jnp.tanh(a @ a))
+    a = jnp.full((2048, 2048), 1e-3, jnp.float32)
+    jax.block_until_ready(matmul(a))
+
+    def run(a):
+      while not self.stop.is_set():
+        a = jax.block_until_ready(matmul(a))
+    self.thread = threading.Thread(target=run, args=(a,), daemon=True)
+    self.thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self.stop.set()
+    self.thread.join()
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--preset", default="cifar10")
@@ -80,13 +125,22 @@ def main():
   p.add_argument("--unroll", type=int, default=0,
                  help="config.scan_unroll (0: the steps unrolled on CPU; 1: one step in a loop, "
                       "as on a GPU)")
+  p.add_argument("--dropout-rate", type=float, default=None,
+                 help="model.dropout_rate (default: the preset's)")
+  p.add_argument("--compiler-option", type=option, action="append", default=[],
+                 metavar="NAME=VALUE", help="an XLA DebugOptions field for the epoch programs' "
+                 "compile (repeatable), e.g. xla_gpu_autotune_level=0")
+  p.add_argument("--busy", action="store_true",
+                 help="compile the epoch programs while the device computes in a thread")
   p.add_argument("--breakdown", action="store_true",
                  help="also the optimised instructions by what they compute")
   args = p.parse_args()
+  options = dict(args.compiler_option)
   jax.config.update("jax_enable_compilation_cache", False)     # every compile is a real one
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
-        f"preset {args.preset}, steps_per_call {args.steps_per_call}, unroll {args.unroll}",
-        flush=True)
+        f"preset {args.preset}, steps_per_call {args.steps_per_call}, unroll {args.unroll}, "
+        f"{args.num_train} training images, compiler options {options}, busy device "
+        f"{args.busy}", flush=True)
   for stage in args.stages.split(","):
     c = config_lib.get_config(args.preset, stage)
     c.steps_per_call = args.steps_per_call
@@ -94,14 +148,18 @@ def main():
     c.scan_unroll = args.unroll
     if args.dtype:
       c.model.dtype = args.dtype
+    if args.dropout_rate is not None:
+      c.model.dropout_rate = args.dropout_rate
     length = programs.call_lengths(c, args.num_train)[0]       # the epoch's longest call
     t0 = time.time()
     lowered = train.lower_epoch(c, args.num_train, args.num_outliers)
     t_lower = time.time() - t0
-    t0 = time.time()
-    compiled = lowered.compile()
-    t_compile = time.time() - t0
-    print(f"{stage}: WRN-{c.model.depth}-{c.model.widen_factor} {c.model.dtype}, "
+    with Busy() if args.busy else contextlib.nullcontext():
+      t0 = time.time()
+      compiled = lowered.compile(compiler_options=options or None)
+      t_compile = time.time() - t0
+    print(f"{stage}: WRN-{c.model.depth}-{c.model.widen_factor} {c.model.dtype}, dropout "
+          f"{c.model.dropout_rate}, "
           f"calls of {length} steps: {stablehlo_ops(lowered)} StableHLO ops, "
           f"{hlo_instructions(compiled)} optimised HLO instructions; lowered in {t_lower:.1f} s, "
           f"compiled in {t_compile:.1f} s", flush=True)

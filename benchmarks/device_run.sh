@@ -6,6 +6,8 @@
 #
 #   bash benchmarks/device_run.sh reproduce   # reproduction, then every detector on its models
 #   bash benchmarks/device_run.sh ab          # benchmarks/reference_ab.py, AB_EPOCHS="15 2", AB_SEEDS=1,2,3,4
+#   bash benchmarks/device_run.sh compile     # the epoch programs' compile, each suspect alone
+#   bash benchmarks/device_run.sh sweep       # benchmarks/sweep.py, WRN-40-2 bf16, 4 and 8 members
 #
 # Logs and JSON go to $OUT (default /tmp/out). On CPU, SMOKE=1 runs the same steps tiny.
 set -uo pipefail
@@ -17,9 +19,11 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-for f in cifar10 tin32-outliers tin32-ood; do
-  [ -f "$D/$f.zip" ] || gunzip -c ".data/$f.zip.gz" > "$D/$f.zip" || exit 1
-done
+case "${1:-}" in reproduce|ab)          # the modes that read the offline packs
+  for f in cifar10 tin32-outliers tin32-ood; do
+    [ -f "$D/$f.zip" ] || gunzip -c ".data/$f.zip.gz" > "$D/$f.zip" || exit 1
+  done ;;
+esac
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1     # no progress bars in the logs
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 
@@ -58,6 +62,27 @@ case "${1:-}" in
     python3 benchmarks/reference_ab.py --combine "$OUT/ab_jax.json" "$OUT/ab_reference.json" \
       2>&1 | tee "$OUT/ab.log"
     ;;
+  compile)
+    # WRN-40-2 bf16 epoch programs as a GPU runs them (the step in a loop), compiled with the
+    # persistent cache off: as the run compiles them, then without each suspect of their growth
+    # (docs/performance.md): autotuning, the per-example dropout keys, the padded batch's mask;
+    # then compiled while the GPU computes (as --overlap-compile compiles fine-tuning).
+    cs=(python3 benchmarks/compile_stats.py --unroll 1 --dtype bfloat16)
+    [ -n "${SMOKE:-}" ] && cs+=(--preset test --num-train 100 --num-test 32 --num-outliers 128)
+    t=${COMPILE_TIMEOUT:-150}
+    { timeout "$t" "${cs[@]}"
+      timeout "$t" "${cs[@]}" --compiler-option xla_gpu_autotune_level=0
+      timeout "$t" "${cs[@]}" --stages pretrain --dropout-rate 0
+      timeout "$t" "${cs[@]}" --stages pretrain --num-train "${NO_MASK_TRAIN:-49920}"
+      timeout "$t" "${cs[@]}" --stages finetune --busy
+    } 2>&1 | grep -v "training state" | tee "$OUT/compile.log"
+    ;;
+  sweep)
+    sw=(python3 benchmarks/sweep.py --preset cifar10 --depth 40 --widen 2 --dtype bfloat16
+        --members 4,8 --steps 20 --repeats 3)
+    [ -n "${SMOKE:-}" ] && sw=(python3 benchmarks/sweep.py --members 2 --steps 2 --repeats 1)
+    timeout "${SWEEP_TIMEOUT:-420}" "${sw[@]}" 2>&1 | tee "$OUT/sweep.log"
+    ;;
   *)
-    echo "usage: $0 reproduce|ab" >&2; exit 2 ;;
+    echo "usage: $0 reproduce|ab|compile|sweep" >&2; exit 2 ;;
 esac

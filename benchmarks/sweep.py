@@ -10,7 +10,8 @@ row runs on a mesh of D devices: the single run data-parallel, each sweep once p
 share of the batch; G > 1: config.member_groups, each group of D/G devices steps N/G members).
 
   python benchmarks/sweep.py                          # WRN-10-1, toy preset batches (CPU)
-  python benchmarks/sweep.py --preset cifar10 --depth 40 --widen 2 --members 1,4,8   # a GPU
+  python benchmarks/sweep.py --preset cifar10 --depth 40 --widen 2 --dtype bfloat16 \
+      --members 4,8 --steps 20                                                 # a GPU
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/sweep.py --devices 2 \
       --members 2 --member-groups 1,2        # 2 of XLA's virtual CPU devices
 """
@@ -75,6 +76,7 @@ def main():
   parser.add_argument("--members", default="1,2,4", help="sweep sizes to time")
   parser.add_argument("--depth", type=int, default=10)
   parser.add_argument("--widen", type=int, default=1)
+  parser.add_argument("--dtype", default="", help="model.dtype (default: the preset's)")
   parser.add_argument("--steps", type=int, default=3, help="fused steps per timed call")
   parser.add_argument("--repeats", type=int, default=2, help="timed calls (the best counts)")
   parser.add_argument("--vectorize", default="auto", choices=("auto", "yes", "no"),
@@ -87,12 +89,15 @@ def main():
   args = parser.parse_args()
   mesh = parallel.make_mesh(args.devices)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}) x{args.devices}, jax "
-        f"{jax.__version__}; WRN-{args.depth}-{args.widen}, preset {args.preset}, {args.steps} "
+        f"{jax.__version__}; WRN-{args.depth}-{args.widen} {args.dtype or 'preset dtype'}, preset "
+        f"{args.preset}, {args.steps} "
         f"fused steps per call, best of {args.repeats} calls, vectorize {args.vectorize}")
   rows = []
   for stage in args.stages.split(","):
     c = config_lib.get_config(args.preset, stage)
     c.model.depth, c.model.widen_factor = args.depth, args.widen
+    if args.dtype:
+      c.model.dtype = args.dtype
     c.pretrained = ""
     data, idx = inputs(c, args.steps, mesh)
     state = parallel.put_replicated(
