@@ -134,6 +134,20 @@ def put_replicated(tree, mesh: Mesh):
   return jax.tree_util.tree_unflatten(treedef, placed)
 
 
+def put_split(tree, mesh: Mesh, spec: P):
+  """Values every process holds whole -> global arrays split by ``spec`` over ``mesh``, each
+  process placing its own devices' parts (no cross-process transfer, no comparison)."""
+  sharding = NamedSharding(mesh, spec)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x):
+    x = np.asarray(x)
+    x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree_util.tree_map(one, tree)
+
+
 def put_sharded(tree, mesh: Mesh):
   """This process's rows (all rows with one process) -> global arrays split along their first
   axis over the mesh."""

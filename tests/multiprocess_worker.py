@@ -1,8 +1,10 @@
 """One process of a multi-process test run (tests/test_multiprocess.py): joins the run, trains
 the test preset on toy data, and (process 0) writes the final variables to ``<workdir>.npz``.
+With ``--sweep_groups G``, then one epoch of a sweep of two members (their own learning rates,
+one its own seed) in G member groups, in ``<workdir>_sweep``.
 
   python tests/multiprocess_worker.py --coordinator 127.0.0.1:PORT --num_processes 2 \
-      --process_id 0 --workdir DIR --data DIR --pipeline device --epochs 2
+      --process_id 0 --workdir DIR --data DIR --pipeline device --epochs 2 [--sweep_groups 2]
 """
 
 import argparse
@@ -22,6 +24,7 @@ def main():
   p.add_argument("--pipeline", default="device")
   p.add_argument("--epochs", type=int, default=2)
   p.add_argument("--steps_per_call", type=int, default=1)
+  p.add_argument("--sweep_groups", type=int, default=0)
   args = p.parse_args()
   from energy_jax import compilation_cache, distributed
   compilation_cache.enable()           # as the scripts do: the tests' shared cache
@@ -54,6 +57,14 @@ def main():
   if jax.process_index() == 0:
     leaves = jax.tree_util.tree_leaves_with_path(variables)
     np.savez(args.workdir + ".npz", **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+  if args.sweep_groups:
+    from energy_jax.train import sweep_loop
+    c.epochs, c.member_groups = 1, args.sweep_groups
+    summary = sweep_loop.train_and_evaluate_sweep(
+        c, [{"optimizer.learning_rate": 0.002}, {"optimizer.learning_rate": 0.001, "seed": 3}],
+        args.workdir + "_sweep", choose=False)
+    print(f"process {jax.process_index()}: sweep members "
+          f"{[m['status'] for m in summary['members']]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -28,7 +29,7 @@ def _free_port() -> int:
 
 
 def _start(num_processes, devices_per_process, workdir, data, pipeline, epochs=2,
-           steps_per_call=1):
+           steps_per_call=1, sweep_groups=0):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS=child_xla_flags(
                  f"--xla_force_host_platform_device_count={devices_per_process}"))
@@ -37,7 +38,7 @@ def _start(num_processes, devices_per_process, workdir, data, pipeline, epochs=2
   for pid in range(num_processes):
     cmd = [sys.executable, WORKER, "--workdir", str(workdir), "--data", str(data),
            "--pipeline", pipeline, "--epochs", str(epochs),
-           "--steps_per_call", str(steps_per_call)]
+           "--steps_per_call", str(steps_per_call), "--sweep_groups", str(sweep_groups)]
     if num_processes > 1:
       cmd += ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
               "--process_id", str(pid)]
@@ -83,8 +84,11 @@ def toy(tmp_path_factory):
 
 @pytest.mark.parametrize("pipeline", ["device", "tfdata"])
 def test_two_processes_of_two_devices_compute_what_one_of_four_computes(toy, tmp_path, pipeline):
-  one = _finish(_start(1, 4, tmp_path / "one", toy, pipeline))
-  two = _finish(_start(2, 2, tmp_path / "two", toy, pipeline))
+  """The run, then (device input) a sweep of two members in 2 member groups: on 2 processes,
+  each process's devices a group."""
+  groups = 2 if pipeline == "device" else 0
+  one = _finish(_start(1, 4, tmp_path / "one", toy, pipeline, sweep_groups=groups))
+  two = _finish(_start(2, 2, tmp_path / "two", toy, pipeline, sweep_groups=groups))
   assert "process 0 of 1, 4 devices" in one[0]
   assert "process 0 of 2, 4 devices" in two[0] and "process 1 of 2, 4 devices" in two[1]
   # Dropout is on: two programs (2 x 2 devices, 1 x 4), equal up to the devices' summation order
@@ -103,6 +107,30 @@ def test_two_processes_of_two_devices_compute_what_one_of_four_computes(toy, tmp
   # both, naming what differs.
   for out in two:
     assert "put_replicated refused: put_replicated: the 1 values to replicate differ" in out, out
+  if groups:
+    _compare_sweeps(tmp_path / "two_sweep", tmp_path / "one_sweep", one + two)
+
+
+def _compare_sweeps(a, b, outs):
+  """Each member of sweep ``a`` (2 processes, a member group each) against the same member of
+  ``b`` (one process, the same 2 groups of 2 devices). Programs partitioned for 2 processes
+  differ from one process's (as the run's above): measured (2026-12-07, XLA:CPU AVX2 / held to
+  SSE4_2) the epoch's losses 2.5e-8 / 1.1e-8 apart, the weights within 9.0e-7 / 7.4e-7 of each
+  tensor's largest entry."""
+  from energy_jax import checkpoints, config as config_lib
+  for out in outs:
+    assert "sweep members ['finished', 'finished']" in out, out[-3000:]
+  for out in outs[:2]:        # the one-process run's log, process 0's of the other
+    assert "4 device(s) in 2 member groups" in out, out[-3000:]
+  c = config_lib.get_config("test", "pretrain")
+  for k in (0, 1):
+    dirs = [sorted((s / "members").iterdir())[k] for s in (a, b)]
+    rows = [json.loads((d / "results.jsonl").read_text().splitlines()[-1]) for d in dirs]
+    assert rows[0]["train_loss"] == pytest.approx(rows[1]["train_loss"], rel=1e-6)
+    got, want = (checkpoints.load_variables(str(d), c) for d in dirs)
+    for x, y in zip(*(jax.tree_util.tree_leaves(v) for v in (got, want))):
+      x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+      assert np.max(np.abs(x - y)) <= 1e-5 * np.max(np.abs(y)) + 1e-8, f"member {k}"
 
 
 def test_both_processes_killed_then_one_sent_sigterm_resume_to_the_uninterrupted_run(toy,

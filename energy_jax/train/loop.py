@@ -379,7 +379,7 @@ def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch
           idx = pad_call(*idx, length)
         idx = parallel.put_global(idx, mesh, step_indices_spec())
         state, m = programs.epochs.get(idx[0].shape[0], fn)(state, pools, *idx)
-        m = jax.device_get(m)
+        m = parallel.to_host(m)          # (a sweep's are split over member groups)
         yield state, jax.tree_util.tree_map(lambda v: v[:sl.stop - sl.start], m), sl.stop
   else:
     if not host_stream_available():

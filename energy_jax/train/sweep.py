@@ -470,8 +470,8 @@ def sweep_mesh(config, size: int, mesh):
   member), or for ``config.member_groups`` G > 1 its devices as G groups
   (:func:`energy_jax.parallel.member_mesh`), group g holding members ``g*size/G ...``; raises
   unless G divides the devices and the members and each group's devices divide the batches.
-  One process only: the processes of a run hold contiguous slices of the batch axis
-  (:func:`energy_jax.parallel.process_rows`), which a member axis would cut."""
+  With several processes a group may span processes, or a process hold several groups: every
+  process holds all the images (the device input) and every index of a step."""
   groups, devices = config.member_groups, mesh.devices.size
   if devices % groups:
     raise ValueError(f"config.member_groups = {groups} does not divide the {devices} devices of "
@@ -479,9 +479,6 @@ def sweep_mesh(config, size: int, mesh):
   if size % groups:
     raise ValueError(f"config.member_groups = {groups} does not divide the sweep's {size} "
                      "members: give a divisor of the member count")
-  if groups > 1 and jax.process_count() > 1:
-    raise ValueError(f"config.member_groups = {groups}: member groups run in one process; this "
-                     f"run has {jax.process_count()} (set it to 1)")
   mesh = parallel.member_mesh(mesh, groups)
   loop.check_batches(config, mesh)
   return mesh
@@ -493,10 +490,11 @@ def _members_spec(mesh) -> P:
 
 
 def put_sweep(sweep: SweepState, mesh) -> SweepState:
-  """``sweep`` on ``mesh``: on every device, or split along the member axis (:func:`sweep_mesh`)."""
+  """``sweep`` (the same values in every process) on ``mesh``: on every device, or split along
+  the member axis (:func:`sweep_mesh`)."""
   if parallel.MEMBERS not in mesh.axis_names:
     return parallel.put_replicated(sweep, mesh)
-  return jax.device_put(sweep, jax.sharding.NamedSharding(mesh, _members_spec(mesh)))
+  return parallel.put_split(sweep, mesh, _members_spec(mesh))
 
 
 def gathered(sweep: SweepState) -> SweepState:
