@@ -111,7 +111,17 @@ def put_replicated(tree, mesh: Mesh):
   several processes every process must pass the same values, which go to its own devices only
   (no cross-process transfer): one fingerprint of all of them is compared across processes, and
   a difference is an error naming the leaf count."""
-  sharding = replicated(mesh)
+  return _put_everywhere_same(tree, replicated(mesh), "put_replicated", "replicate")
+
+
+def put_split(tree, mesh: Mesh, spec: P):
+  """Values every process holds whole -> global arrays split by ``spec`` over ``mesh``, each
+  process placing its own devices' parts (no cross-process transfer); with several processes
+  compared across them as :func:`put_replicated` does."""
+  return _put_everywhere_same(tree, NamedSharding(mesh, spec), "put_split", "place")
+
+
+def _put_everywhere_same(tree, sharding: NamedSharding, name: str, verb: str):
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
   # jax.device_put would compare every host leaf across processes, one collective (and one
@@ -130,22 +140,8 @@ def put_replicated(tree, mesh: Mesh):
   from jax.experimental import multihost_utils
   multihost_utils.assert_equal(
       np.uint32(fingerprint),
-      f"put_replicated: the {len(leaves)} values to replicate differ between processes")
+      f"{name}: the {len(leaves)} values to {verb} differ between processes")
   return jax.tree_util.tree_unflatten(treedef, placed)
-
-
-def put_split(tree, mesh: Mesh, spec: P):
-  """Values every process holds whole -> global arrays split by ``spec`` over ``mesh``, each
-  process placing its own devices' parts (no cross-process transfer, no comparison)."""
-  sharding = NamedSharding(mesh, spec)
-  if jax.process_count() == 1:
-    return jax.device_put(tree, sharding)
-
-  def one(x):
-    x = np.asarray(x)
-    x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  return jax.tree_util.tree_map(one, tree)
 
 
 def put_sharded(tree, mesh: Mesh):

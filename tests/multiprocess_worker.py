@@ -1,7 +1,7 @@
 """One process of a multi-process test run (tests/test_multiprocess.py): joins the run, trains
 the test preset on toy data, and (process 0) writes the final variables to ``<workdir>.npz``.
 With ``--sweep_groups G``, then one epoch of a sweep of two members (their own learning rates,
-one its own seed) in G member groups, in ``<workdir>_sweep``.
+one its own seed) in G member groups, and its choice, in ``<workdir>_sweep``.
 
   python tests/multiprocess_worker.py --coordinator 127.0.0.1:PORT --num_processes 2 \
       --process_id 0 --workdir DIR --data DIR --pipeline device --epochs 2 [--sweep_groups 2]
@@ -62,9 +62,9 @@ def main():
     c.epochs, c.member_groups = 1, args.sweep_groups
     summary = sweep_loop.train_and_evaluate_sweep(
         c, [{"optimizer.learning_rate": 0.002}, {"optimizer.learning_rate": 0.001, "seed": 3}],
-        args.workdir + "_sweep", choose=False)
+        args.workdir + "_sweep")
     print(f"process {jax.process_index()}: sweep members "
-          f"{[m['status'] for m in summary['members']]}", flush=True)
+          f"{[m['status'] for m in summary['members']]}, chosen {summary['chosen']}", flush=True)
 
 
 if __name__ == "__main__":

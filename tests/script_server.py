@@ -8,8 +8,10 @@ an exception that escapes prints its traceback and exits 1, as the interpreter d
 children's stdout and stderr go to files read back after the child ends.
 
 Protocol, one JSON object a line: in ``{"script": PATH, "args": [...]}``, out
-``{"status": EXIT_STATUS, "stdout": ..., "stderr": ...}``. The server ends at end of input.
-Python's fork is safe here because no JAX backend is started in the server (no threads).
+``{"status": EXIT_STATUS, "stdout": ..., "stderr": ...}`` on what was fd 1 at the start (fd 1
+itself then goes to stderr, so that nothing else lands among the replies). The server ends at
+end of input. Forking is safe here because the server starts no JAX backend and no Python
+thread (checked before each fork). A child reads no stdin (the server's is the requests).
 """
 
 import json
@@ -17,7 +19,11 @@ import os
 import runpy
 import sys
 import tempfile
+import threading
 import traceback
+
+REPLIES = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
 
 # What the scripts' imports cost, paid once.
 import absl.app  # noqa: F401
@@ -33,9 +39,10 @@ from energy_jax import config, objectives, optimizers  # noqa: F401
 
 def child(script: str, args, out_fd: int, err_fd: int) -> int:
   """Runs the script in this (forked) process; its exit status."""
+  null = os.open(os.devnull, os.O_RDONLY)
+  os.dup2(null, 0)
   os.dup2(out_fd, 1)
   os.dup2(err_fd, 2)
-  sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
   sys.argv = [script, *args]
   sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
   try:
@@ -52,6 +59,9 @@ def child(script: str, args, out_fd: int, err_fd: int) -> int:
 
 
 def run(script: str, args):
+  if threading.active_count() != 1:
+    raise RuntimeError(f"the server runs {threading.active_count()} threads: forking it is not "
+                       "safe")
   with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -76,12 +86,10 @@ def run(script: str, args):
 
 
 def main():
-  reply = sys.stdout
-  sys.stdout = sys.stderr        # nothing but replies on the reply channel
   for line in sys.stdin:
     request = json.loads(line)
-    reply.write(json.dumps(run(request["script"], request["args"])) + "\n")
-    reply.flush()
+    REPLIES.write(json.dumps(run(request["script"], request["args"])) + "\n")
+    REPLIES.flush()
 
 
 if __name__ == "__main__":

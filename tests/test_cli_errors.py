@@ -4,6 +4,7 @@ traceback, no help dump, exit status 1, before any data is read or anything comp
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 
@@ -133,21 +134,35 @@ class ScriptServer:
   once (tests/script_server.py): what ``run_script`` gives, a few seconds faster a case."""
 
   def __init__(self):
+    self.process = None
+
+  def start(self):
+    # A session of its own: a timeout kills the server and the child it waits for.
     self.process = subprocess.Popen([sys.executable, "tests/script_server.py"], cwd=REPO,
                                     env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    text=True)
+                                    text=True, start_new_session=True)
 
   def run(self, script, args, timeout=120):
+    if self.process is None or self.process.poll() is not None:
+      self.start()                 # (again, after a case that killed it)
     self.process.stdin.write(json.dumps({"script": f"experiments/{script}.py",
                                          "args": args}) + "\n")
     self.process.stdin.flush()
     if not select.select([self.process.stdout], [], [], timeout)[0]:
-      self.process.kill()
+      self.close(kill=True)
       raise TimeoutError(f"experiments/{script}.py {args} ran over {timeout} s")
-    reply = json.loads(self.process.stdout.readline())
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the script server ended (status {self.process.wait()}) on "
+                         f"experiments/{script}.py {args}; its stderr is in the test's output")
+    reply = json.loads(line)
     return reply["status"], reply["stdout"] + reply["stderr"]
 
-  def close(self):
+  def close(self, kill=False):
+    if self.process is None:
+      return
+    if kill:
+      os.killpg(self.process.pid, signal.SIGKILL)
     self.process.stdin.close()
     self.process.wait(timeout=60)
 

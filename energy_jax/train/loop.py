@@ -394,7 +394,7 @@ def epoch_runner(config, data: RunData, mesh, steps: int, watch: PreemptionWatch
           data.train, data.outliers, in_idx, out_idx, seed=config.seed, epoch=epoch,
           padded=padded, first_step=first), start=first + 1):
         state, m = step(state, parallel.put_sharded(batch, mesh))
-        yield state, jax.tree_util.tree_map(lambda v: np.asarray(v)[None], jax.device_get(m)), k
+        yield state, jax.tree_util.tree_map(lambda v: v[None], parallel.to_host(m)), k
 
   images_per_step = config.batch_size + (config.outlier_batch_size if num_out else 0)
 

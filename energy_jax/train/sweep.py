@@ -169,9 +169,7 @@ def member_configs(config, members: Sequence[Mapping[str, Any]]) -> List[ml_coll
     if not isinstance(overrides, Mapping):
       raise ValueError(f"sweep member {k} must be a dict of overrides such as "
                        f"{{'seed': 1, 'objective.m_in': -23}}, got {overrides!r}")
-    c = copy.deepcopy(ml_collections.ConfigDict(config))
-    # A member's config is a single run's: how the sweep lays members out on devices is not.
-    c.member_groups = 1
+    c = _run_config(config)
     for name, value in overrides.items():
       check_member_field(c, name, value, k)
       _set(c, name, value)
@@ -352,9 +350,17 @@ def finite_members(members: TrainState) -> Array:
                     for x in leaves]).all(axis=0)
 
 
+def _run_config(config) -> ml_collections.ConfigDict:
+  """A copy of the sweep's ``config`` as a single run's, before a member's overrides: how the
+  sweep lays its members out on the devices (``member_groups``) is not the run's."""
+  c = copy.deepcopy(ml_collections.ConfigDict(config))
+  c.member_groups = 1
+  return c
+
+
 def member_config(sweep: SweepState, k: int) -> ml_collections.ConfigDict:
   """Member ``k``'s config: the run it equals (its data order aside, which is the sweep's)."""
-  c = copy.deepcopy(ml_collections.ConfigDict(sweep.config))
+  c = _run_config(sweep.config)
   for name, value in sweep.overrides[k]:
     _set(c, name, value)
   return c
