@@ -1,7 +1,8 @@
 """One process of a multi-process test run (tests/test_multiprocess.py): joins the run, trains
 the test preset on toy data, and (process 0) writes the final variables to ``<workdir>.npz``.
 With ``--sweep_groups G``, then one epoch of a sweep of two members (their own learning rates,
-one its own seed) in G member groups, and its choice, in ``<workdir>_sweep``.
+one its own seed) in G member groups, and its choice, in ``<workdir>_sweep`` (each member's
+final variables to ``<workdir>_sweep_K.npz``).
 
   python tests/multiprocess_worker.py --coordinator 127.0.0.1:PORT --num_processes 2 \
       --process_id 0 --workdir DIR --data DIR --pipeline device --epochs 2 [--sweep_groups 2]
@@ -65,6 +66,13 @@ def main():
         args.workdir + "_sweep")
     print(f"process {jax.process_index()}: sweep members "
           f"{[m['status'] for m in summary['members']]}, chosen {summary['chosen']}", flush=True)
+    for k, member in enumerate(summary["members"]):
+      variables = checkpoints.load_variables(
+          os.path.join(args.workdir + "_sweep", member["workdir"]), c)
+      if jax.process_index() == 0:
+        leaves = jax.tree_util.tree_leaves_with_path(variables)
+        np.savez(f"{args.workdir}_sweep_{k}.npz",
+                 **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
 
 
 if __name__ == "__main__":
