@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 import numpy as np
 
-from energy_jax import __version__, checkpoints, detectors, distributed, parallel, storage
+from energy_jax import __version__, checkpoints, detectors, distributed, storage
 from energy_jax.config import resume
 from energy_jax.data import load_run_data, sampling
 from energy_jax.ood import evaluation, protocol
@@ -293,8 +293,8 @@ def train_members(config, team: Sequence[Member], record: Dict[str, Any], sweep,
       per_member = {k: loop.with_steps_before(partial[k] if epoch == start.epoch else None,
                                               {n: v[:, k] for n, v in metrics.items()})
                     for k in live(record)}
-      finite = parallel.to_host(sweep_lib.finite_members(sweep.members))
-      held = sweep_lib.gathered(sweep)
+      held = sweep_lib.gathered(sweep)     # every member on every device: read once, below
+      finite = np.asarray(sweep_lib.finite_members(held.members))
       states = {k: sweep_lib.member_state(held, k) for k in live(record)}    # checked, saved
       for k in live(record):
         state = states[k]
