@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from energy_jax import example_bits
+
 Array = jax.Array
 PAD = 4
 MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
@@ -28,15 +30,14 @@ def normalize(images: Array, dtype=jnp.float32) -> Array:
 
 
 def crop_flip_params(rng: Array, positions: Array):
-  """Crop offsets ``[B, 2]`` in ``0..2*PAD`` and flip flags ``[B]``, example ``i``'s drawn from
-  ``fold_in(rng, positions[i])``: an example's augmentation depends on its position in the global
-  batch, not on which device holds it."""
-  def one(key):
-    k_off, k_flip = jax.random.split(key)
-    return (jax.random.randint(k_off, (2,), 0, 2 * PAD + 1),
-            jax.random.bernoulli(k_flip, 0.5))
-  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, positions)
-  return jax.vmap(one)(keys)
+  """Crop offsets ``[B, 2]`` in ``0..2*PAD`` and flip flags ``[B]``, example ``i``'s from three
+  32-bit draws of :func:`energy_jax.example_bits.example_bits` for ``positions[i]``: an example's
+  augmentation depends on its position in the global batch, not on which device holds it.
+  Offsets are ``bits % (2*PAD + 1)`` (the first 4 of 9 values more likely by 2**-32), the flip
+  ``bits < 2**31``."""
+  bits = example_bits.example_bits(rng, positions, (3,))
+  offsets = (bits[:, :2] % jnp.uint32(2 * PAD + 1)).astype(jnp.int32)
+  return offsets, example_bits.below(bits[:, 2], 0.5)
 
 
 def apply_crop_flip(images: Array, offsets: Array, flips: Array) -> Array:

@@ -11,7 +11,7 @@ A model is a ``flax.linen.Module`` built by a registered factory
   when a batch holds padding (the last partial batch of an epoch): batch statistics must then
   cover the True examples only (a model without batch statistics ignores it); and
   ``example_ids=[N] int``, the examples' positions in the global batch: randomness inside the
-  model (dropout) is drawn per example from the dropout rng folded with its id, so that a run's
+  model (dropout) is drawn per example from the dropout rng and its id, so that a run's
   numbers do not depend on how the batch is split over devices and processes.
 * It returns a :class:`ModelOutput`: float32 ``logits [N, C]``, the penultimate ``features
   [N, D]`` the classifier head reads, and ``blocks``: the spatial means of each stage's output,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from energy_jax import example_bits
 from energy_jax.fields import choice, fail, integer, positive, real
 from energy_jax.models import wrn_convert
 from energy_jax.models.base import ModelOutput, register
@@ -93,12 +94,13 @@ class BatchNorm(nn.Module):
 
 def per_example_dropout(rng: Array, x: Array, rate: float,
                         example_ids: Optional[Array] = None) -> Array:
-  """Inverted dropout whose mask for example ``i`` comes from ``fold_in(rng, example_ids[i])``:
-  given global positions as ids, the masks do not depend on how a batch is split over devices."""
+  """Inverted dropout: element ``j`` of example ``i`` is kept where its bits
+  (:func:`energy_jax.example_bits.example_bits` of ``rng`` and ``example_ids[i]``) fall below
+  ``(1 - rate) * 2**32``. Given global positions as ids, the masks do not depend on how a batch is
+  split over devices."""
   if example_ids is None:
     example_ids = jnp.arange(x.shape[0])
-  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, example_ids)
-  keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(keys)
+  keep = example_bits.below(example_bits.example_bits(rng, example_ids, x.shape[1:]), 1.0 - rate)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
@@ -183,8 +185,8 @@ class WideResNet(nn.Module):
     ``intermediate_forward`` averaged over space (what Mahalanobis fits its Gaussians on);
     ``blocks`` the spatial means of the stem and of the first two groups, then ``features``.
     ``mask`` (``[N]`` bool, training only): BatchNorm statistics over the True examples only.
-    ``example_ids`` (``[N]`` int, training only): each example's dropout is drawn from the
-    dropout rng folded with its id (default ``0..N-1``).
+    ``example_ids`` (``[N]`` int, training only): each example's dropout mask is drawn from the
+    dropout rng and its id (default ``0..N-1``; :func:`per_example_dropout`).
     """
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"WideResNet expects NHWC images with 3 channels, got shape {x.shape}")
