@@ -19,6 +19,12 @@ The parts a program's growth is suspected of, each switched off alone: ``--dropo
 batch, so no mask), ``--compiler-option xla_gpu_autotune_level=0`` (XLA:GPU's DebugOptions for
 this compile only: no convolution autotuning), ``--busy`` (the device runs matrix products in a
 thread during the compile, as pretraining does while ``--overlap-compile`` compiles fine-tuning).
+
+``--threefry-lowering``: how the random bits' hash (Threefry-2x32: dropout, augmentation) is
+compiled. ``default``: the backend's way (XLA:CPU runs its rounds in a loop; XLA:GPU inlines all
+20 rounds wherever the bits are read); ``inline``: XLA:GPU's way on any backend (on CPU, to count
+what a GPU compiles); ``kernel``: one kernel per hash on a GPU (JAX's
+``jax_threefry_gpu_kernel_lowering``: the same bits, written to memory).
 """
 
 import argparse
@@ -54,8 +60,8 @@ def hlo_instructions(compiled) -> int:
 
 
 # What each optimised instruction computes, from the op_name of its metadata (first match).
-PARTS = (("dropout randomness", ("WideResNet",), ("bernoulli", "threefry", "_uniform")),
-         ("augmentation randomness", (), ("randint", "threefry", "bernoulli", "_uniform")),
+PARTS = (("dropout randomness", ("WideResNet",), ("example_bits", "dropout")),
+         ("augmentation randomness", (), ("example_bits", "crop_flip")),
          ("BatchNorm", ("/bn",), ()),
          ("rest of the network", ("WideResNet",), ()))
 
@@ -90,6 +96,19 @@ def option(text: str):
     return name, int(value)
   except ValueError:
     return name, value
+
+
+def set_threefry_lowering(how: str) -> None:
+  """See the module's doc: ``default``, ``inline`` or ``kernel``."""
+  if how == "kernel":
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
+  elif how == "inline":
+    # JAX's own inlined lowering, registered for every platform (private: a benchmark's probe).
+    from jax._src.random import threefry2x32
+    from jax.interpreters import mlir
+    for platform in ("cpu", "cuda", "rocm"):
+      mlir.register_lowering(threefry2x32.threefry2x32_p,
+                             threefry2x32._threefry2x32_lowering_rule, platform=platform)
 
 
 class Busy:
@@ -143,15 +162,18 @@ def main():
                  help="compile the epoch programs while the device computes in a thread")
   p.add_argument("--no-state", action="store_true",
                  help="skip the compile of the training state's creation (two per stage)")
+  p.add_argument("--threefry-lowering", choices=("default", "inline", "kernel"),
+                 default="default", help="how the random bits' hash is compiled (see above)")
   p.add_argument("--breakdown", action="store_true",
                  help="also the optimised instructions by what they compute")
   args = p.parse_args()
   options = dict(args.compiler_option)
+  set_threefry_lowering(args.threefry_lowering)
   jax.config.update("jax_enable_compilation_cache", False)     # every compile is a real one
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}, "
         f"preset {args.preset}, steps_per_call {args.steps_per_call}, unroll {args.unroll}, "
         f"{args.num_train} training images, compiler options {options}, busy device "
-        f"{args.busy}", flush=True)
+        f"{args.busy}, threefry lowering {args.threefry_lowering}", flush=True)
   for stage in args.stages.split(","):
     c = config_lib.get_config(args.preset, stage)
     c.steps_per_call = args.steps_per_call
