@@ -1,11 +1,12 @@
 """One process of a multi-process test run (tests/test_multiprocess.py): joins the run, trains
 the test preset on toy data, and (process 0) writes the final variables to ``<workdir>.npz``.
-With ``--sweep_groups G``, then one epoch of a sweep of two members (their own learning rates,
-one its own seed) in G member groups, and its choice, in ``<workdir>_sweep`` (each member's
-final variables to ``<workdir>_sweep_K.npz``).
+With ``--sweep_groups G[,G2...]``, then for each G one epoch of a sweep of two members (their
+own learning rates, one its own seed) in G member groups, and its choice, in ``<workdir>_sweep``
+for the first G, ``<workdir>_sweep_gG`` for the others (each member's final variables to
+``<that folder>_K.npz``).
 
   python tests/multiprocess_worker.py --coordinator 127.0.0.1:PORT --num_processes 2 \
-      --process_id 0 --workdir DIR --data DIR --pipeline device --epochs 2 [--sweep_groups 2]
+      --process_id 0 --workdir DIR --data DIR --pipeline device --epochs 2 [--sweep_groups 2,1]
 """
 
 import argparse
@@ -25,7 +26,7 @@ def main():
   p.add_argument("--pipeline", default="device")
   p.add_argument("--epochs", type=int, default=2)
   p.add_argument("--steps_per_call", type=int, default=1)
-  p.add_argument("--sweep_groups", type=int, default=0)
+  p.add_argument("--sweep_groups", default="")
   args = p.parse_args()
   from energy_jax import compilation_cache, distributed
   compilation_cache.enable()           # as the scripts do: the tests' shared cache
@@ -58,22 +59,21 @@ def main():
   if jax.process_index() == 0:
     leaves = jax.tree_util.tree_leaves_with_path(variables)
     np.savez(args.workdir + ".npz", **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
-  if args.sweep_groups:
+  for i, groups in enumerate(int(g) for g in args.sweep_groups.split(",") if g):
     from energy_jax.train import sweep_loop
-    c.epochs, c.member_groups = 1, args.sweep_groups
+    folder = args.workdir + ("_sweep" if i == 0 else f"_sweep_g{groups}")
+    c.epochs, c.member_groups = 1, groups
     summary = sweep_loop.train_and_evaluate_sweep(
         c, [{"optimizer.learning_rate": 0.002}, {"optimizer.learning_rate": 0.001, "seed": 3}],
-        args.workdir + "_sweep")
-    print(f"process {jax.process_index()}: sweep members "
+        folder)
+    print(f"process {jax.process_index()}: sweep in {groups} group(s): members "
           f"{[m['status'] for m in summary['members']]}, chosen {summary['chosen']}", flush=True)
     for k, member in enumerate(summary["members"]):
-      variables = checkpoints.load_variables(
-          os.path.join(args.workdir + "_sweep", member["workdir"]), c)
+      variables = checkpoints.load_variables(os.path.join(folder, member["workdir"]), c)
       if jax.process_index() == 0:
         leaves = jax.tree_util.tree_leaves_with_path(variables)
-        np.savez(f"{args.workdir}_sweep_{k}.npz",
+        np.savez(f"{folder}_{k}.npz",
                  **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
-
 
 if __name__ == "__main__":
   main()

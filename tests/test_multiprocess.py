@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 
 def _start(num_processes, devices_per_process, workdir, data, pipeline, epochs=2,
-           steps_per_call=1, sweep_groups=0):
+           steps_per_call=1, sweep_groups=""):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS=child_xla_flags(
                  f"--xla_force_host_platform_device_count={devices_per_process}"))
@@ -37,7 +37,7 @@ def _start(num_processes, devices_per_process, workdir, data, pipeline, epochs=2
   for pid in range(num_processes):
     cmd = [sys.executable, WORKER, "--workdir", str(workdir), "--data", str(data),
            "--pipeline", pipeline, "--epochs", str(epochs),
-           "--steps_per_call", str(steps_per_call), "--sweep_groups", str(sweep_groups)]
+           "--steps_per_call", str(steps_per_call), "--sweep_groups", sweep_groups]
     if num_processes > 1:
       cmd += ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
               "--process_id", str(pid)]
@@ -88,10 +88,11 @@ def toy(tmp_path_factory):
 @pytest.mark.parametrize("pipeline", ["device", "tfdata"])
 def test_two_processes_of_two_devices_compute_what_one_of_four_computes(toy, tmp_path, pipeline):
   """The run, then (device input) a sweep of two members in 2 member groups: on 2 processes,
-  each process's devices a group."""
-  groups = 2 if pipeline == "device" else 0
-  one = _finish(_start(1, 4, tmp_path / "one", toy, pipeline, sweep_groups=groups))
-  two = _finish(_start(2, 2, tmp_path / "two", toy, pipeline, sweep_groups=groups))
+  each process's devices a group; and on 2 processes in 1 group, the members data-parallel over
+  the devices of both."""
+  sweeps = pipeline == "device"
+  one = _finish(_start(1, 4, tmp_path / "one", toy, pipeline, sweep_groups="2,1" * sweeps))
+  two = _finish(_start(2, 2, tmp_path / "two", toy, pipeline, sweep_groups="2,1" * sweeps))
   assert "process 0 of 1, 4 devices" in one[0]
   assert "process 0 of 2, 4 devices" in two[0] and "process 1 of 2, 4 devices" in two[1]
   # Dropout is on: two programs (2 x 2 devices, 1 x 4), equal up to the devices' summation order
@@ -110,28 +111,35 @@ def test_two_processes_of_two_devices_compute_what_one_of_four_computes(toy, tmp
   # both, naming what differs.
   for out in two:
     assert "put_replicated refused: put_replicated: the 1 values to replicate differ" in out, out
-  if groups:
-    _compare_sweeps(tmp_path / "two_sweep", tmp_path / "one_sweep", one + two)
+  if sweeps:
+    _compare_sweeps(tmp_path / "two_sweep", tmp_path / "one_sweep", 2, one + two,
+                    [one[0], two[0]])
+    _compare_sweeps(tmp_path / "two_sweep_g1", tmp_path / "one_sweep_g1", 1, one + two,
+                    [one[0], two[0]])
 
 
-def _compare_sweeps(a, b, outs):
-  """Each member of sweep ``a`` (2 processes, a member group each) against the same member of
-  ``b`` (one process, the same 2 groups of 2 devices), and the choice of both on validation
+def _compare_sweeps(a, b, groups, outs, logs):
+  """Each member of sweep ``a`` (2 processes of 2 devices) against the same member of ``b`` (one
+  process of 4 devices), both in ``groups`` member groups, and the choice of both on validation
   data. Programs partitioned for 2 processes differ from one process's (as the run's above):
-  measured (2026-12-07, XLA:CPU AVX2 / held to SSE4_2; the test prints them) the epoch's losses
-  2.5e-8 / 1.1e-8 apart (relative), the weights within 9.0e-7 / 7.4e-7 of each tensor's largest
-  entry, the validation AUROCs equal. One swap of two scores would move an AUROC by
+  measured (2026-12-07, XLA:CPU with AVX-512 / held to SSE4_2; the test prints them) the
+  epoch's losses at most 4.6e-8 apart (relative), the weights within 8.7e-7 of each tensor's
+  largest entry, but in 1 group member 1's BatchNorm biases, entries below 3.4e-5 whose sums
+  cancel, 1.6e-9 apart (4.8e-5 of their largest): 1e-5 of the largest entry plus 1e-8 allowed;
+  the validation AUROCs equal. One swap of two scores would move an AUROC by
   1/(ID x OOD images): 1e-3 allowed."""
   for out in outs:
-    assert "sweep members ['finished', 'finished'], chosen" in out, out[-3000:]
+    assert f"sweep in {groups} group(s): members ['finished', 'finished'], chosen" in out, \
+        out[-3000:]
   tables = [json.loads((s / "validation.json").read_text()) for s in (a, b)]
   assert tables[0]["chosen"] == tables[1]["chosen"]
-  for out in outs[:2]:        # the one-process run's log, process 0's of the other
-    assert "4 device(s) in 2 member groups" in out, out[-3000:]
+  for out in logs:            # process 0's log of each (in 1 group: the run's line, the sweep's)
+    assert ("4 device(s) in 2 member groups x" in out if groups == 2
+            else out.count("4 device(s) x") == 2), out[-3000:]
   for k in (0, 1):
     dirs = [sorted((s / "members").iterdir())[k] for s in (a, b)]
     rows = [json.loads((d / "results.jsonl").read_text().splitlines()[-1]) for d in dirs]
-    weights = _compare_params(f"{a}_{k}.npz", f"{b}_{k}.npz", scale_tol=1e-5, atol=0.0)
+    weights = _compare_params(f"{a}_{k}.npz", f"{b}_{k}.npz", scale_tol=1e-5, atol=1e-8)
     aurocs = [t["members"][k]["auroc"] for t in tables]
     print(f"member {k}: loss {abs(rows[0]['train_loss'] / rows[1]['train_loss'] - 1):.2g} "
           f"relative, weights {weights:.2g} of a tensor's largest entry, validation AUROC "

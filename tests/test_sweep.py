@@ -153,8 +153,8 @@ def test_pretraining_members_augment_with_their_own_keys_on_device():
   single = {n: v[:1] for n, v in single.items()}
   mine = sweep_lib.member_state(sweep, k)
   # vmap turns each convolution into one grouped convolution over the members, which XLA:CPU
-  # sums in another order: measured (2026-12-07, XLA:CPU held to SSE4_2, AVX, AVX2) <= 8.7e-8
-  # (metrics), 1.4e-6 (the state) of each tensor's largest entry.
+  # sums in another order: measured (2026-12-07, XLA:CPU with AVX-512 and held to SSE4_2)
+  # <= 9.0e-8 (metrics), 2.1e-6 (the state) of each tensor's largest entry.
   assert_close("metrics", {n: v[:, k] for n, v in metrics.items()}, single, rtol=1e-6)
   assert_close(f"member {k}", (mine.params, mine.batch_stats, mine.opt_state),
                (state.params, state.batch_stats, state.opt_state), rtol=2e-5)
@@ -191,17 +191,16 @@ def test_member_groups_step_each_member_on_its_own_devices_as_the_whole_mesh_wou
     held = {s.data.shape[0] for s in kernel.addressable_shards}
     assert held == {2 // groups}
     ends.append((jax.device_get(metrics), jax.device_get(sweep.members.variables)))
-  # Measured (2026-12-07, XLA:CPU held to SSE4_2, AVX, AVX2), of each tensor's largest entry:
-  # one by one, the metrics and weights equal bit for bit, one BatchNorm running variance 6.3e-8
-  # apart (AVX, AVX2); vmap-ed, where each convolution is one grouped convolution over the
-  # members a device holds (2 against 1), XLA:CPU sums in another order: the metrics 8.7e-8,
-  # the weights and statistics up to 1.25e-6 (AVX).
+  # Measured (2026-12-07, XLA:CPU with AVX-512 and held to SSE4_2), of each tensor's largest
+  # entry: one by one, the metrics equal, the state at most 6.2e-8 apart; vmap-ed, where each
+  # convolution is one grouped convolution over the members a device holds (2 against 1),
+  # XLA:CPU sums in another order: the metrics 8.7e-8, the weights and statistics up to 1.1e-6.
   assert_close("metrics", ends[1][0], ends[0][0], rtol=1e-6)
   assert_close("members", ends[1][1], ends[0][1], rtol=1e-5 if vectorize else 1e-6)
   if not vectorize:
     # Two programs that sum the batch in another order (2 partial sums, then the mean over the
-    # mesh). Measured (2026-12-07, XLA:CPU held to SSE4_2, AVX, AVX2): the metrics equal, the
-    # weights and BatchNorm statistics <= 7.6e-7 of each tensor's largest entry (AVX).
+    # mesh). Measured (2026-12-07, XLA:CPU with AVX-512 and held to SSE4_2): the metrics within
+    # 8.7e-8, the weights and BatchNorm statistics 8.1e-7 of each tensor's largest entry.
     assert_close("metrics, 2 devices against 1", ends[0][0], ends[2][0], rtol=1e-5)
     assert_close("members, 2 devices against 1", ends[0][1], ends[2][1], rtol=1e-5)
 
@@ -512,9 +511,8 @@ def test_sweep_command_line_resumes_as_a_whole_stops_a_diverged_member_and_choos
     assert len(rows) == len(csv) - 1 == 2
     saved = checkpoints.load_variables(str(member_dir), ck)
     if k < 2:
-      # Resumed in the 3-group program against one device's: measured (2026-12-07, AVX2 and
-      # held to SSE4_2) the weights bit for bit, one BatchNorm running variance 9.6e-8 of its
-      # largest entry apart.
+      # Resumed in the 3-group program against one device's: measured (2026-12-07, AVX-512 and
+      # held to SSE4_2) the weights and statistics within 1.9e-7 of each tensor's largest entry.
       assert_close(f"member {k}", saved, jax.device_get(sweep_lib.member_state(sweep, k).variables),
                    rtol=1e-6)
       for epoch in range(2):
@@ -607,8 +605,8 @@ def test_a_finetuning_sweep_from_a_pretrained_run_writes_members_equal_to_their_
   rows = [json.loads(l) for l in (member_dir / "results.jsonl").read_text().splitlines()]
   assert len(rows) == 1 and rows[0]["epoch"] == 1
   # Members one by one (the CPU's default) against the single run's program, the traced m_in
-  # against a constant. Measured (2026-12-07, XLA:CPU held to SSE4_2, AVX, AVX2): the rows equal;
-  # the weights within 9.8e-8 / 9.0e-8 / 1.2e-7 of each tensor's largest entry.
+  # against a constant. Measured (2026-12-07, XLA:CPU with AVX-512 / held to SSE4_2): the rows
+  # equal; the weights within 1.1e-7 / 9.8e-8 of each tensor's largest entry.
   for name in ("train_loss", "mean_energy_reg", "test_error"):
     if MEASURE:
       print(f"{name}: {rows[0][name]!r} against {row[name]!r}")
