@@ -5,9 +5,14 @@ step's key and the example's position in the global batch, not from where the ex
 device: a run computes the same numbers on 1 device or 8, on one process or several.
 
 :func:`example_bits` hashes each element's counter pair once. A key per example
-(``jax.random.fold_in`` per position, then that key's bits) would hash every element twice, and
-on a GPU, where XLA inlines all 20 rounds of each hash into every fusion that reads the bits,
-that made a WRN-40-2 training program a third larger (docs/performance.md).
+(``jax.random.fold_in`` per position, then that key's bits) costs a second hash, and where the
+hash is inlined (JAX's lowering for GPUs: its 20 rounds copied into every fusion that reads the
+bits) it made a WRN-40-2 training program, compiled by XLA:CPU, a third larger
+(docs/performance.md).
+
+A key read here must not also be split or folded (``fold_in(key, j)`` hashes the pair
+``(0, j)``, which is element ``j`` of example 0): the step's streams fold a key per stream and
+per block, and each is read only here.
 """
 
 from __future__ import annotations
@@ -24,13 +29,15 @@ Array = jax.Array
 
 
 def key_words(rng: Array) -> Array:
-  """The two uint32 words of a Threefry key (typed or raw ``uint32[2]``); a key of another
-  PRNG implementation is hashed into two words first."""
-  words = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) \
-      else rng
-  if words.shape != (2,):
-    words = jax.random.bits(rng, (2,), jnp.uint32)
-  return words
+  """The two uint32 words of a Threefry key (typed, or raw ``uint32[2]``); a typed key of another
+  PRNG implementation gives two words drawn with that key."""
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    if rng.shape != (2,) or rng.dtype != jnp.uint32:
+      raise ValueError(f"a raw key must be uint32[2] (Threefry), got {rng.dtype}{list(rng.shape)}:"
+                       " pass a typed key (jax.random.key) for another PRNG implementation")
+    return rng
+  words = jax.random.key_data(rng)
+  return words if words.shape == (2,) else jax.random.bits(rng, (2,), jnp.uint32)
 
 
 def example_bits(rng: Array, example_ids: Array, shape: Sequence[int]) -> Array:

@@ -75,5 +75,6 @@ def main():
         np.savez(f"{folder}_{k}.npz",
                  **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
 
+
 if __name__ == "__main__":
   main()

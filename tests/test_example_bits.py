@@ -37,7 +37,7 @@ def numpy_bits(key, ids, n):
 
 
 KEYS = (jax.random.PRNGKey(7), jax.random.fold_in(jax.random.key(9), 4))
-IDS = np.array([5, 0, 2**31 + 1, 77])
+IDS = np.array([5, 0, 2**31 + 1, 77], np.uint32)
 
 
 def test_the_numpy_hash_gives_random123s_known_answers():
@@ -57,6 +57,11 @@ def test_example_bits_hash_each_example_id_and_element_position():
   words = np.asarray(jax.random.bits(rbg, (2,), jnp.uint32))
   b0, b1 = threefry2x32(words[0], words[1], IDS[:, None], np.arange(5)[None, :])
   np.testing.assert_array_equal(bits, b0 ^ b1)
+  # Keys batched under vmap (a sweep's members) draw what each key draws alone.
+  keys = jax.random.split(jax.random.key(4), 3)
+  batched = jax.vmap(lambda k: example_bits.example_bits(k, jnp.asarray(IDS), (2,)))(keys)
+  for k in range(3):
+    np.testing.assert_array_equal(batched[k], numpy_bits(keys[k], IDS, 2))
 
 
 def test_dropout_keeps_an_element_where_its_bits_fall_below_the_keep_probability():

@@ -91,8 +91,9 @@ def test_two_processes_of_two_devices_compute_what_one_of_four_computes(toy, tmp
   each process's devices a group; and on 2 processes in 1 group, the members data-parallel over
   the devices of both."""
   sweeps = pipeline == "device"
-  one = _finish(_start(1, 4, tmp_path / "one", toy, pipeline, sweep_groups="2,1" * sweeps))
-  two = _finish(_start(2, 2, tmp_path / "two", toy, pipeline, sweep_groups="2,1" * sweeps))
+  groups = "2,1" if sweeps else ""
+  one = _finish(_start(1, 4, tmp_path / "one", toy, pipeline, sweep_groups=groups))
+  two = _finish(_start(2, 2, tmp_path / "two", toy, pipeline, sweep_groups=groups))
   assert "process 0 of 1, 4 devices" in one[0]
   assert "process 0 of 2, 4 devices" in two[0] and "process 1 of 2, 4 devices" in two[1]
   # Dropout is on: two programs (2 x 2 devices, 1 x 4), equal up to the devices' summation order

@@ -100,9 +100,10 @@ def test_finetuning_members_equal_their_single_runs():
       # its first step moved the second step's momentum by 5.0e-3 of a tensor's largest entry
       # on the draw used here, by 1.2e-6 on another).
       before = sweep_lib.member_state(sweeps[s], k)
-      state, single = step(state.replace(
-          step=before.step, params=before.params, batch_stats=before.batch_stats,
-          opt_state=before.opt_state, rng=before.rng), batch)
+      assert int(before.step) == int(state.step) == s    # the member's own key and step count
+      np.testing.assert_array_equal(before.rng, state.rng)
+      state, single = step(state.replace(params=before.params, batch_stats=before.batch_stats,
+                                         opt_state=before.opt_state), batch)
       # Not bit for bit: a traced number is not folded into the arithmetic as a constant is
       # (the members one by one, as on a CPU; vmap's grouped convolutions also sum in another
       # order, see the pretraining test). Measured (the forward pass's metrics), XLA:CPU with

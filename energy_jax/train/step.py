@@ -31,8 +31,9 @@ from energy_jax.data import augment
 from energy_jax.train.state import TrainState, hashable_config
 
 Array = jax.Array
-# The streams of one step's randomness, each folded into fold_in(state.rng, state.step) and then
-# into an example's position in the global batch: the same on every device and process.
+# The streams of one step's randomness, each folded into fold_in(state.rng, state.step); each
+# example's draws then hash its position in the global batch (energy_jax/example_bits.py): the
+# same on every device and process.
 AUGMENT_IN, AUGMENT_OUT, DROPOUT = 1, 2, 3
 
 
