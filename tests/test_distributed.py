@@ -24,14 +24,16 @@ def _pools(rng, n_train=40, n_out=64):
           "outlier": rng.integers(0, 256, (n_out, 32, 32, 3), dtype=np.uint8)}
 
 
-def _assert_close(a, b, scale_tol=1e-5):
-  """Each tensor within ``scale_tol`` of its largest entry plus 1e-7: 1 and 8 devices are two
+def _assert_close(a, b, scale_tol=1e-4, atol=1e-5):
+  """Each tensor within ``scale_tol`` of its largest entry plus ``atol``: 1 and 8 devices are two
   programs, equal up to float summation order (other dropout masks or crops move a tensor by tens
-  of percent). Measured at most 2% of this bound (max |x - y| 7.6e-6, in a tensor reaching 44) with
-  XLA:CPU held to SSE4_2, AVX and AVX2 (2026-12-06)."""
+  of percent). Measured 2026-12-07 (XLA:CPU with AVX-512, held to AVX2, AVX, SSE4_2): tensors
+  reaching 1e-2 within 4.3e-6 of their largest entry (SSE4_2; 1.9e-7 with the others), the small
+  ones (BatchNorm biases below 4e-3, whose sums cancel) 5.4e-7 apart (SSE4_2; 3.5e-10 with the
+  others)."""
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    assert np.max(np.abs(x - y)) <= scale_tol * np.max(np.abs(y)) + 1e-7
+    assert np.max(np.abs(x - y)) <= scale_tol * np.max(np.abs(y)) + atol
 
 
 def _epoch(c, n, in_idx, out_idx, pools, step_rng=None):

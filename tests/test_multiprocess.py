@@ -98,10 +98,11 @@ def test_two_processes_of_two_devices_compute_what_one_of_four_computes(toy, tmp
   assert "process 0 of 2, 4 devices" in two[0] and "process 1 of 2, 4 devices" in two[1]
   # Dropout is on: two programs (2 x 2 devices, 1 x 4), equal up to the devices' summation order
   # (a crop, mask or batch drawn differently moves the loss by percents). The processes of a run
-  # print the same all-reduced loss. Measured (XLA:CPU held to SSE4_2, AVX, AVX2; 2026-12-07, one
-  # step a call):
-  # loss 5.9e-8; weights at most 0.6% of scale_tol on tensors reaching 1e-2, and 3.9e-7 on the
-  # small ones (entries below 4e-3, e.g. BatchNorm biases: their sums cancel), hence atol 1e-5.
+  # print the same all-reduced loss. Measured (2026-12-07, XLA:CPU with AVX-512, one step a
+  # call): loss 1.8e-8; weights at most 0.04% of scale_tol on tensors reaching 1e-2, and 5.1e-8
+  # on the small ones (entries below 4e-3, e.g. BatchNorm biases: their sums cancel); with the
+  # randomness drawn per fold_in key (before energy_jax/example_bits.py), held to SSE4_2, AVX,
+  # AVX2: 5.9e-8, 0.6%, 3.9e-7. Hence atol 1e-5.
   assert _loss(two[0]) == _loss(two[1]) == pytest.approx(_loss(one[0]), rel=1e-5)
   _compare_params(tmp_path / "two.npz", tmp_path / "one.npz", scale_tol=1e-3, atol=1e-5)
   # One writer: one row per epoch, one log.
