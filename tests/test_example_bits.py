@@ -2,6 +2,7 @@
 the crop and flip, against Threefry-2x32 written here in numpy."""
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
@@ -90,3 +91,9 @@ def test_crop_and_flip_read_three_draws_of_each_example():
       dy, dx = bits[i, 0] % 9, bits[i, 1] % 9
       want = padded[i, dy:dy + 6, dx:dx + 5]
       np.testing.assert_array_equal(got[i], want[:, ::-1] if bits[i, 2] < 2**31 else want)
+
+
+def test_a_raw_key_that_is_not_two_uint32_words_is_refused_naming_its_shape():
+  with pytest.raises(ValueError, match=r"a raw key must be uint32\[2\] \(Threefry\), got "
+                                       r"uint32\[4\]"):
+    example_bits.example_bits(jnp.zeros((4,), jnp.uint32), jnp.arange(2), (3,))
