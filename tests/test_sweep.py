@@ -206,6 +206,27 @@ def test_member_groups_step_each_member_on_its_own_devices_as_the_whole_mesh_wou
     assert_close("members, 2 devices against 1", ends[0][1], ends[2][1], rtol=1e-5)
 
 
+def test_a_split_sweep_is_gathered_whole_by_one_program(caplog):
+  """``gathered``: every array of a sweep split over 2 member groups, on every device, the same
+  values, by one compiled program (across processes on XLA:CPU, one program per array, as
+  jax.device_put runs it, can deadlock: see ``sweep_lib.gathered``)."""
+  c = config_lib.get_config("test", "pretrain")
+  c.member_groups = 2
+  mesh = sweep_lib.sweep_mesh(c, 2, parallel.make_mesh(4))
+  sweep = sweep_lib.put_sweep(sweep_lib.create_sweep_state(c, [{"seed": 1}, {"seed": 3}],
+                                                           total_steps=10), mesh)
+  with jax.log_compiles(), caplog.at_level("WARNING", logger="jax"):
+    held = sweep_lib.gathered(sweep)
+  compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
+  assert len(compiled) == 1, compiled
+  leaves, split = jax.tree_util.tree_leaves(held), jax.tree_util.tree_leaves(sweep)
+  assert len(leaves) == len(split) > 50
+  assert not jax.tree_util.tree_leaves(sweep.members)[0].sharding.is_fully_replicated
+  for x, y in zip(leaves, split):
+    assert x.sharding.is_fully_replicated
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 @pytest.mark.parametrize("devices,groups,members,batch,message", [
     (4, 3, 3, 16, "config.member_groups = 3 does not divide the 4 devices of the mesh"),
     (4, 2, 3, 16, "config.member_groups = 2 does not divide the sweep's 3 members"),

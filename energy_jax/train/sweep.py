@@ -505,14 +505,22 @@ def put_sweep(sweep: SweepState, mesh) -> SweepState:
 
 def gathered(sweep: SweepState) -> SweepState:
   """``sweep`` with every member on every device: where the members are split over member
-  groups (:func:`sweep_mesh`), one all-gather, from which :func:`member_state` then takes each
-  member without another (indexing the split arrays would gather all of them once per member);
-  ``sweep`` itself otherwise."""
+  groups (:func:`sweep_mesh`), one program gathers every array, from which :func:`member_state`
+  then takes each member without another (indexing the split arrays would gather all of them
+  once per member); ``sweep`` itself otherwise."""
   sharding = getattr(jax.tree_util.tree_leaves(sweep.members)[0], "sharding", None)
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or parallel.MEMBERS not in mesh.axis_names:
     return sweep
-  return jax.device_put(sweep, jax.sharding.NamedSharding(mesh, P()))
+  # One program, not jax.device_put's one per array: across processes on XLA:CPU, independent
+  # programs with collectives queued together can deadlock in Gloo (2 processes x 2 devices: a
+  # device_put of 120 split arrays hung 5 runs of 5, one program gathering them 0 of 9).
+  return _gather_fn(jax.sharding.NamedSharding(mesh, P()))(sweep)
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_fn(replicated):
+  return jax.jit(lambda tree: tree, out_shardings=replicated)
 
 
 @functools.lru_cache(maxsize=None)
