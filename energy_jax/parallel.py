@@ -11,12 +11,13 @@ may lay the same devices out as a 2-D mesh whose second axis, ``MEMBERS``, split
 (:func:`member_mesh`); its steps still reduce over ``AXIS`` only.
 
 Across CPU processes (XLA:CPU exchanges collectives through Gloo), programs with collectives
-that queue up unfinished can deadlock. Measured on 2 processes x 2 devices (2026-12-07): 120
-one-``psum`` programs dispatched without waiting hung 3 runs of 3 (each fed by the one before:
-2 of 3), waiting for each 0 of 3. So the library waits for each such program before the next
-(the training loop reads each call's metrics, inference each batch's outputs) and moves a pytree
-to another layout with one program (:func:`energy_jax.train.sweep.gathered`), not with
-``jax.device_put``'s one per array.
+that queue up unfinished can deadlock. Measured on 2 processes x 2 devices (2026-12-07, a run
+counted as hung after 60 s): 120 one-``psum`` programs dispatched without waiting hung 3 runs of
+3; chained, each taking the one before's output, 2 of 3; waited for one by one, none of 3. So
+the library waits for such a program before it dispatches the next (:func:`to_host` waits for
+its arrays before gathering them; the training loop reads each call's metrics, inference each
+batch's outputs) and moves a pytree to another layout with one program
+(:func:`energy_jax.train.sweep.gathered`), not with ``jax.device_put``'s one per array.
 """
 
 from __future__ import annotations
@@ -168,7 +169,10 @@ def put_global(tree, mesh: Mesh, spec: P):
 
 
 def to_host(tree):
-  """Global arrays -> numpy on every process (gathered across processes where needed)."""
+  """Global arrays -> numpy on every process (gathered across processes where needed, once the
+  programs computing them have finished: see the module's docstring)."""
+  jax.block_until_ready(tree)
+
   def one(x):
     if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
       return np.asarray(x)
