@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 
 def _start(num_processes, devices_per_process, workdir, data, pipeline, epochs=2,
-           steps_per_call=1, sweep_groups=""):
+           steps_per_call=1, sweep_groups="", sweep_only=False):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS=child_xla_flags(
                  f"--xla_force_host_platform_device_count={devices_per_process}"))
@@ -38,6 +38,7 @@ def _start(num_processes, devices_per_process, workdir, data, pipeline, epochs=2
     cmd = [sys.executable, WORKER, "--workdir", str(workdir), "--data", str(data),
            "--pipeline", pipeline, "--epochs", str(epochs),
            "--steps_per_call", str(steps_per_call), "--sweep_groups", sweep_groups]
+    cmd += ["--sweep_only"] if sweep_only else []
     if num_processes > 1:
       cmd += ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
               "--process_id", str(pid)]
@@ -185,6 +186,52 @@ def test_both_processes_killed_then_one_sent_sigterm_resume_to_the_uninterrupted
   _compare_params(tmp_path / "cut.npz", tmp_path / "full.npz", scale_tol=1e-5)
   rows = (tmp_path / "cut" / "training_results.csv").read_text().splitlines()
   assert [r.split(",")[0] for r in rows[1:]] == ["001", "002", "003"]
+
+
+def test_a_sweep_in_a_member_group_per_process_sent_sigterm_resumes_to_the_uninterrupted_one(
+    toy, tmp_path):
+  """A sweep of two members in 2 member groups on 2 processes x 2 devices (each process's devices
+  a group), SIGTERM to process 1 once the members saved their first epoch, and the same command
+  again: both processes stop at the same step, and the sweep resumes as a whole to the members
+  and the choice of the sweep run without a stop."""
+  def sweep(name):
+    return _start(2, 2, tmp_path / name, toy, "device", epochs=3, sweep_groups="2",
+                  sweep_only=True)
+
+  full = _finish(sweep("full"))
+  procs = sweep("cut")
+  members = tmp_path / "cut_sweep" / "members"
+  deadline = time.time() + TIMEOUT_S
+  while not (members.exists() and all(saved_steps(m) for m in members.iterdir())) and (
+      time.time() < deadline):
+    assert all(p.poll() is None for p in procs), "a process ended before the signal"
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)
+  stopped = _finish(procs)
+  if "preempted" in stopped[0]:                      # (else it had just finished)
+    where = [out.split("preempted at ")[1].split()[:4] for out in stopped]
+    assert where[0] == where[1], where
+    resumed = _finish(sweep("cut"))
+    assert "resuming the sweep at epoch" in resumed[0], resumed[0][-3000:]
+  else:
+    resumed = stopped
+  for out in full + resumed:
+    assert "sweep in 2 group(s): members ['finished', 'finished'], chosen" in out, out[-3000:]
+  # The same programs on the same 2 x 2 devices: within 1e-5 of each tensor's largest entry
+  # claimed, as the single run's resume above.
+  tables = [json.loads((tmp_path / f"{n}_sweep" / "validation.json").read_text())
+            for n in ("cut", "full")]
+  assert tables[0]["chosen"] == tables[1]["chosen"]
+  for k in (0, 1):
+    worst = _compare_params(tmp_path / f"cut_sweep_{k}.npz", tmp_path / f"full_sweep_{k}.npz",
+                            scale_tol=1e-5)
+    print(f"member {k}: weights {worst:.2g} of a tensor's largest entry apart; stopped: "
+          f"{'preempted' in stopped[0]}")                                    # (pytest -s)
+    rows = [(tmp_path / f"{n}_sweep" / "members").iterdir() for n in ("cut", "full")]
+    rows = [json.loads(sorted(r)[k].joinpath("results.jsonl").read_text().splitlines()[-1])
+            for r in rows]
+    assert rows[0]["epoch"] == rows[1]["epoch"] == 3
+    assert rows[0]["train_loss"] == pytest.approx(rows[1]["train_loss"], rel=1e-5)
 
 
 def _evaluate(toy, ckpt, workdir, num_processes, devices_per_process):
