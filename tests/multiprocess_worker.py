@@ -1,9 +1,10 @@
 """One process of a multi-process test run (tests/test_multiprocess.py): joins the run, trains
 the test preset on toy data, and (process 0) writes the final variables to ``<workdir>.npz``.
-With ``--sweep_groups G[,G2...]``, then for each G one epoch of a sweep of two members (their
-own learning rates, one its own seed) in G member groups, and its choice, in ``<workdir>_sweep``
-for the first G, ``<workdir>_sweep_gG`` for the others (each member's final variables to
-``<that folder>_K.npz``); with ``--sweep_only``, the sweeps alone, of ``--epochs`` epochs.
+With ``--sweep_groups G[,G2...]``, then for each G one epoch of a sweep of ``--sweep_members``
+members (2 or 4: their own learning rates, some their own seeds) in G member groups, and its
+choice, in ``<workdir>_sweep`` for the first G, ``<workdir>_sweep_gG`` for the others (each
+member's final variables to ``<that folder>_K.npz``); with ``--sweep_only``, the sweeps alone,
+of ``--epochs`` epochs.
 
   python tests/multiprocess_worker.py --coordinator 127.0.0.1:PORT --num_processes 2 \
       --process_id 0 --workdir DIR --data DIR --pipeline device --epochs 2 [--sweep_groups 2,1]
@@ -28,6 +29,7 @@ def main():
   p.add_argument("--steps_per_call", type=int, default=1)
   p.add_argument("--sweep_groups", default="")
   p.add_argument("--sweep_only", action="store_true")
+  p.add_argument("--sweep_members", type=int, default=2)
   args = p.parse_args()
   from energy_jax import compilation_cache, distributed
   compilation_cache.enable()           # as the scripts do: the tests' shared cache
@@ -64,9 +66,7 @@ def main():
     from energy_jax.train import sweep_loop
     folder = args.workdir + ("_sweep" if i == 0 else f"_sweep_g{groups}")
     c.epochs, c.member_groups = (args.epochs if args.sweep_only else 1), groups
-    summary = sweep_loop.train_and_evaluate_sweep(
-        c, [{"optimizer.learning_rate": 0.002}, {"optimizer.learning_rate": 0.001, "seed": 3}],
-        folder)
+    summary = sweep_loop.train_and_evaluate_sweep(c, MEMBERS[:args.sweep_members], folder)
     if preempted(summary):
       return
     print(f"process {jax.process_index()}: sweep in {groups} group(s): members "
@@ -77,6 +77,10 @@ def main():
         leaves = jax.tree_util.tree_leaves_with_path(variables)
         np.savez(f"{folder}_{k}.npz",
                  **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+
+
+MEMBERS = [{"optimizer.learning_rate": 0.002}, {"optimizer.learning_rate": 0.001, "seed": 3},
+           {"optimizer.learning_rate": 0.003, "seed": 5}, {"optimizer.learning_rate": 0.0005}]
 
 
 def preempted(summary) -> bool:

@@ -1,6 +1,8 @@
 """One run over 2 local processes x 2 CPU devices (jax.distributed on 127.0.0.1) computes what one
 process with 4 devices computes, on both input paths; one writer; killed, or one process sent
-SIGTERM, and rerun, it resumes to the uninterrupted run; evaluate.py gives the one-process table."""
+SIGTERM, and rerun, it resumes to the uninterrupted run; a sweep in member groups (one per process,
+one spanning both, two in each) computes what one process computes and resumes after SIGTERM;
+evaluate.py gives the one-process table."""
 
 import json
 import os
@@ -28,7 +30,7 @@ def _free_port() -> int:
 
 
 def _start(num_processes, devices_per_process, workdir, data, pipeline, epochs=2,
-           steps_per_call=1, sweep_groups="", sweep_only=False):
+           steps_per_call=1, sweep_groups="", sweep_only=False, sweep_members=2):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS=child_xla_flags(
                  f"--xla_force_host_platform_device_count={devices_per_process}"))
@@ -38,7 +40,7 @@ def _start(num_processes, devices_per_process, workdir, data, pipeline, epochs=2
     cmd = [sys.executable, WORKER, "--workdir", str(workdir), "--data", str(data),
            "--pipeline", pipeline, "--epochs", str(epochs),
            "--steps_per_call", str(steps_per_call), "--sweep_groups", sweep_groups]
-    cmd += ["--sweep_only"] if sweep_only else []
+    cmd += ["--sweep_members", str(sweep_members)] + (["--sweep_only"] if sweep_only else [])
     if num_processes > 1:
       cmd += ["--coordinator", f"127.0.0.1:{port}", "--num_processes", str(num_processes),
               "--process_id", str(pid)]
@@ -121,28 +123,28 @@ def test_two_processes_of_two_devices_compute_what_one_of_four_computes(toy, tmp
                     [one[0], two[0]])
 
 
-def _compare_sweeps(a, b, groups, outs, logs):
-  """Each member of sweep ``a`` (2 processes of 2 devices) against the same member of ``b`` (one
-  process of 4 devices), both in ``groups`` member groups, and the choice of both on validation
-  data. Programs partitioned for 2 processes differ from one process's (as the run's above):
-  measured (2026-12-07, XLA:CPU with AVX-512 / held to SSE4_2; the test prints them) the
-  epoch's losses at most 4.6e-8 apart (relative), the weights within 8.7e-7 of each tensor's
-  largest entry, but in 1 group member 1's BatchNorm biases, entries below 3.4e-5 whose sums
-  cancel, 1.6e-9 apart (4.8e-5 of their largest): 1e-5 of the largest entry plus 1e-8 allowed;
-  the validation AUROCs equal. One swap of two scores would move an AUROC by
-  1/(ID x OOD images): 1e-3 allowed."""
+def _compare_sweeps(a, b, groups, outs, logs, members=2, atol=1e-8):
+  """Each of the ``members`` of sweep ``a`` (2 processes of 2 devices) against the same member of
+  ``b`` (one process of 4 devices, or 2 x 2 again), both in ``groups`` member groups, and the
+  choice of both on validation data. Programs partitioned for 2 processes differ from one
+  process's (as the run's above). For one epoch of two members, measured (2026-12-07, XLA:CPU
+  with AVX-512 / held to SSE4_2; the test prints them): the epoch's losses at most 4.6e-8 apart
+  (relative), the weights within 8.7e-7 of each tensor's largest entry, but in 1 group member
+  1's BatchNorm biases, entries below 3.4e-5 whose sums cancel, 1.6e-9 apart (4.8e-5 of their
+  largest): 1e-5 of the largest entry plus ``atol`` allowed; the validation AUROCs equal. One
+  swap of two scores would move an AUROC by 1/(ID x OOD images): 1e-3 allowed."""
   for out in outs:
-    assert f"sweep in {groups} group(s): members ['finished', 'finished'], chosen" in out, \
+    assert (f"sweep in {groups} group(s): members {['finished'] * members}, chosen" in out), \
         out[-3000:]
   tables = [json.loads((s / "validation.json").read_text()) for s in (a, b)]
   assert tables[0]["chosen"] == tables[1]["chosen"]
   for out in logs:            # process 0's log of each (in 1 group: the run's line, the sweep's)
-    assert ("4 device(s) in 2 member groups x" in out if groups == 2
+    assert (f"4 device(s) in {groups} member groups x" in out if groups > 1
             else out.count("4 device(s) x") == 2), out[-3000:]
-  for k in (0, 1):
+  for k in range(members):
     dirs = [sorted((s / "members").iterdir())[k] for s in (a, b)]
     rows = [json.loads((d / "results.jsonl").read_text().splitlines()[-1]) for d in dirs]
-    weights = _compare_params(f"{a}_{k}.npz", f"{b}_{k}.npz", scale_tol=1e-5, atol=1e-8)
+    weights = _compare_params(f"{a}_{k}.npz", f"{b}_{k}.npz", scale_tol=1e-5, atol=atol)
     aurocs = [t["members"][k]["auroc"] for t in tables]
     print(f"member {k}: loss {abs(rows[0]['train_loss'] / rows[1]['train_loss'] - 1):.2g} "
           f"relative, weights {weights:.2g} of a tensor's largest entry, validation AUROC "
@@ -188,17 +190,24 @@ def test_both_processes_killed_then_one_sent_sigterm_resume_to_the_uninterrupted
   assert [r.split(",")[0] for r in rows[1:]] == ["001", "002", "003"]
 
 
-def test_a_sweep_in_a_member_group_per_process_sent_sigterm_resumes_to_the_uninterrupted_one(
-    toy, tmp_path):
-  """A sweep of two members in 2 member groups on 2 processes x 2 devices (each process's devices
-  a group), SIGTERM to process 1 once the members saved their first epoch, and the same command
-  again: both processes stop at the same step, and the sweep resumes as a whole to the members
-  and the choice of the sweep run without a stop."""
-  def sweep(name):
-    return _start(2, 2, tmp_path / name, toy, "device", epochs=3, sweep_groups="2",
-                  sweep_only=True)
+def test_a_sweep_in_two_member_groups_per_process_matches_one_process_and_resumes(toy, tmp_path):
+  """A sweep of four members in 4 member groups (a device each) on 2 processes x 2 devices, two
+  groups in each process: against the same sweep on one process of 4 devices; then SIGTERM to
+  process 1 once the members saved their first epoch, and the same command again: both processes
+  stop at the same step, and the sweep resumes as a whole to the members and the choice of the
+  sweep run without a stop."""
+  def sweep(name, processes=2, devices=2):
+    return _start(processes, devices, tmp_path / name, toy, "device", epochs=3,
+                  sweep_groups="4", sweep_only=True, sweep_members=4)
 
   full = _finish(sweep("full"))
+  one = _finish(sweep("one", 1, 4))
+  # Three epochs (the comparisons above run one): measured (2026-12-07, XLA:CPU with AVX-512 /
+  # held to SSE4_2) losses at most 4.9e-8 apart (relative), tensors reaching 1e-2 within 5.0e-7
+  # of their largest entry, small BatchNorm biases (whose sums cancel) past 1e-5 of their
+  # largest entry by at most 4.6e-8; the AUROCs and the choice equal. Allowed: atol 1e-6.
+  _compare_sweeps(tmp_path / "full_sweep", tmp_path / "one_sweep", 4, full + one,
+                  [full[0], one[0]], members=4, atol=1e-6)
   procs = sweep("cut")
   members = tmp_path / "cut_sweep" / "members"
   deadline = time.time() + TIMEOUT_S
@@ -215,23 +224,11 @@ def test_a_sweep_in_a_member_group_per_process_sent_sigterm_resumes_to_the_unint
     assert "resuming the sweep at epoch" in resumed[0], resumed[0][-3000:]
   else:
     resumed = stopped
-  for out in full + resumed:
-    assert "sweep in 2 group(s): members ['finished', 'finished'], chosen" in out, out[-3000:]
+  print(f"stopped: {'preempted' in stopped[0]}")                            # (pytest -s)
   # The same programs on the same 2 x 2 devices: within 1e-5 of each tensor's largest entry
   # claimed, as the single run's resume above.
-  tables = [json.loads((tmp_path / f"{n}_sweep" / "validation.json").read_text())
-            for n in ("cut", "full")]
-  assert tables[0]["chosen"] == tables[1]["chosen"]
-  for k in (0, 1):
-    worst = _compare_params(tmp_path / f"cut_sweep_{k}.npz", tmp_path / f"full_sweep_{k}.npz",
-                            scale_tol=1e-5)
-    print(f"member {k}: weights {worst:.2g} of a tensor's largest entry apart; stopped: "
-          f"{'preempted' in stopped[0]}")                                    # (pytest -s)
-    rows = [(tmp_path / f"{n}_sweep" / "members").iterdir() for n in ("cut", "full")]
-    rows = [json.loads(sorted(r)[k].joinpath("results.jsonl").read_text().splitlines()[-1])
-            for r in rows]
-    assert rows[0]["epoch"] == rows[1]["epoch"] == 3
-    assert rows[0]["train_loss"] == pytest.approx(rows[1]["train_loss"], rel=1e-5)
+  _compare_sweeps(tmp_path / "cut_sweep", tmp_path / "full_sweep", 4, resumed,
+                  [resumed[0], full[0]], members=4)
 
 
 def _evaluate(toy, ckpt, workdir, num_processes, devices_per_process):
