@@ -209,9 +209,10 @@ def test_member_groups_step_each_member_on_its_own_devices_as_the_whole_mesh_wou
 def test_a_split_sweep_is_gathered_whole_by_one_program(caplog):
   """``gathered``: every array of a sweep split over 2 member groups, on every device, the same
   values, by one compiled program (across processes on XLA:CPU, programs queued one per array
-  can deadlock: see ``sweep_lib.gathered``; in one process jax.device_put compiles none, so the
-  count tells the two apart). The deadlock itself is test_multiprocess.py's 2-process sweep."""
-  sweep_lib._gather_fn.cache_clear()          # compiled anew: the one program is counted
+  can deadlock: see ``parallel.gather_replicated``; in one process jax.device_put compiles none,
+  so the count tells the two apart). The deadlock itself is test_multiprocess.py's 2-process
+  sweep."""
+  parallel._gather_fn.cache_clear()           # compiled anew: the one program is counted
   c = config_lib.get_config("test", "pretrain")
   c.member_groups = 2
   mesh = sweep_lib.sweep_mesh(c, 2, parallel.make_mesh(4))

@@ -512,16 +512,7 @@ def gathered(sweep: SweepState) -> SweepState:
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or parallel.MEMBERS not in mesh.axis_names:
     return sweep
-  # One program, not jax.device_put's one per array: across processes on XLA:CPU, programs with
-  # collectives queued together can deadlock in Gloo (energy_jax/parallel.py). Measured on 2
-  # processes x 2 devices (2026-12-07, hung = no end in 60 s): a device_put of 120 split arrays
-  # hung 5 runs of 5, one program gathering them none of 9.
-  return _gather_fn(parallel.replicated(mesh))(sweep)
-
-
-@functools.lru_cache(maxsize=None)
-def _gather_fn(replicated):
-  return jax.jit(lambda tree: tree, out_shardings=replicated)
+  return parallel.gather_replicated(sweep, mesh)
 
 
 @functools.lru_cache(maxsize=None)
