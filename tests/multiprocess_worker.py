@@ -58,10 +58,7 @@ def main():
         parallel.put_replicated({"rank": np.array([jax.process_index()])}, parallel.make_mesh())
       except AssertionError as e:
         print(f"put_replicated refused: {e}", flush=True)
-    if jax.process_index() == 0:
-      leaves = jax.tree_util.tree_leaves_with_path(variables)
-      np.savez(args.workdir + ".npz",
-               **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+    save(args.workdir + ".npz", variables)
   for i, groups in enumerate(int(g) for g in args.sweep_groups.split(",") if g):
     from energy_jax.train import sweep_loop
     folder = args.workdir + ("_sweep" if i == 0 else f"_sweep_g{groups}")
@@ -72,15 +69,21 @@ def main():
     print(f"process {jax.process_index()}: sweep in {groups} group(s): members "
           f"{[m['status'] for m in summary['members']]}, chosen {summary['chosen']}", flush=True)
     for k, member in enumerate(summary["members"]):
-      variables = checkpoints.load_variables(os.path.join(folder, member["workdir"]), c)
-      if jax.process_index() == 0:
-        leaves = jax.tree_util.tree_leaves_with_path(variables)
-        np.savez(f"{folder}_{k}.npz",
-                 **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+      save(f"{folder}_{k}.npz",
+           checkpoints.load_variables(os.path.join(folder, member["workdir"]), c))
 
 
 MEMBERS = [{"optimizer.learning_rate": 0.002}, {"optimizer.learning_rate": 0.001, "seed": 3},
            {"optimizer.learning_rate": 0.003, "seed": 5}, {"optimizer.learning_rate": 0.0005}]
+
+
+def save(path, variables):
+  """Process 0 writes ``variables`` to ``path`` (.npz, a key per leaf's path)."""
+  import jax
+  import numpy as np
+  if jax.process_index() == 0:
+    leaves = jax.tree_util.tree_leaves_with_path(variables)
+    np.savez(path, **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
 
 
 def preempted(summary) -> bool:
