@@ -11,13 +11,15 @@ may lay the same devices out as a 2-D mesh whose second axis, ``MEMBERS``, split
 (:func:`member_mesh`); its steps still reduce over ``AXIS`` only.
 
 Across CPU processes (XLA:CPU exchanges collectives through Gloo), programs with collectives
-that queue up unfinished can deadlock. Measured on 2 processes x 2 devices (2026-12-07, a run
-counted as hung after 60 s): 120 one-``psum`` programs dispatched without waiting hung 3 runs of
-3; chained, each taking the one before's output, 2 of 3; waited for one by one, none of 3. So
-the library waits for such a program before it dispatches the next (:func:`to_host` waits for
-its arrays before gathering them; the training loop reads each call's metrics, inference each
-batch's outputs) and moves a pytree to another layout with one program
-(:func:`gather_replicated`), not with ``jax.device_put``'s one per array.
+that queue up unfinished can deadlock. ``python benchmarks/cpu_collective_queue.py --runs 3``
+(2026-12-07, a 2-core AMD EPYC, 2 processes x 2 devices, a run counted as hung after 60 s): 120
+one-``psum`` programs dispatched without waiting hung 3 runs of 3; chained, each taking the one
+before's output, 3 of 3; waited for one by one, 0 of 3; ``jax.device_put`` of 120 split arrays
+1 of 3 (5 of 5 in another run that day); one program gathering them, 0 of 3. So the library
+waits for such a program before it dispatches the next (:func:`to_host` waits for its arrays
+before gathering them; the training loop reads each call's metrics, inference each batch's
+outputs) and moves a pytree to another layout with one program (:func:`gather_replicated`), not
+with ``jax.device_put``'s one per array.
 """
 
 from __future__ import annotations
@@ -172,9 +174,7 @@ def put_global(tree, mesh: Mesh, spec: P):
 def gather_replicated(tree, mesh: Mesh):
   """Global arrays split over ``mesh`` -> the same values on every device of it, gathered by one
   program. Not ``jax.device_put``, which runs one program per array: across CPU processes those
-  queue up and can deadlock (the module's docstring; measured on 2 processes x 2 devices,
-  2026-12-07, hung = no end in 60 s: a device_put of 120 split arrays hung 5 runs of 5, one
-  program gathering them none of 9)."""
+  queue up and can deadlock (measured: the module's docstring)."""
   return _gather_fn(replicated(mesh))(tree)
 
 
